@@ -1,0 +1,24 @@
+"""ats-deploy: Vision Transformers with Adaptive Token Sampling, from PyTorch to ONNX and TensorRT."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("ats-deploy")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+from .model import ATSOutput, ATSVisionTransformer
+
+__all__ = ["ATSOutput", "ATSVisionTransformer", "__version__", "load_model"]
+
+
+def load_model(checkpoint, arch=None, stages=None, keep=None, trust_code: bool = False) -> ATSVisionTransformer:
+    """Load an ATS model from a checkpoint file or ``random:SEED`` (then ``arch`` is required).
+
+    See :func:`ats_deploy.checkpoints.load_model` for the accepted formats.
+    """
+    from .checkpoints import load_model as _load
+
+    return _load(checkpoint, arch=arch, stages=stages, keep=keep, trust_code=trust_code)

@@ -1,0 +1,228 @@
+"""The ``ats-deploy`` command line: checkpoint -> model -> ONNX -> engine -> bench report.
+
+Every command is a thin layer over a library function; user errors
+(:class:`~ats_deploy.errors.UserError`) end in one red line naming the fix and a
+non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import UserError
+
+app = typer.Typer(
+    name="ats-deploy",
+    help=(
+        "Deploy Vision Transformers with Adaptive Token Sampling (ATS): export one ONNX file that "
+        "serves every token budget K, validate it against PyTorch, build TensorRT engines, "
+        "benchmark and tune K per device.\n\n"
+        "Typical flow: [bold]inspect[/] a checkpoint, [bold]export[/] it with --dynamic, "
+        "[bold]bench[/] it with a device --profile, [bold]tune[/] keep for that device."
+    ),
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+CheckpointArg = Annotated[
+    str,
+    typer.Argument(
+        help="Checkpoint file (.pth/.pt/.safetensors: DeiT release, timm, ATS authors', ats-deploy's own) "
+        "or random:SEED for random weights (needs --arch).",
+        show_default=False,
+    ),
+]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option("--arch", help="timm architecture, e.g. deit_small_patch16_224 (inferred when unambiguous)."),
+]
+StagesOpt = Annotated[
+    str | None,
+    typer.Option("--stages", help="ATS blocks, e.g. '3-11' or '3,5,7' (default: 3 to the last block)."),
+]
+KeepOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--keep",
+        help="Token budget per ATS stage: one value for all stages or a comma list. "
+        "(0, 1]: fraction of the model's tokens; > 1: absolute K.",
+    ),
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="Allow checkpoints that need code to unpickle. Only for files from a source you trust.",
+    ),
+]
+
+
+def command(*args, **kwargs) -> Callable:
+    """``app.command`` whose user errors print one clear message and exit non-zero."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            try:
+                return fn(*a, **k)
+            except UserError as err:
+                err_console.print(f"[bold red]error:[/] {err.message}", highlight=False)
+                if err.hint:
+                    err_console.print(err.hint, highlight=False)
+                raise typer.Exit(err.exit_code) from None
+            except KeyboardInterrupt:
+                err_console.print("[yellow]interrupted[/]")
+                raise typer.Exit(130) from None
+
+        return app.command(*args, **kwargs)(wrapper)
+
+    return decorate
+
+
+def parse_keep(text: str | None) -> list[float] | None:
+    """``"0.7"`` or ``"0.9,0.8,0.7"`` -> floats (checked against the stages later)."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(
+            f"cannot read --keep '{text}': give numbers, e.g. --keep 0.7 or --keep 0.9,0.8,0.7"
+        ) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"ats-deploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Deploy ViTs with Adaptive Token Sampling."""
+
+
+def _load(checkpoint: str, arch: str | None, stages: str | None, keep: str | None, trust: bool):
+    from .checkpoints import load_model
+
+    return load_model(checkpoint, arch=arch, stages=stages, keep=parse_keep(keep), trust_code=trust)
+
+
+@command()
+def inspect(
+    checkpoint: CheckpointArg,
+    arch: ArchOpt = None,
+    stages: StagesOpt = None,
+    trust_checkpoint: TrustOpt = False,
+) -> None:
+    """Show a checkpoint's architecture, parameters, ATS stages, default keep and dense GFLOPs."""
+    from .flops import CostModel
+
+    model = _load(checkpoint, arch, stages, None, trust_checkpoint)
+    cost = CostModel.of(model)
+    table = Table(title=f"{checkpoint}", show_header=False)
+    rows = [
+        ("architecture", model.arch),
+        ("checkpoint format", getattr(model, "checkpoint_format", "random")),
+        ("parameters", f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"),
+        ("input size", "x".join(str(v) for v in model.input_size)),
+        ("classes", str(model.num_classes)),
+        ("tokens (n0)", str(model.n0)),
+        ("depth / heads / dim", f"{cost.depth} / {model.vit.blocks[0].attn.num_heads} / {cost.dim}"),
+        ("ATS stages", ",".join(map(str, model.stages)) or "none (dense)"),
+        ("default keep", ", ".join(f"{v:g}" for v in model.default_keep)),
+        ("dense GFLOPs", f"{cost.dense_gflops():.2f}"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+@command()
+def convert(
+    checkpoint: CheckpointArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="The ats-deploy checkpoint to write.")],
+    arch: ArchOpt = None,
+    stages: StagesOpt = None,
+    keep: KeepOpt = None,
+    trust_checkpoint: TrustOpt = False,
+) -> None:
+    """Write a self-describing ats-deploy checkpoint (arch, stages, default keep, weights)."""
+    from .checkpoints import save_checkpoint
+
+    model = _load(checkpoint, arch, stages, keep, trust_checkpoint)
+    path = save_checkpoint(model, output)
+    console.print(
+        f"wrote [bold]{path}[/]: {model.arch}, stages {','.join(map(str, model.stages)) or 'none'}, "
+        f"keep {', '.join(f'{v:g}' for v in model.default_keep)}"
+    )
+
+
+@command()
+def predict(
+    checkpoint: CheckpointArg,
+    images: Annotated[
+        list[str],
+        typer.Argument(help="Image files, or skimage:NAME for a photo shipped with scikit-image (chelsea, coffee, ...)."),
+    ],
+    keep: KeepOpt = None,
+    arch: ArchOpt = None,
+    stages: StagesOpt = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="How many classes to show.")] = 5,
+    trust_checkpoint: TrustOpt = False,
+) -> None:
+    """Classify images with the PyTorch ATS model: top classes, kept tokens per stage, GFLOPs."""
+    import torch
+
+    from .flops import CostModel
+    from .imagenet import class_name
+    from .images import data_config, load_image, preprocess, sample_images
+
+    model = _load(checkpoint, arch, stages, keep, trust_checkpoint)
+    pil = []
+    for item in images:
+        if item.startswith("skimage:"):
+            name = item.split(":", 1)[1]
+            try:
+                pil.append(sample_images([name])[name])
+            except AttributeError:
+                raise UserError(f"scikit-image has no photo '{name}'; try skimage:chelsea or skimage:coffee.") from None
+        else:
+            pil.append(load_image(item))
+    batch = preprocess(pil, data_config(model.vit))
+    with torch.no_grad():
+        logits, tokens = model(batch, model.default_keep_tensor())
+    probs = logits.softmax(-1)
+    gflops = CostModel.of(model).gflops(tokens)
+    for i, item in enumerate(images):
+        table = Table(title=f"{item}  ({gflops[i]:.2f} GFLOPs)", title_justify="left")
+        table.add_column("rank", justify="right")
+        table.add_column("class", justify="right")
+        table.add_column("probability", justify="right")
+        table.add_column("name")
+        values, indices = probs[i].topk(min(top, probs.shape[1]))
+        for rank, (p, c) in enumerate(zip(values.tolist(), indices.tolist(), strict=True), 1):
+            table.add_row(str(rank), str(c), f"{p:.3f}", class_name(c, model.num_classes))
+        console.print(table)
+        if model.stages:
+            kept = ", ".join(f"{s}:{t}" for s, t in zip(model.stages, tokens[i].tolist(), strict=True))
+            console.print(f"kept tokens per stage (block:K'): {kept}")
+
+
+def main() -> None:
+    app()

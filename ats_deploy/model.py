@@ -1,0 +1,277 @@
+"""The PyTorch ATS reference: a timm VisionTransformer whose chosen blocks sample tokens.
+
+``ATSVisionTransformer`` wraps a timm ``VisionTransformer`` and reuses its own
+parts (patch embedding, position embedding, qkv, q/k norms, proj, layer scale,
+MLP, norms, head), so timm's ViT variants keep working. Only the attention is
+rewritten, to mask padded keys (``ATS_SPEC.md`` section 3) and, in an ATS stage,
+to score and sample tokens with :mod:`ats_deploy.ats`.
+
+``forward(images, keep) -> (logits, tokens)`` is exactly the exported interface
+(spec section 4); :meth:`ATSVisionTransformer.forward_details` also returns the
+original patch positions of the kept tokens, for plots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from torch import nn
+
+from . import ats
+from .errors import UserError
+
+
+@dataclass
+class ATSOutput:
+    """Everything one forward computes.
+
+    ``positions[s]`` is ``[B, 1 + max K']``: the original token index (0 is the
+    class token, ``j >= 1`` is patch ``j - 1`` in raster order) of every token
+    that stage ``s`` kept, ``-1`` in padded slots.
+    """
+
+    logits: torch.Tensor
+    tokens: torch.Tensor
+    positions: list[torch.Tensor]
+
+
+def check_supported(vit: nn.Module) -> None:
+    """Refuse, with the reason, a model the ATS reference cannot run faithfully."""
+    if not isinstance(vit, VisionTransformer):
+        raise UserError(
+            f"{type(vit).__name__} is not a timm VisionTransformer; ATS needs a ViT/DeiT with a class token."
+        )
+    name = getattr(vit, "default_cfg", {}).get("architecture", type(vit).__name__)
+    if vit.cls_token is None:
+        raise UserError(f"{name} has no class token; ATS scores tokens by the class token's attention.")
+    if vit.num_prefix_tokens != 1:
+        raise UserError(
+            f"{name} has {vit.num_prefix_tokens} prefix tokens (distillation or register tokens); "
+            "ATS is defined for exactly one class token."
+        )
+    if vit.global_pool not in ("token", "avg"):
+        raise UserError(f"{name} pools with '{vit.global_pool}'; supported: class token or average pooling.")
+    if getattr(vit, "dynamic_img_size", False):
+        raise UserError(f"{name} uses dynamic image size; export needs a fixed input size.")
+    for i, block in enumerate(vit.blocks):
+        if type(block) is not Block or type(block.attn) is not Attention:
+            raise UserError(
+                f"{name} block {i} is a {type(block).__name__}; ATS supports timm's standard ViT Block."
+            )
+
+
+class ATSVisionTransformer(nn.Module):
+    """A timm ViT with Adaptive Token Sampling in the blocks listed in ``stages``."""
+
+    def __init__(
+        self,
+        vit: VisionTransformer,
+        stages: Sequence[int],
+        arch: str,
+        default_keep: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        check_supported(vit)
+        depth = len(vit.blocks)
+        stages = sorted(set(int(s) for s in stages))
+        bad = [s for s in stages if not 0 <= s < depth]
+        if bad:
+            raise UserError(f"ATS stages {bad} are outside the model's blocks 0-{depth - 1}.")
+        self.vit = vit.eval()
+        self.arch = arch
+        self.stages = stages
+        self.n0 = vit.patch_embed.num_patches + 1
+        keep = list(default_keep) if default_keep is not None else [1.0] * len(stages)
+        self.default_keep = validate_keep(keep, len(stages))
+        # Set by static exports: the budget of every stage as a Python int, so every
+        # sequence length is a constant (TensorRT < 8.6, DLA).
+        self.static_budget: list[int] | None = None
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return (3, *self.vit.patch_embed.img_size)
+
+    @property
+    def num_classes(self) -> int:
+        return self.vit.num_classes
+
+    def default_keep_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.default_keep, dtype=torch.float32)
+
+    def forward(self, images: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.forward_details(images, keep)
+        return out.logits, out.tokens
+
+    def forward_details(self, images: torch.Tensor, keep: torch.Tensor) -> ATSOutput:
+        vit = self.vit
+        x = vit.patch_embed(images)
+        x = vit._pos_embed(x)
+        x = vit.norm_pre(x)
+        batch = x.shape[0]
+        n_valid = torch.full((batch,), self.n0, dtype=torch.int64, device=x.device)
+        positions = torch.arange(self.n0, device=x.device).unsqueeze(0).expand(batch, -1)
+        bias: torch.Tensor | None = None
+        k = ats.budget(keep, self.n0)
+        tokens, kept_positions = [], []
+        for i, block in enumerate(vit.blocks):
+            if i not in self.stages:
+                x = dense_block(block, x, bias)
+                continue
+            s = self.stages.index(i)
+            if self.static_budget is None:
+                grid, length = self.n0 - 1, None
+            else:
+                grid, length = self.static_budget[s] - 1, min(self.static_budget[s], x.shape[1])
+            x, n_valid, index = ats_block(block, x, bias, n_valid, k[s], grid, length)
+            positions = torch.where(
+                torch.arange(x.shape[1], device=x.device).unsqueeze(0) < n_valid.unsqueeze(1),
+                ats.gather_rows(positions, index),
+                -1,
+            )
+            bias = ats.key_bias(n_valid, x)
+            tokens.append(n_valid - 1)
+            kept_positions.append(positions)
+        x = vit.norm(x)
+        logits = head(vit, x, n_valid)
+        if tokens:
+            token_counts = torch.stack(tokens, dim=1)
+        else:
+            token_counts = torch.zeros((batch, 0), dtype=torch.int64, device=x.device)
+        return ATSOutput(logits, token_counts, kept_positions)
+
+
+def head(vit: VisionTransformer, x: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+    """timm's classifier head; average pooling counts only valid patch tokens."""
+    if vit.global_pool == "avg":
+        slots = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        valid = ((slots >= 1) & (slots < n_valid.unsqueeze(1))).to(x.dtype).unsqueeze(-1)
+        pooled = (x * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
+    else:
+        pooled = x[:, 0]
+    return vit.head(vit.head_drop(vit.fc_norm(pooled)))
+
+
+def _qkv(attn: Attention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head ``q, k, v`` as ``[B, H, N, dh]``, with timm's q/k norms applied."""
+    batch, n, _ = h.shape
+    qkv = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None):
+    """Softmax attention of the query rows ``q`` over all keys, padded keys masked."""
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1) @ v
+
+
+def _finish(block: Block, x_rows: torch.Tensor, h_rows: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """Output projection, residual and MLP of a block for the rows ``x_rows``."""
+    attn = block.attn
+    batch, m = o.shape[0], o.shape[2]
+    o = o.transpose(1, 2).reshape(batch, m, -1)
+    o = attn.norm(o)
+    if getattr(attn, "gate", None) is not None:
+        o = o * attn.gate(h_rows).sigmoid()
+    y = x_rows + block.ls1(attn.proj(o))
+    return y + block.ls2(block.mlp(block.norm2(y)))
+
+
+def dense_block(block: Block, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A standard transformer block whose attention ignores padded keys."""
+    h = block.norm1(x)
+    q, k, v = _qkv(block.attn, h)
+    return _finish(block, x, h, _attend(q, k, v, block.attn.scale, bias))
+
+
+def ats_block(
+    block: Block,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    n_valid: torch.Tensor,
+    k: torch.Tensor,
+    grid: int,
+    length: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ATS stage (spec section 1). Returns ``(tokens, n_valid, index)``.
+
+    The attention rows are computed only for the kept tokens (class token first),
+    which is what makes the cost follow the budget.
+    """
+    attn = block.attn
+    h = block.norm1(x)
+    q, k_, v = _qkv(attn, h)
+    cls_logits = (q[:, :, :1] * attn.scale) @ k_.transpose(-2, -1)
+    if bias is not None:
+        cls_logits = cls_logits + bias
+    cls_attention = cls_logits.softmax(dim=-1)[:, :, 0]
+    values = v.transpose(1, 2).flatten(2)
+    scores = ats.significance(cls_attention, values)
+    kept = ats.sample(scores, n_valid, k, grid)
+    index, n_kept = ats.compact(kept, length)
+    q_rows = ats.gather_rows(q, index, dim=2)
+    o = _attend(q_rows, k_, v, attn.scale, bias)
+    x_rows = ats.gather_rows(x, index)
+    h_rows = ats.gather_rows(h, index) if getattr(attn, "gate", None) is not None else h
+    return _finish(block, x_rows, h_rows, o), n_kept, index
+
+
+def validate_keep(keep: Sequence[float], stages: int) -> list[float]:
+    """Check a keep list against spec section 2: finite, positive, one per stage (or one for all)."""
+    values = [float(v) for v in keep]
+    if len(values) == 1 and stages != 1:
+        values = values * stages
+    if len(values) != stages:
+        raise UserError(
+            f"keep has {len(values)} values but the model has {stages} ATS stages; "
+            "give one value for all stages or one per stage."
+        )
+    for v in values:
+        if not (v == v and abs(v) != float("inf")) or v <= 0:
+            raise UserError(
+                f"keep value {v} is invalid: use a fraction in (0, 1] of the token count, "
+                "or an absolute token budget > 1."
+            )
+    return values
+
+
+def build(
+    vit: VisionTransformer, arch: str, stages: Sequence[int] | None = None, keep: Sequence[float] | None = None
+) -> ATSVisionTransformer:
+    """Wrap a timm ViT; default stages are the paper's: block 3 to the last."""
+    if stages is None:
+        stages = default_stages(len(vit.blocks))
+    return ATSVisionTransformer(vit, stages, arch, keep)
+
+
+def default_stages(depth: int) -> list[int]:
+    return list(range(3, depth)) if depth > 3 else list(range(depth))
+
+
+def parse_stages(text: str | Sequence[int] | None, depth: int) -> list[int] | None:
+    """``"3-11"``, ``"3,5,7"``, ``"3-5,9"`` or a list of ints; ``"none"`` for a dense model."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        return [int(s) for s in text]
+    if text.strip().lower() in ("none", ""):
+        return []
+    stages: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                stages.extend(range(int(lo), int(hi) + 1))
+            else:
+                stages.append(int(part))
+    except ValueError:
+        raise UserError(
+            f"cannot read stages '{text}': use block indices like '3-{depth - 1}' or '3,5,7'."
+        ) from None
+    return stages
+

@@ -1,0 +1,1 @@
+"""Benchmarks and accuracy/latency reports of exported ATS models against the PyTorch reference."""

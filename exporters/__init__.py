@@ -1,0 +1,1 @@
+"""Exporters: PyTorch ATS model -> ONNX graph -> TensorRT engine, and their checks."""

@@ -1,0 +1,196 @@
+"""PyTorch ATS model -> one ONNX file (ATS_SPEC.md section 4).
+
+Dynamic export: ``images [batch, 3, H, W]`` and ``keep [S]`` are inputs, so one
+file serves every batch size and every budget. Static export: batch and keep are
+baked in and every stage is padded to its budget, so that every shape is a
+constant (TensorRT before 8.6, DLA).
+
+The graph is cleaned with onnx-graphsurgeon (constant folding, dead-node removal,
+topological sort), checked with ``onnx.checker`` and full shape inference, given
+the metadata later commands rely on, and written atomically: a failure at any
+step leaves no ``.onnx`` behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+
+from ats_deploy import __version__
+from ats_deploy.ats import budget_int
+from ats_deploy.errors import UserError
+from ats_deploy.images import data_config
+from ats_deploy.model import ATSVisionTransformer, validate_keep
+
+EXPORTERS = ("torchscript", "dynamo")
+OPSET = 18
+INPUTS = ("images", "keep")
+OUTPUTS = ("logits", "tokens")
+
+
+@dataclass
+class ExportOptions:
+    """How to export. ``keep`` is baked in for static exports, the default otherwise."""
+
+    dynamic: bool = True
+    exporter: str = "torchscript"
+    batch: int = 1
+    keep: list[float] | None = None
+    opset: int = OPSET
+    source: str = ""
+    source_sha256: str = ""
+    extra_metadata: dict[str, str] = field(default_factory=dict)
+
+
+class StaticATS(torch.nn.Module):
+    """``images -> (logits, tokens)`` with ``keep`` a constant and every length static."""
+
+    def __init__(self, model: ATSVisionTransformer, keep: list[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("keep", torch.tensor(keep, dtype=torch.float32))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(images, self.keep)
+
+
+def check_output_path(path: Path) -> Path:
+    """Fail before any work when the output cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"output {path} is a directory; give a file name such as {path / 'model.onnx'}.")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise UserError(f"output directory {parent} does not exist; create it or choose another -o.")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write to {parent}: permission denied; choose another -o.")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, suffix: str = ".onnx") -> Iterator[Path]:
+    """A temporary file beside ``path`` that replaces it only if the block succeeds."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def metadata(model: ATSVisionTransformer, options: ExportOptions) -> dict[str, str]:
+    """The ``metadata_props`` of spec section 4, plus what bench needs to rebuild the reference."""
+    cfg = data_config(model.vit)
+    keep = validate_keep(options.keep or model.default_keep, len(model.stages))
+    props = {
+        "ats_deploy_version": __version__,
+        "arch": model.arch,
+        "stages": json.dumps(model.stages),
+        "input_size": json.dumps(list(cfg["input_size"])),
+        "mean": json.dumps(list(cfg["mean"])),
+        "std": json.dumps(list(cfg["std"])),
+        "interpolation": str(cfg["interpolation"]),
+        "crop_pct": str(cfg["crop_pct"]),
+        "num_classes": str(model.num_classes),
+        "n0": str(model.n0),
+        "dynamic": json.dumps(options.dynamic),
+        "exporter": options.exporter,
+        "keep": json.dumps(keep),
+        "source_checkpoint": options.source,
+        "source_sha256": options.source_sha256,
+    }
+    if not options.dynamic:
+        props["batch"] = str(options.batch)
+        props["budget"] = json.dumps([budget_int(k, model.n0) for k in keep])
+    props.update(options.extra_metadata)
+    return props
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _trace(model: ATSVisionTransformer, options: ExportOptions, path: Path) -> None:
+    """Run the chosen torch exporter into ``path``."""
+    _, height, width = model.input_size
+    images = torch.randn(max(options.batch, 2) if options.dynamic else options.batch, 3, height, width)
+    if options.dynamic:
+        module: torch.nn.Module = model
+        args: tuple = (images, model.default_keep_tensor())
+        input_names = list(INPUTS)
+    else:
+        keep = validate_keep(options.keep or model.default_keep, len(model.stages))
+        module = StaticATS(model, keep)
+        args = (images,)
+        input_names = ["images"]
+    module.eval()
+    kwargs: dict = {"input_names": input_names, "output_names": list(OUTPUTS), "opset_version": options.opset}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if options.exporter == "torchscript":
+            if options.dynamic:
+                kwargs["dynamic_axes"] = {name: {0: "batch"} for name in ("images", *OUTPUTS)}
+            torch.onnx.export(module, args, str(path), dynamo=False, **kwargs)
+        else:
+            if options.dynamic:
+                batch = torch.export.Dim("batch", min=1, max=4096)
+                kwargs["dynamic_shapes"] = ({0: batch}, None)
+            program = torch.onnx.export(module, args, dynamo=True, verbose=False, **kwargs)
+            program.save(str(path))
+
+
+def clean(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold constants, drop dead nodes and sort with onnx-graphsurgeon."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+    graph.fold_constants().cleanup().toposort()
+    cleaned = gs.export_onnx(graph)
+    del cleaned.opset_import[:]
+    cleaned.opset_import.extend(model.opset_import)
+    cleaned.ir_version = model.ir_version
+    return cleaned
+
+
+def finalize(model: onnx.ModelProto, props: dict[str, str]) -> onnx.ModelProto:
+    """Attach metadata and check the graph (checker + strict full shape inference)."""
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name = "ats-deploy"
+    model.producer_version = __version__
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def export(model: ATSVisionTransformer, output: Path, options: ExportOptions) -> Path:
+    """Export ``model`` to ``output`` atomically; returns the path written."""
+    if options.exporter not in EXPORTERS:
+        raise UserError(f"unknown exporter '{options.exporter}'; choose one of {', '.join(EXPORTERS)}.")
+    if options.batch < 1:
+        raise UserError(f"--batch must be at least 1, got {options.batch}.")
+    output = check_output_path(output)
+    model.static_budget = None
+    if not options.dynamic:
+        keep = validate_keep(options.keep or model.default_keep, len(model.stages))
+        model.static_budget = [budget_int(k, model.n0) for k in keep]
+    try:
+        with atomic_output(output) as tmp:
+            _trace(model, options, tmp)
+            graph = clean(onnx.load(str(tmp)))
+            graph = finalize(graph, metadata(model, options))
+            onnx.save(graph, str(tmp))
+    finally:
+        model.static_budget = None
+    return output

@@ -1,0 +1,1 @@
+"""Built-in device profiles (YAML), read by :mod:`ats_deploy.profiles`."""

@@ -1,0 +1,75 @@
+"""A plain, per-image, float64 reading of ATS_SPEC.md sections 1-2: the tests' yardstick.
+
+Deliberately unbatched and unoptimised: NumPy ``searchsorted`` and ``unique``,
+one image at a time, so that it reads like the spec. Attention and the MLP run in
+float64; the budget, quantiles and cdf are float32 because the spec says so.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class YardstickResult:
+    logits: np.ndarray
+    tokens: list[int]
+    kept: list[list[int]]
+    # Smallest |u_i - cdf_p| met at each stage: how close the sample came to a float tie.
+    margins: list[float]
+
+
+def budget(keep: float, n0: int) -> int:
+    keep32 = np.float32(keep)
+    if keep32 <= 1:
+        product = np.float32(keep32 * np.float32(n0))
+        return int(np.clip(np.floor(np.float32(product + np.float32(0.5))), 8, n0))
+    return int(np.clip(np.floor(keep32), 2, n0))
+
+
+def sample(cls_attention: np.ndarray, values: np.ndarray, k: int) -> tuple[list[int], float]:
+    """Steps 2-6 for one image: ``cls_attention [H, n]``, ``values [n, D]``."""
+    n = values.shape[0]
+    s = cls_attention[:, 1:].sum(axis=0) * np.linalg.norm(values[1:], axis=1)
+    big_s = (s / max(s.sum(), np.finfo(np.float32).tiny)).astype(np.float32)
+    cdf = np.cumsum(big_s, dtype=np.float32)
+    u = np.arange(1, k, dtype=np.float32) / np.float32(k - 1)
+    t = np.minimum(np.searchsorted(cdf, u, side="left"), n - 2)
+    # A tie with cdf_p for p >= n-2 cannot matter: the clamp sends both sides there.
+    margin = float(np.min(np.abs(u[:, None] - cdf[None, : n - 2]))) if n > 2 else float("inf")
+    return [int(j) for j in np.unique(t + 1)], margin
+
+
+def run(vit: torch.nn.Module, image: torch.Tensor, keep: list[float], stages: list[int]) -> YardstickResult:
+    vit = copy.deepcopy(vit).double().eval()
+    n0 = vit.patch_embed.num_patches + 1
+    tokens, kept_all, margins = [], [], []
+    with torch.no_grad():
+        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(image[None].double())))[0]
+        for i, block in enumerate(vit.blocks):
+            attn = block.attn
+            n = x.shape[0]
+            h = block.norm1(x)
+            qkv = attn.qkv(h).reshape(n, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
+            q, k, v = attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), qkv[2]
+            a = torch.softmax(q @ k.transpose(-2, -1) / np.sqrt(attn.head_dim), dim=-1)
+            rows = list(range(n))
+            if i in stages:
+                s = stages.index(i)
+                values = v.permute(1, 0, 2).reshape(n, -1).numpy()
+                keep_idx, margin = sample(a[:, 0].numpy(), values, budget(keep[s], n0))
+                rows = [0, *keep_idx]
+                tokens.append(len(keep_idx))
+                kept_all.append(keep_idx)
+                margins.append(margin)
+            o = (a[:, rows] @ v).permute(1, 0, 2).reshape(len(rows), -1)
+            y = x[rows] + block.ls1(attn.proj(attn.norm(o)))
+            x = y + block.ls2(block.mlp(block.norm2(y)))
+        x = vit.norm(x)
+        pooled = x[1:].mean(0) if vit.global_pool == "avg" else x[0]
+        logits = vit.head(vit.fc_norm(pooled))
+    return YardstickResult(logits.numpy(), tokens, kept_all, margins)
