@@ -8,8 +8,8 @@ ONNX that TensorRT's parser accepts:
   quantile grid whose slots past ``K-1`` hold ``+inf``;
 * ``unique`` of the nondecreasing sample indices becomes an adjacent difference of
   those counts (token ``p`` is sampled iff the count grows at ``p``);
-* compaction of the kept tokens becomes another count over the cumulative sum of
-  the keep mask, so no ``NonZero``, ``Unique``, ``TopK`` or scatter is needed;
+* compaction of the kept tokens is a ``TopK`` over keys that sort kept tokens first,
+  in order, so no ``NonZero``, ``Unique`` or scatter is needed;
 * the only data-dependent size, ``max K' + 1``, reaches the graph through
   :func:`dynamic_length`, which each exporter sees in the form it can trace.
 
@@ -19,6 +19,7 @@ Section numbers below refer to ``ATS_SPEC.md``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Smallest normal float32: the spec's ``tiny`` guard against an all-zero score row.
 TINY = float(torch.finfo(torch.float32).tiny)
@@ -39,30 +40,76 @@ def budget(keep: torch.Tensor, n0: int) -> torch.Tensor:
     return torch.where(keep <= 1.0, fraction, absolute)
 
 
+def from_last_valid(valid: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Bool ``[B, n-1]`` over tokens ``1..n-1``: true from the last valid token on.
+
+    Position ``p`` (token ``p+1``) is there iff token ``p+2`` is padding or past the
+    end. ``valid`` is ``None`` while nothing is padded: then only the last token.
+    """
+    if valid is None:
+        return (torch.arange(n - 1) >= n - 2).unsqueeze(0)
+    return F.pad(valid[:, 2:].to(torch.float32), (0, 1)) == 0.0
+
+
 def budget_int(keep: float, n0: int) -> int:
     """:func:`budget` for one Python float (static exports, reports)."""
     return int(budget(torch.tensor([keep], dtype=torch.float32), n0)[0])
 
 
-def significance(cls_attention: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Section 1, step 2: ``s_j = (sum_h A[h, 0, j]) * ||V_j||_2`` for ``j >= 1``.
+def quantiles(k: torch.Tensor, grid: int) -> torch.Tensor:
+    """Section 1, step 4 for every stage at once: ``u_i = i / (K-1)``, ``i = 1..K-1``.
 
-    ``cls_attention``: ``[B, H, N]``, the class token's attention row per head
-    (zero at padded keys). ``values``: ``[B, N, D]``, all heads concatenated.
-    Returns ``[B, N-1]``.
+    ``k``: float32 ``[S]`` budgets. Returns ``[S, grid]``; slots past ``K-1`` hold
+    ``+inf`` so that no cdf value reaches them. Computed once per forward, so each
+    stage only reads its row.
     """
-    attention = cls_attention[:, :, 1:].sum(dim=1)
-    norms = torch.sqrt((values[:, 1:] * values[:, 1:]).sum(dim=-1))
+    slots = torch.arange(1, grid + 1, device=k.device, dtype=torch.float32)
+    q = (k - 1.0).unsqueeze(1)
+    return torch.where(slots <= q, slots / q, torch.full_like(slots, float("inf")))
+
+
+def significance(cls_attention: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Section 1, step 2: ``s_j = (sum_h A[h, 0, j]) * ||V_j||_2`` for every token ``j``.
+
+    ``cls_attention``: ``[B, H, 1, N]``, the class token's attention row per head
+    (zero at padded keys). ``values``: per-head ``[B, H, N, dh]``; the norm over all
+    heads concatenated is ``sqrt(sum_h sum_d v^2)``, so no reshape is needed.
+    Returns ``[B, N]`` (token 0, the class token, included; callers drop it).
+    """
+    attention = cls_attention.sum(dim=(1, 2))
+    norms = torch.sqrt((values * values).sum(dim=(1, 3)))
     return attention * norms
 
 
-def sample(scores: torch.Tensor, n_valid: torch.Tensor, k: torch.Tensor, grid: int) -> torch.Tensor:
+def cdf(scores: torch.Tensor) -> torch.Tensor:
+    """Section 1, step 3: normalised scores, cumulated in token order (float32)."""
+    total = scores.sum(dim=-1, keepdim=True).clamp_min(TINY)
+    return torch.cumsum(scores / total, dim=-1)
+
+
+def tie_margin(scores: torch.Tensor, last: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How close each image came to a float tie: ``min |u_i - cdf_p|`` and its ``p``.
+
+    A runtime that rounds differently can flip the sample at such a tie (spec
+    section 5); validation uses this to tell a flip from a bug. Positions from the
+    last valid token on are skipped: the clamp sends both sides of a tie there.
+    Returns ``(margin [B], position [B])``.
+    """
+    distance = (u - cdf(scores).unsqueeze(-1)).abs().amin(dim=-1)
+    distance = torch.where(last, float("inf"), distance)
+    margin, position = distance.min(dim=-1)
+    return margin, position
+
+
+def sample(
+    scores: torch.Tensor, last: torch.Tensor, u: torch.Tensor, quantile_count: torch.Tensor
+) -> torch.Tensor:
     """Section 1, steps 3-6: which tokens the inverse-transform sampling keeps.
 
     ``scores``: ``[B, N-1]`` significance of tokens ``1..N-1`` (zero at padding).
-    ``n_valid``: ``[B]`` valid tokens per image, class token included.
-    ``k``: float32 scalar budget ``K``. ``grid``: static quantile slots, ``>= K-1``.
-    Returns a bool mask ``[B, N]``; the class token is always kept.
+    ``last``: bool ``[B, N-1]``, true from the last valid token on (padding included).
+    ``u``: ``[G]`` quantiles of this stage (:func:`quantiles`); ``quantile_count``: ``K-1``.
+    Returns a bool mask ``[B, N]`` over all tokens; the class token is always kept.
 
     Token at position ``p`` (token ``p+1``) is the sample of quantile ``u_i`` iff
     ``cdf_{p-1} < u_i <= cdf_p`` (``searchsorted_left``), so with
@@ -70,26 +117,19 @@ def sample(scores: torch.Tensor, n_valid: torch.Tensor, k: torch.Tensor, grid: i
     step 5 sends every quantile above ``cdf_{n-3}`` to the last valid token, which
     is ``c_p = K-1`` from position ``n-2`` on.
     """
-    total = scores.sum(dim=-1, keepdim=True).clamp_min(TINY)
-    cdf = torch.cumsum(scores / total, dim=-1)
-    quantiles = k - 1.0
-    slots = torch.arange(1, grid + 1, device=scores.device, dtype=torch.float32)
-    u = torch.where(slots <= quantiles, slots / quantiles, torch.full_like(slots, float("inf")))
-    counts = (u <= cdf.unsqueeze(-1)).to(torch.float32).sum(dim=-1)
-    positions = torch.arange(scores.shape[1], device=scores.device)
-    clamped = positions.unsqueeze(0) >= (n_valid - 2).unsqueeze(1)
-    counts = torch.where(clamped, quantiles, counts)
-    previous = torch.cat([torch.zeros_like(counts[:, :1]), counts[:, :-1]], dim=1)
-    kept = counts > previous
-    return torch.cat([torch.ones_like(kept[:, :1]), kept], dim=1)
+    counts = (u <= cdf(scores).unsqueeze(-1)).to(torch.float32).sum(dim=-1)
+    counts = F.pad(torch.where(last, quantile_count, counts), (1, 0), value=0.0)
+    previous = F.pad(counts[:, :-1], (1, 0), value=-1.0)
+    return counts > previous
 
 
 def dynamic_length(length: torch.Tensor, upper: int) -> torch.Tensor | int:
     """A data-dependent length (a 0-d integer tensor) as each exporter can trace it.
 
-    The TorchScript tracer records ``arange(tensor)`` as an ONNX ``Range`` on the
-    tensor; ``.item()`` would freeze it into a constant. torch.export needs an
-    unbacked integer bounded with ``torch._check`` instead. Eager mode takes either.
+    The TorchScript tracer records a tensor passed as ``arange``'s end or ``topk``'s
+    ``k`` as a graph input of that op; ``.item()`` would freeze it into a constant.
+    torch.export needs an unbacked integer bounded with ``torch._check`` instead.
+    Eager mode takes either.
     """
     if torch.jit.is_tracing():
         return length
@@ -102,40 +142,34 @@ def dynamic_length(length: torch.Tensor, upper: int) -> torch.Tensor | int:
 def compact(kept: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Section 1, step 7 and section 3: indices of the kept tokens, ascending, padded.
 
-    ``kept``: bool ``[B, N]``. Returns ``(index [B, m], n_kept [B])`` where ``m`` is
-    ``max n_kept`` (or the static ``length``) and padded slots point at token 0.
-    Slot ``r`` holds the position of the ``(r+1)``-th kept token, which is the
-    number of positions whose running count of kept tokens is still ``<= r``.
+    ``kept``: bool ``[B, N]``. Returns ``(index [B, m], valid [B, m])`` where ``m`` is
+    the largest number of kept tokens in the batch (or the static ``length``).
+    A kept token ``p`` sorts by ``p``, a dropped one by ``p + N``: the ``m`` smallest
+    keys are the kept tokens in order, then (in padded slots) some dropped ones.
     """
-    running = torch.cumsum(kept.to(torch.float32), dim=1)
-    n_kept = running[:, -1]
+    n = kept.shape[1]
+    positions = torch.arange(n, device=kept.device)
+    key = torch.where(kept, positions, positions + n)
     if length is None:
-        m = dynamic_length(n_kept.max().to(torch.int64), kept.shape[1])
-        slots = torch.arange(m, device=kept.device).to(torch.float32)
-    else:
-        slots = torch.arange(length, device=kept.device, dtype=torch.float32)
-    index = (running.unsqueeze(1) <= slots.view(1, -1, 1)).to(torch.float32).sum(dim=-1)
-    valid = slots.unsqueeze(0) < n_kept.unsqueeze(1)
-    index = torch.where(valid, index, torch.zeros_like(index))
-    return index.to(torch.int64), n_kept.to(torch.int64)
+        length = dynamic_length(kept.sum(dim=1).max(), n)
+    order, index = torch.topk(key, length, dim=1, largest=False, sorted=True)
+    return index, order < n
 
 
-def key_bias(n_valid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Section 3: additive ``[B, 1, 1, m]`` attention bias, ``-inf`` on padded keys.
-
-    ``tokens`` is the ``[B, m, D]`` sequence whose first ``n_valid`` rows are valid.
-    """
-    slots = torch.arange(tokens.shape[1], device=tokens.device)
-    valid = slots.unsqueeze(0) < n_valid.unsqueeze(1)
-    zero = torch.zeros((), dtype=tokens.dtype, device=tokens.device)
-    bias = torch.where(valid, zero, torch.full_like(zero, float("-inf")))
+def key_bias(valid: torch.Tensor) -> torch.Tensor:
+    """Section 3: additive ``[B, 1, 1, m]`` attention bias, ``-inf`` on padded keys."""
+    bias = torch.where(valid, 0.0, float("-inf"))
     return bias[:, None, None, :]
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """``x`` restricted to rows ``index [B, m]`` along ``dim`` (the token axis)."""
-    shape = [1] * x.dim()
-    shape[0], shape[dim] = index.shape
-    expanded = list(x.shape)
-    expanded[dim] = index.shape[1]
-    return torch.gather(x, dim, index.view(shape).expand(expanded))
+    """``x`` restricted to rows ``index [B, m]`` along ``dim`` (the token axis).
+
+    The other dimensions are read as Python ints (heads, head size, width are
+    constants of the model), so the exported ``Expand`` needs no shape arithmetic.
+    """
+    for axis in range(1, x.dim()):
+        if axis != dim:
+            index = index.unsqueeze(axis)
+    sizes = [-1 if axis in (0, dim) else int(x.shape[axis]) for axis in range(x.dim())]
+    return torch.gather(x, dim, index.expand(sizes))

@@ -224,5 +224,150 @@ def predict(
             console.print(f"kept tokens per stage (block:K'): {kept}")
 
 
+ProfileOpt = Annotated[
+    str | None,
+    typer.Option("--profile", help="Device profile: a built-in name (see `ats-deploy profiles`), ./profiles/NAME.yaml, or a path."),
+]
+
+
+def _source_of(model, checkpoint: str) -> tuple[str, str]:
+    """What export records so that bench can rebuild the reference: path and sha256."""
+    from .checkpoints import sha256_file
+
+    if checkpoint.startswith("random:"):
+        return checkpoint, ""
+    path = Path(checkpoint).resolve()
+    return str(path), sha256_file(path)
+
+
+def _default_onnx_name(checkpoint: str, arch: str) -> Path:
+    stem = f"{arch}_ats" if checkpoint.startswith("random:") else Path(checkpoint).stem
+    return Path(f"{stem}.onnx")
+
+
+@command()
+def export(
+    checkpoint: CheckpointArg,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="ONNX file to write (default: the checkpoint's stem + .onnx).")
+    ] = None,
+    dynamic: Annotated[
+        bool,
+        typer.Option(
+            "--dynamic/--static",
+            help="--dynamic: keep and batch are run-time inputs (one file for every K). "
+            "--static: batch and keep baked in, every shape constant (TensorRT < 8.6, DLA).",
+        ),
+    ] = False,
+    keep: KeepOpt = None,
+    profile: ProfileOpt = None,
+    batch: Annotated[int | None, typer.Option("--batch", help="Static export: the fixed batch size (default 1).")] = None,
+    exporter: Annotated[
+        str, typer.Option("--exporter", help="torchscript (default: fast, see README) or dynamo.")
+    ] = "torchscript",
+    arch: ArchOpt = None,
+    stages: StagesOpt = None,
+    validate_: Annotated[
+        bool, typer.Option("--validate/--no-validate", help="Compare with the PyTorch reference after export.")
+    ] = True,
+    atol: Annotated[float, typer.Option("--atol", help="Largest accepted |logit difference|.")] = 1e-3,
+    trust_checkpoint: TrustOpt = False,
+) -> None:
+    """Export to ONNX and validate against the PyTorch reference.
+
+    With --dynamic one file serves every batch size and every keep (K is an input);
+    without it, batch and keep come from --batch/--keep or --profile and are baked in.
+    """
+    import time
+
+    from .exporters.onnx_export import EXPORTERS, ExportOptions, check_output_path
+    from .exporters.onnx_export import export as run_export
+    from .model import validate_keep
+
+    if exporter not in EXPORTERS:
+        raise UserError(f"unknown --exporter '{exporter}'; choose one of: {', '.join(EXPORTERS)}.")
+    if batch is not None and batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}.")
+    if batch is not None and dynamic:
+        raise UserError("--batch fixes the batch of a static export; with --dynamic the batch is a run-time input.")
+    keep_values = parse_keep(keep)
+    if output is not None:
+        check_output_path(output)
+    prof = _profile(profile) if profile else None
+    model = _load(checkpoint, arch, stages, None, trust_checkpoint)
+    if keep_values is None and prof is not None:
+        keep_values = prof.keep_for(len(model.stages))
+    keep_values = validate_keep(keep_values or model.default_keep, len(model.stages))
+    if batch is None:
+        batch = prof.batch if prof is not None and not dynamic else 1
+    output = check_output_path(output or _default_onnx_name(checkpoint, model.arch))
+    source, sha = _source_of(model, checkpoint)
+    options = ExportOptions(
+        dynamic=dynamic, exporter=exporter, batch=batch, keep=keep_values, source=source, source_sha256=sha
+    )
+    start = time.perf_counter()
+    with console.status(f"exporting {model.arch} with the {exporter} exporter"):
+        path = run_export(model, output, options)
+    kind = "dynamic (batch and keep are inputs)" if dynamic else f"static (batch {batch}, keep baked in)"
+    console.print(
+        f"exported [bold]{path}[/] ({path.stat().st_size / 1e6:.1f} MB, {kind}) in {time.perf_counter() - start:.1f} s"
+    )
+    if validate_:
+        _validate(path, model, keep_values if not dynamic else None, prof, atol)
+
+
+def _profile(name: str):
+    from .profiles import load_profile
+
+    return load_profile(name)
+
+
+def _validate(path: Path, model, static_keep, prof, atol: float) -> None:
+    """Validate right after export; a real mismatch removes nothing but exits non-zero."""
+    from .errors import ValidationFailed
+    from .exporters.validate import DEFAULT_KEEPS, render, validate
+    from .images import data_config, preprocess, random_images, sample_images
+
+    photos = sample_images()
+    cfg = data_config(model.vit)
+    images = preprocess(list(photos.values()), cfg)
+    images = __import__("torch").cat([images, random_images(4, cfg)])
+    names = [*photos, "random-0", "random-1", "random-2", "random-3"]
+    if prof is not None:
+        keeps = [prof.keep_for(len(model.stages))]
+    else:
+        keeps = [[k] * len(model.stages) for k in DEFAULT_KEEPS]
+    report = validate(str(path), model, names, images, keeps, atol=atol, console=err_console)
+    render(report, console)
+    if not report.ok:
+        raise ValidationFailed(
+            f"{path} disagrees with the PyTorch reference beyond float ties (see the table above).",
+            "Re-export with the other --exporter, or report the mismatch with this output.",
+        )
+    console.print(f"[green]validated[/]: {path} matches the PyTorch reference.")
+
+
+@command()
+def check(
+    model: Annotated[Path, typer.Argument(help="An exported ONNX file.", show_default=False)],
+    target: Annotated[
+        list[str],
+        typer.Option("--target", "-t", help="tensorrt-8.6, tensorrt-10, dla or onnxruntime; repeat for several."),
+    ] = ["tensorrt-10"],  # noqa: B006 - typer reads the default list, never mutates it
+) -> None:
+    """Static compatibility report (no GPU needed): ops, attributes, dtypes and shapes per target."""
+    from .exporters.compat import check_model
+    from .exporters.compat import render as render_compat
+
+    failed = []
+    for name in target:
+        report = check_model(model, name)
+        render_compat(report, console)
+        if not report.ok:
+            failed.append(name)
+    if failed:
+        raise UserError(f"{model} is not compatible with {', '.join(failed)} (offending nodes listed above).")
+
+
 def main() -> None:
     app()

@@ -14,9 +14,10 @@ original patch positions of the kept tokens, for plots.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
@@ -36,6 +37,10 @@ class ATSOutput:
     logits: torch.Tensor
     tokens: torch.Tensor
     positions: list[torch.Tensor]
+    # With ``probe=True``: per stage, each image's smallest distance between a
+    # quantile and the cdf, and the original token index where it occurred.
+    tie_margins: list[torch.Tensor] = field(default_factory=list)
+    tie_tokens: list[torch.Tensor] = field(default_factory=list)
 
 
 def check_supported(vit: nn.Module) -> None:
@@ -105,50 +110,47 @@ class ATSVisionTransformer(nn.Module):
         out = self.forward_details(images, keep)
         return out.logits, out.tokens
 
-    def forward_details(self, images: torch.Tensor, keep: torch.Tensor) -> ATSOutput:
+    def forward_details(self, images: torch.Tensor, keep: torch.Tensor, probe: bool = False) -> ATSOutput:
         vit = self.vit
-        x = vit.patch_embed(images)
-        x = vit._pos_embed(x)
-        x = vit.norm_pre(x)
+        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
         batch = x.shape[0]
-        n_valid = torch.full((batch,), self.n0, dtype=torch.int64, device=x.device)
         positions = torch.arange(self.n0, device=x.device).unsqueeze(0).expand(batch, -1)
-        bias: torch.Tensor | None = None
         k = ats.budget(keep, self.n0)
+        u = ats.quantiles(k, self.n0 - 1)
+        valid: torch.Tensor | None = None
+        bias: torch.Tensor | None = None
         tokens, kept_positions = [], []
+        out = ATSOutput(logits=torch.empty(0), tokens=torch.empty(0), positions=kept_positions)
         for i, block in enumerate(vit.blocks):
             if i not in self.stages:
                 x = dense_block(block, x, bias)
                 continue
             s = self.stages.index(i)
-            if self.static_budget is None:
-                grid, length = self.n0 - 1, None
-            else:
-                grid, length = self.static_budget[s] - 1, min(self.static_budget[s], x.shape[1])
-            x, n_valid, index = ats_block(block, x, bias, n_valid, k[s], grid, length)
-            positions = torch.where(
-                torch.arange(x.shape[1], device=x.device).unsqueeze(0) < n_valid.unsqueeze(1),
-                ats.gather_rows(positions, index),
-                -1,
-            )
-            bias = ats.key_bias(n_valid, x)
-            tokens.append(n_valid - 1)
+            length = None if self.static_budget is None else min(self.static_budget[s], x.shape[1])
+            probes: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if probe else None
+            x, valid, index = ats_block(block, x, bias, valid, u[s], k[s] - 1.0, length, probes)
+            if probes:
+                margin, position = probes[0]
+                out.tie_margins.append(margin)
+                out.tie_tokens.append(torch.gather(positions, 1, position.unsqueeze(1) + 1)[:, 0])
+            bias = ats.key_bias(valid)
+            tokens.append(valid.sum(dim=1) - 1)
+            positions = torch.where(valid, torch.gather(positions, 1, index), -1)
             kept_positions.append(positions)
-        x = vit.norm(x)
-        logits = head(vit, x, n_valid)
+        out.logits = head(vit, vit.norm(x), valid)
         if tokens:
-            token_counts = torch.stack(tokens, dim=1)
+            out.tokens = torch.stack(tokens, dim=1)
         else:
-            token_counts = torch.zeros((batch, 0), dtype=torch.int64, device=x.device)
-        return ATSOutput(logits, token_counts, kept_positions)
+            out.tokens = torch.zeros((batch, 0), dtype=torch.int64, device=x.device)
+        return out
 
 
-def head(vit: VisionTransformer, x: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+def head(vit: VisionTransformer, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """timm's classifier head; average pooling counts only valid patch tokens."""
     if vit.global_pool == "avg":
-        slots = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-        valid = ((slots >= 1) & (slots < n_valid.unsqueeze(1))).to(x.dtype).unsqueeze(-1)
-        pooled = (x * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
+        weight = torch.ones_like(x[:, :, :1]) if valid is None else valid.unsqueeze(-1).to(x.dtype)
+        weight = F.pad(weight[:, 1:], (0, 0, 1, 0))
+        pooled = (x * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)
     else:
         pooled = x[:, 0]
     return vit.head(vit.head_drop(vit.fc_norm(pooled)))
@@ -162,9 +164,11 @@ def _qkv(attn: Attention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return attn.q_norm(q), attn.k_norm(k), v
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None):
-    """Softmax attention of the query rows ``q`` over all keys, padded keys masked."""
-    logits = (q * scale) @ k.transpose(-2, -1)
+def _attend(
+    q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Softmax attention of the query rows ``q`` over all keys (``k_t`` is ``K^T``), padded keys masked."""
+    logits = (q * scale) @ k_t
     if bias is not None:
         logits = logits + bias
     return logits.softmax(dim=-1) @ v
@@ -173,8 +177,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bia
 def _finish(block: Block, x_rows: torch.Tensor, h_rows: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """Output projection, residual and MLP of a block for the rows ``x_rows``."""
     attn = block.attn
-    batch, m = o.shape[0], o.shape[2]
-    o = o.transpose(1, 2).reshape(batch, m, -1)
+    o = o.transpose(1, 2).flatten(2)
     o = attn.norm(o)
     if getattr(attn, "gate", None) is not None:
         o = o * attn.gate(h_rows).sigmoid()
@@ -186,39 +189,42 @@ def dense_block(block: Block, x: torch.Tensor, bias: torch.Tensor | None) -> tor
     """A standard transformer block whose attention ignores padded keys."""
     h = block.norm1(x)
     q, k, v = _qkv(block.attn, h)
-    return _finish(block, x, h, _attend(q, k, v, block.attn.scale, bias))
+    return _finish(block, x, h, _attend(q, k.transpose(-2, -1), v, block.attn.scale, bias))
 
 
 def ats_block(
     block: Block,
     x: torch.Tensor,
     bias: torch.Tensor | None,
-    n_valid: torch.Tensor,
-    k: torch.Tensor,
-    grid: int,
+    valid: torch.Tensor | None,
+    u: torch.Tensor,
+    quantile_count: torch.Tensor,
     length: int | None,
+    probes: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One ATS stage (spec section 1). Returns ``(tokens, n_valid, index)``.
+    """One ATS stage (spec section 1). Returns ``(tokens, valid, index)``.
+
+    ``probes``, when a list, receives :func:`ats.tie_margin` of this stage.
 
     The attention rows are computed only for the kept tokens (class token first),
     which is what makes the cost follow the budget.
     """
     attn = block.attn
     h = block.norm1(x)
-    q, k_, v = _qkv(attn, h)
-    cls_logits = (q[:, :, :1] * attn.scale) @ k_.transpose(-2, -1)
+    q, k, v = _qkv(attn, h)
+    k_t = k.transpose(-2, -1)
+    cls_logits = (q[:, :, :1] * attn.scale) @ k_t
     if bias is not None:
         cls_logits = cls_logits + bias
-    cls_attention = cls_logits.softmax(dim=-1)[:, :, 0]
-    values = v.transpose(1, 2).flatten(2)
-    scores = ats.significance(cls_attention, values)
-    kept = ats.sample(scores, n_valid, k, grid)
-    index, n_kept = ats.compact(kept, length)
-    q_rows = ats.gather_rows(q, index, dim=2)
-    o = _attend(q_rows, k_, v, attn.scale, bias)
-    x_rows = ats.gather_rows(x, index)
+    scores = ats.significance(cls_logits.softmax(dim=-1), v)[:, 1:]
+    last = ats.from_last_valid(valid, x.shape[1])
+    if probes is not None:
+        probes.append(ats.tie_margin(scores, last, u))
+    kept = ats.sample(scores, last, u, quantile_count)
+    index, valid = ats.compact(kept, length)
+    o = _attend(ats.gather_rows(q, index, dim=2), k_t, v, attn.scale, bias)
     h_rows = ats.gather_rows(h, index) if getattr(attn, "gate", None) is not None else h
-    return _finish(block, x_rows, h_rows, o), n_kept, index
+    return _finish(block, ats.gather_rows(x, index), h_rows, o), valid, index
 
 
 def validate_keep(keep: Sequence[float], stages: int) -> list[float]:

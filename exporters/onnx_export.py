@@ -153,7 +153,9 @@ def _trace(model: ATSVisionTransformer, options: ExportOptions, path: Path) -> N
 def clean(model: onnx.ModelProto) -> onnx.ModelProto:
     """Fold constants, drop dead nodes and sort with onnx-graphsurgeon."""
     import onnx_graphsurgeon as gs
+    import onnxruntime
 
+    onnxruntime.set_default_logger_severity(3)  # fold_constants runs onnxruntime; keep its warnings quiet
     graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
     graph.fold_constants().cleanup().toposort()
     cleaned = gs.export_onnx(graph)

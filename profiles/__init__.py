@@ -1,1 +1,412 @@
-"""Built-in device profiles (YAML), read by :mod:`ats_deploy.profiles`."""
+"""Device profiles: one YAML file per deployment target (the API and the built-in YAML files).
+
+A profile says how to build and measure a model for one target: the ATS budget
+``keep`` (``ATS_SPEC.md`` section 2), the backend and precision, the batch size
+and the batch range an engine is built for, and how long to benchmark.
+
+Profiles are looked up by name in three places, first match wins: an existing
+file path, ``./profiles/<name>.yaml`` in the current directory (so a project can
+override a built-in, e.g. with the result of ``ats-deploy tune``), and the
+built-in YAML files of this package.
+
+The API lives in this package's ``__init__`` rather than in ``ats_deploy/profiles.py``:
+both would be the module ``ats_deploy.profiles``, and which one Python imports depends
+on how the project is installed (the package wins in a wheel, the module in an
+editable install), so only one of them may exist.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserError
+
+BACKENDS = ("tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt", "pytorch")
+PRECISIONS = ("fp32", "fp16")
+LOCAL_DIR = "profiles"
+SUFFIX = ".yaml"
+
+_REQUIRED = (
+    "description",
+    "source",
+    "backend",
+    "precision",
+    "keep",
+    "batch",
+    "shapes",
+    "warmup",
+    "iterations",
+)
+_OPTIONAL = ("threads", "static", "latency_budget_ms", "dla_core", "gpu_fallback")
+_KEYS = _REQUIRED + _OPTIONAL
+_SHAPE_KEYS = ("min", "opt", "max")
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The batch range an engine is built for; TensorRT tunes its kernels for ``opt``."""
+
+    min: int
+    opt: int
+    max: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One deployment target. ``path`` is where it was read from (``None`` if not from a file)."""
+
+    name: str
+    description: str
+    source: str
+    backend: str
+    precision: str
+    keep: float | tuple[float, ...]
+    batch: int
+    shapes: Shapes
+    warmup: int
+    iterations: int
+    threads: int | None = None
+    static: bool = False
+    latency_budget_ms: float | None = None
+    dla_core: int | None = None
+    gpu_fallback: bool = False
+    # Where a profile lives does not change what it says: two profiles read from
+    # different files compare equal when their contents do.
+    path: Path | None = field(default=None, compare=False)
+
+    def keep_for(self, stages: int) -> list[float]:
+        """The ``keep`` value of each of the model's ``stages`` ATS stages."""
+        if isinstance(self.keep, float):
+            return [self.keep] * stages
+        if len(self.keep) == 1:
+            return list(self.keep) * stages
+        if len(self.keep) != stages:
+            raise UserError(
+                f"profile '{self.name}' gives {len(self.keep)} keep values but the model has {stages} "
+                "ATS stages; give one value for all stages or one per stage."
+            )
+        return list(self.keep)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _where(name: str, path: Path | None) -> str:
+    return f"profile {path}" if path is not None else f"profile '{name}'"
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass in Python; `batch: true` is a mistake, not 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, float) or _is_int(value)
+
+
+class _Checker:
+    """Validation helpers whose messages all name the profile (file) and the key."""
+
+    def __init__(self, name: str, path: Path | None) -> None:
+        self.where = _where(name, path)
+
+    def fail(self, key: str, problem: str) -> UserError:
+        return UserError(f"{self.where}: '{key}' {problem}")
+
+    def wrong_type(self, key: str, expected: str, value: Any) -> UserError:
+        return self.fail(key, f"must be {expected}, got {_type_name(value)} {value!r}")
+
+    def text(self, data: dict, key: str) -> str:
+        value = data[key]
+        if not isinstance(value, str) or not value.strip():
+            raise self.wrong_type(key, "a non-empty string", value)
+        return value.strip()
+
+    def positive_int(self, data: dict, key: str) -> int:
+        value = data[key]
+        if not _is_int(value):
+            raise self.wrong_type(key, "an integer", value)
+        if value <= 0:
+            raise self.fail(key, f"must be greater than 0, got {value}")
+        return value
+
+    def optional_int(self, data: dict, key: str, minimum: int) -> int | None:
+        value = data.get(key)
+        if value is None:
+            return None
+        if not _is_int(value):
+            raise self.wrong_type(key, "an integer or null", value)
+        if value < minimum:
+            raise self.fail(key, f"must be at least {minimum}, got {value}")
+        return value
+
+    def flag(self, data: dict, key: str) -> bool:
+        value = data.get(key, False)
+        if not isinstance(value, bool):
+            raise self.wrong_type(key, "true or false", value)
+        return value
+
+    def choice(self, data: dict, key: str, valid: tuple[str, ...]) -> str:
+        value = data[key]
+        if not isinstance(value, str):
+            raise self.wrong_type(key, f"one of {', '.join(valid)}", value)
+        if value not in valid:
+            raise self.fail(key, f"is '{value}', which is not one of: {', '.join(valid)}")
+        return value
+
+    def finite_positive(self, key: str, value: Any, expected: str) -> float:
+        if not _is_number(value):
+            raise self.wrong_type(key, expected, value)
+        number = float(value)
+        if not math.isfinite(number) or number <= 0:
+            raise self.fail(key, f"must be a finite number greater than 0, got {value!r}")
+        return number
+
+
+def _check_keys(data: dict, check: _Checker) -> None:
+    for key in data:
+        if key not in _KEYS:
+            close = difflib.get_close_matches(str(key), _KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; valid keys: {', '.join(_KEYS)}"
+            raise UserError(f"{check.where}: unknown key '{key}'{hint}")
+    for key in _REQUIRED:
+        if key not in data:
+            raise UserError(f"{check.where}: missing required key '{key}'")
+
+
+def _keep(data: dict, check: _Checker) -> float | tuple[float, ...]:
+    value = data["keep"]
+    expected = "a number or a list of numbers (one per ATS stage)"
+    if isinstance(value, list):
+        if not value:
+            raise check.fail("keep", "must not be an empty list")
+        return tuple(check.finite_positive("keep", v, expected) for v in value)
+    return check.finite_positive("keep", value, expected)
+
+
+def _precision(data: dict, check: _Checker) -> str:
+    value = data["precision"]
+    if value == "int8":
+        raise check.fail(
+            "precision",
+            "is 'int8', which is not supported: int8 needs calibration or a quantized model, "
+            "which ats-deploy does not produce; use fp16 or fp32.",
+        )
+    return check.choice(data, "precision", PRECISIONS)
+
+
+def _shapes(data: dict, batch: int, check: _Checker) -> Shapes:
+    value = data["shapes"]
+    if not isinstance(value, dict):
+        raise check.wrong_type("shapes", "a mapping {min, opt, max}", value)
+    if set(value) != set(_SHAPE_KEYS):
+        raise check.fail("shapes", f"must have exactly the keys min, opt and max, got {sorted(map(str, value))}")
+    sizes = {key: check.positive_int(value, key) for key in _SHAPE_KEYS}
+    shapes = Shapes(**sizes)
+    if not shapes.min <= shapes.opt <= shapes.max:
+        raise check.fail(
+            "shapes", f"must satisfy min <= opt <= max, got min={shapes.min} opt={shapes.opt} max={shapes.max}"
+        )
+    if not shapes.min <= batch <= shapes.max:
+        raise check.fail("batch", f"is {batch}, outside shapes [{shapes.min}, {shapes.max}]")
+    return shapes
+
+
+def _check_target(profile: Profile, check: _Checker) -> None:
+    """Rules that tie several keys together."""
+    shapes = profile.shapes
+    if profile.static and not (shapes.min == shapes.opt == shapes.max == profile.batch):
+        raise check.fail("static", "is true, so batch and shapes min, opt and max must all be equal")
+    if profile.backend != "tensorrt":
+        for key, used in (("dla_core", profile.dla_core is not None), ("gpu_fallback", profile.gpu_fallback)):
+            if used:
+                raise check.fail(key, f"only applies to the tensorrt backend, not '{profile.backend}'")
+    if profile.gpu_fallback and profile.dla_core is None:
+        raise check.fail("gpu_fallback", "only applies when dla_core is set")
+    if profile.dla_core is not None:
+        if profile.precision != "fp16":
+            raise check.fail("precision", "must be fp16 with dla_core: the DLA runs fp16 or int8 only")
+        if not profile.static:
+            raise check.fail("static", "must be true with dla_core: DLA engines have static shapes")
+    if profile.backend == "onnxruntime" and profile.precision == "fp16":
+        raise check.fail("precision", "fp16 is not useful on the onnxruntime CPU backend; use fp32")
+
+
+def parse_profile(data: dict, name: str, path: Path | None) -> Profile:
+    """Validate the mapping read from a profile file; every message names the file and the key."""
+    check = _Checker(name, path)
+    if not isinstance(data, dict):
+        raise UserError(f"{check.where}: must be a mapping of keys to values, got {_type_name(data)}")
+    _check_keys(data, check)
+    batch = check.positive_int(data, "batch")
+    latency = data.get("latency_budget_ms")
+    profile = Profile(
+        name=name,
+        path=path,
+        description=check.text(data, "description"),
+        source=check.text(data, "source"),
+        backend=check.choice(data, "backend", BACKENDS),
+        precision=_precision(data, check),
+        keep=_keep(data, check),
+        batch=batch,
+        shapes=_shapes(data, batch, check),
+        warmup=check.positive_int(data, "warmup"),
+        iterations=check.positive_int(data, "iterations"),
+        threads=check.optional_int(data, "threads", 1),
+        static=check.flag(data, "static"),
+        latency_budget_ms=None
+        if latency is None
+        else check.finite_positive("latency_budget_ms", latency, "a number of milliseconds"),
+        dla_core=check.optional_int(data, "dla_core", 0),
+        gpu_fallback=check.flag(data, "gpu_fallback"),
+    )
+    _check_target(profile, check)
+    return profile
+
+
+def _read(text: str, name: str, path: Path | None) -> Profile:
+    where = _where(name, path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{where}: invalid YAML{line}: {problem}") from None
+    if data is None:
+        raise UserError(f"{where}: the file is empty; a profile needs the keys {', '.join(_REQUIRED)}")
+    return parse_profile(data, name, path)
+
+
+def _read_file(path: Path) -> Profile:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read profile {path}: {exc.strerror or exc}") from None
+    return _read(text, path.stem, path)
+
+
+# --------------------------------------------------------------------------- lookup
+
+
+def _builtin_dir():
+    return resources.files(__name__)
+
+
+def _builtin_names() -> list[str]:
+    return sorted(entry.name[: -len(SUFFIX)] for entry in _builtin_dir().iterdir() if entry.name.endswith(SUFFIX))
+
+
+def _read_builtin(name: str) -> Profile:
+    entry = _builtin_dir() / f"{name}{SUFFIX}"
+    # An installed package is a real directory; a zipped one has no file path to report.
+    path = Path(str(entry)) if Path(str(entry)).is_file() else None
+    return _read(entry.read_text(encoding="utf-8"), name, path)
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A profile by file path, by name in ``./profiles/``, or by built-in name, in that order."""
+    given = Path(name_or_path)
+    if given.is_file():
+        return _read_file(given)
+    local = Path.cwd() / LOCAL_DIR / f"{name_or_path}{SUFFIX}"
+    if local.is_file():
+        return _read_file(local)
+    if name_or_path in _builtin_names():
+        return _read_builtin(name_or_path)
+    builtins = _builtin_names()
+    close = difflib.get_close_matches(name_or_path, builtins, n=1)
+    suggestion = f" Did you mean '{close[0]}'?" if close else ""
+    raise UserError(
+        f"unknown profile '{name_or_path}'.{suggestion}",
+        hint=f"Built-in profiles: {', '.join(builtins)}. Looked for a file at {given}, at {local}, "
+        f"and among the built-ins in {_builtin_dir()}.",
+    )
+
+
+def list_profiles() -> list[Profile]:
+    """Built-in profiles plus ``./profiles/*.yaml``; a local file overrides the built-in of its name."""
+    found = {name: _read_builtin(name) for name in _builtin_names()}
+    local_dir = Path.cwd() / LOCAL_DIR
+    if local_dir.is_dir():
+        for path in sorted(local_dir.glob(f"*{SUFFIX}")):
+            found[path.stem] = _read_file(path)
+    return [found[name] for name in sorted(found)]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _as_data(profile: Profile) -> dict[str, Any]:
+    keep = list(profile.keep) if isinstance(profile.keep, tuple) else profile.keep
+    data: dict[str, Any] = {
+        "description": profile.description,
+        "source": profile.source,
+        "backend": profile.backend,
+        "precision": profile.precision,
+        "keep": keep,
+        "batch": profile.batch,
+        "shapes": {"min": profile.shapes.min, "opt": profile.shapes.opt, "max": profile.shapes.max},
+        "threads": profile.threads,
+        "warmup": profile.warmup,
+        "iterations": profile.iterations,
+        "static": profile.static,
+    }
+    optional = {
+        "latency_budget_ms": profile.latency_budget_ms,
+        "dla_core": profile.dla_core,
+        "gpu_fallback": profile.gpu_fallback or None,
+    }
+    data.update({key: value for key, value in optional.items() if value is not None})
+    return data
+
+
+def dump_profile(profile: Profile, path: Path, header_comments: list[str]) -> None:
+    """Write ``profile`` as YAML, preceded by ``header_comments`` as ``#`` lines.
+
+    ``load_profile(path)`` reads back an equal profile (its name is the file's stem).
+    """
+    comments = [f"# {line}".rstrip() for text in header_comments for line in text.splitlines() or [""]]
+    body = yaml.safe_dump(_as_data(profile), sort_keys=False, default_flow_style=None, allow_unicode=True)
+    text = "\n".join([*comments, body]) if comments else body
+    write_atomic(Path(path), text.encode("utf-8"))
+
+
+def _new_file_mode() -> int:
+    # mkstemp creates 0600 files; give the result the mode a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then move it into place.
+
+    A reader (or a crash) never sees half a file: ``os.replace`` within one
+    directory is atomic on POSIX and Windows.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, _new_file_mode())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

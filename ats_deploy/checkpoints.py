@@ -1,0 +1,482 @@
+"""Reading, identifying and writing ViT/DeiT checkpoints for the ATS reference.
+
+Accepted files (all read with ``torch.load(..., weights_only=True)`` unless the
+user trusts the file):
+
+* DeiT release files ``{'model': state_dict}``;
+* plain timm state_dicts and ``.safetensors`` files;
+* timm training checkpoints ``{'state_dict': ..., 'arch': ...}``;
+* the ATS authors' training checkpoints ``{'model_state': state_dict, ...}``,
+  whose ``out_zero_mask`` buffers are not part of the network;
+* this project's own self-describing checkpoint (:func:`save_checkpoint`).
+
+A ``module.`` prefix (DistributedDataParallel) is stripped everywhere. When a
+file does not name its architecture, :func:`infer_arch` finds the timm
+architecture whose every tensor has the checkpoint's shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import os
+import pickle
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from . import __version__
+from .errors import UserError
+from .model import ATSVisionTransformer, build, parse_stages
+
+FORMAT_NAME = "ats-deploy"
+FORMAT_VERSION = 1
+TRUST_FLAG = "--trust-checkpoint"
+ARCH_FLAG = "--arch"
+_LISTED = 5  # how many keys an error message lists before counting the rest
+
+
+@dataclass
+class Checkpoint:
+    """The weights of a file, with whatever the file says about its model."""
+
+    state_dict: dict[str, torch.Tensor]
+    arch: str | None
+    stages: list[int] | None
+    keep: list[float] | None
+    format: str
+    path: Path
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_checkpoint(path: str | os.PathLike[str], trust_code: bool = False) -> Checkpoint:
+    """Read a checkpoint file in any accepted format; every problem is a :class:`UserError`."""
+    path = _existing_file(Path(path))
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes); re-download or re-save it.")
+    if _is_safetensors(path):
+        return Checkpoint(_load_safetensors(path), None, None, None, "safetensors", path)
+    return _interpret(_torch_load(path, trust_code), path)
+
+
+def _existing_file(path: Path) -> Path:
+    path = path.expanduser()
+    if not path.exists():
+        raise UserError(f"{path} does not exist; check the path (relative paths start at {Path.cwd()}).")
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".pth", ".pt", ".bin", ".safetensors"))
+        found = f" (it holds {', '.join(inside[:_LISTED])})" if inside else ""
+        raise UserError(f"{path} is a directory{found}; pass the checkpoint file itself.")
+    return path
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By suffix, or by content: a little-endian header length, then the JSON header."""
+    if path.suffix == ".safetensors":
+        return True
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return _normalise(load_file(path, device="cpu"))
+    except SafetensorError as e:
+        raise _corrupt(path, e) from None
+
+
+def _torch_load(path: Path, trust_code: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_code)
+    except pickle.UnpicklingError as e:
+        needed = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if needed and not trust_code:
+            raise UserError(
+                f"{path} stores Python objects ({needed.group(1)}) besides tensors, and a safe load refuses "
+                f"them because unpickling them can run arbitrary code. If the file comes from a source you "
+                f"trust, rerun with {TRUST_FLAG} (only use it for files from a trusted source), or re-save "
+                "just the state_dict."
+            ) from None
+        raise _corrupt(path, e) from None
+    except (ImportError, AttributeError) as e:  # a trusted pickle whose classes are not importable here
+        raise UserError(
+            f"{path} needs Python code that is not importable here ({e}); load it where it was written "
+            "and save only its state_dict."
+        ) from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}; check its permissions.") from None
+    except Exception as e:  # torch.load of a damaged file raises many types (EOF, zip, key errors)
+        raise _corrupt(path, e) from None
+
+
+def _corrupt(path: Path, error: Exception) -> UserError:
+    # torch's safe unpickler puts the actual problem after its generic preamble.
+    text = str(error).split("WeightsUnpickler error:")[-1].strip()
+    detail = text.splitlines()[0].split(". ")[0][:200] if text else "no detail"
+    return UserError(
+        f"cannot read {path}: it is truncated, corrupt or not a PyTorch/safetensors checkpoint "
+        f"({type(error).__name__}: {detail}); re-download or re-save it."
+    )
+
+
+def _interpret(obj: Any, path: Path) -> Checkpoint:
+    """Find the state_dict (and any model description) in what ``torch.load`` returned."""
+    if isinstance(obj, Mapping):
+        if obj.get("format") == FORMAT_NAME:
+            return _own_format(obj, path)
+        for key, fmt in (("model_state", "ats-authors"), ("model", "deit-release"), ("state_dict", "timm-train")):
+            state_dict = _as_state_dict(obj.get(key))
+            if state_dict is not None:
+                arch = obj.get("arch") if isinstance(obj.get("arch"), str) else None
+                return Checkpoint(state_dict, arch, None, None, fmt, path)
+    state_dict = _as_state_dict(obj)
+    if state_dict is not None:
+        fmt = "pickled-module" if isinstance(obj, nn.Module) else "timm-state-dict"
+        return Checkpoint(state_dict, None, None, None, fmt, path)
+    seen = (
+        f"top-level keys {', '.join(map(repr, list(obj)[:10]))}" if isinstance(obj, Mapping) and obj
+        else f"a {type(obj).__name__}"
+    )
+    raise UserError(
+        f"{path} holds no recognisable state_dict: it has {seen}. Expected a state_dict of tensors, or a "
+        "dict with one under 'model', 'model_state' or 'state_dict'; re-save the model's state_dict()."
+    )
+
+
+def _as_state_dict(value: Any) -> dict[str, torch.Tensor] | None:
+    if isinstance(value, nn.Module):
+        value = value.state_dict()
+    if not isinstance(value, Mapping) or not value:
+        return None
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()):
+        return None
+    return _normalise(value)
+
+
+def _normalise(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip DDP's ``module.`` prefix; drop the ATS authors' ``out_zero_mask`` buffers."""
+    return {k.removeprefix("module."): v for k, v in state_dict.items() if "out_zero_mask" not in k}
+
+
+def _own_format(obj: Mapping[str, Any], path: Path) -> Checkpoint:
+    version = obj.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(
+            f"{path} is an ats-deploy checkpoint of format version {version!r}; this ats-deploy "
+            f"({__version__}) reads version {FORMAT_VERSION}. Upgrade ats-deploy."
+        )
+    state_dict = _as_state_dict(obj.get("model"))
+    if state_dict is None:
+        raise UserError(f"{path} is an ats-deploy checkpoint without weights under 'model'; re-save it.")
+    stages, keep = obj.get("stages"), obj.get("keep")
+    return Checkpoint(
+        state_dict,
+        obj.get("arch"),
+        [int(s) for s in stages] if stages is not None else None,
+        [float(k) for k in keep] if keep is not None else None,
+        FORMAT_NAME,
+        path,
+    )
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+def infer_arch(state_dict: Mapping[str, torch.Tensor], checkpoint_format: str | None = None) -> str:
+    """The timm architecture whose every tensor (key set and shapes) matches ``state_dict``.
+
+    Candidates are timm's ViT and DeiT models with the checkpoint's patch size,
+    built on the meta device: first those named for its resolution, then (for a
+    model fine-tuned at another size) the others. Several matches that build the
+    same network (``deit_small_patch16_224`` and ``vit_small_patch16_224``) are
+    one answer: ``deit_*`` names are preferred for DeiT release files, ``vit_*``
+    otherwise. Matches that differ where shapes cannot tell (number of heads,
+    activation) are ambiguous and need ``--arch``.
+    """
+    _refuse_distilled(state_dict)
+    patch = _patch_size(state_dict)
+    img_size = _image_size(state_dict, patch)
+    num_classes = _head_classes(state_dict)
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    matches: dict[str, tuple] = {}
+    for names in _candidates(patch, img_size or 224):
+        for name in names:
+            profile = _meta_profile(name, num_classes, img_size)
+            if profile is not None and profile[0] == shapes:
+                matches[name] = profile[1]
+        if matches:
+            break
+    if not matches:
+        raise UserError(
+            f"no timm ViT/DeiT architecture has exactly this checkpoint's tensors ({_describe(state_dict)}); "
+            f"pass {ARCH_FLAG} with the timm model name it was trained as."
+        )
+    if len(set(matches.values())) > 1:
+        raise UserError(
+            f"the checkpoint's tensor shapes fit several timm architectures that differ in what shapes "
+            f"cannot show (number of heads, activation, ...): {', '.join(sorted(matches))}; "
+            f"pass {ARCH_FLAG} with the one it was trained as."
+        )
+    prefix = "deit_" if checkpoint_format == "deit-release" else "vit_"
+    return min(matches, key=lambda n: (not n.startswith(prefix), len(n), n))
+
+
+def _refuse_distilled(state_dict: Mapping[str, torch.Tensor]) -> None:
+    """A distilled DeiT has a second prefix token that ATS has no place for."""
+    if "dist_token" in state_dict or any(k.startswith("head_dist.") for k in state_dict):
+        raise UserError(
+            "this is a distilled DeiT checkpoint (it has a distillation token and head); ATS needs exactly "
+            "one class token. Use the non-distilled DeiT weights (e.g. deit_small_patch16_224)."
+        )
+
+
+def _patch_size(state_dict: Mapping[str, torch.Tensor]) -> int:
+    weight = state_dict.get("patch_embed.proj.weight")
+    if weight is None or weight.dim() != 4:
+        some = ", ".join(list(state_dict)[:_LISTED])
+        raise UserError(
+            f"the checkpoint has no patch_embed.proj.weight (keys start {some}), so it is not a timm "
+            f"ViT/DeiT state_dict; convert it to timm's key names or pass {ARCH_FLAG}."
+        )
+    return int(weight.shape[-1])
+
+
+def _image_size(state_dict: Mapping[str, torch.Tensor], patch: int) -> int | None:
+    """The square input size implied by ``pos_embed``; None when it cannot tell.
+
+    ``pos_embed`` covers the patch grid, plus the class/register tokens unless
+    the model adds those without position embedding (``no_embed_class``).
+    """
+    pos = state_dict.get("pos_embed")
+    if pos is None or pos.dim() != 3:
+        return None
+    tokens = pos.shape[1]
+    prefix = int("cls_token" in state_dict)
+    if "reg_token" in state_dict:
+        prefix += state_dict["reg_token"].shape[1]
+    for grid_tokens in (tokens - prefix, tokens):
+        side = round(grid_tokens**0.5)
+        if side > 0 and side * side == grid_tokens:
+            return side * patch
+    return None
+
+
+def _head_classes(state_dict: Mapping[str, torch.Tensor]) -> int:
+    head = state_dict.get("head.weight")
+    return int(head.shape[0]) if head is not None else 0
+
+
+def _describe(state_dict: Mapping[str, torch.Tensor]) -> str:
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    dim = state_dict["patch_embed.proj.weight"].shape[0]
+    return (
+        f"patch {_patch_size(state_dict)}, embed dim {dim}, depth {depth}, "
+        f"{_head_classes(state_dict)} classes, {len(state_dict)} tensors"
+    )
+
+
+@lru_cache(maxsize=1)
+def _timm_vits() -> tuple[str, ...]:
+    names = set(timm.list_models(module="vision_transformer")) | set(timm.list_models("deit*"))
+    return tuple(sorted(n for n in names if "distilled" not in n))
+
+
+def _candidates(patch: int, img_size: int) -> tuple[list[str], list[str]]:
+    """Names with this patch size: those for this resolution (no suffix means 224), and the rest."""
+    with_patch = [n for n in _timm_vits() if re.search(rf"patch{patch}(?!\d)", n)]
+    at_size = [n for n in with_patch if _resolution(n) == img_size]
+    return at_size, [n for n in with_patch if n not in at_size]
+
+
+def _resolution(name: str) -> int:
+    suffix = re.search(r"_(\d+)$", name)
+    return int(suffix.group(1)) if suffix else 224
+
+
+@lru_cache(maxsize=512)
+def _meta_profile(name: str, num_classes: int, img_size: int | None) -> tuple[dict[str, tuple], tuple] | None:
+    """Tensor shapes and hyperparameters of a timm model built on the meta device (no memory, no init)."""
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "weight_init": "skip"}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    except Exception:  # a candidate that cannot take these arguments is simply not a match
+        return None
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return shapes, _structure(model)
+
+
+def _structure(model: nn.Module) -> tuple:
+    """Module types and their plain attributes (heads, eps, pooling, ...), which shapes do not show."""
+    plain = (bool, int, float, str, tuple, type(None))
+    return tuple(
+        (
+            name,
+            type(module).__name__,
+            tuple(sorted((k, v) for k, v in vars(module).items() if not k.startswith("_") and isinstance(v, plain))),
+        )
+        for name, module in model.named_modules()
+    )
+
+
+# --------------------------------------------------------------------------- model
+
+
+def load_model(
+    source: str | os.PathLike[str],
+    arch: str | None = None,
+    stages: str | Sequence[int] | None = None,
+    keep: Sequence[float] | None = None,
+    trust_code: bool = False,
+) -> ATSVisionTransformer:
+    """An ATS model, in eval mode, from a checkpoint file or ``random:SEED`` (then ``arch`` is required).
+
+    ``stages``/``keep`` default to the checkpoint's own when it records them,
+    else to the paper's stages and keep 1.0. The model gets ``source`` (a Path,
+    None for random weights) and ``checkpoint_format`` attributes.
+    """
+    if isinstance(source, str) and source.startswith("random:"):
+        vit, ckpt = _random_vit(source, arch), None
+    else:
+        ckpt = read_checkpoint(source, trust_code=trust_code)
+        _refuse_distilled(ckpt.state_dict)
+        how = f"given with {ARCH_FLAG}" if arch else "recorded in the checkpoint" if ckpt.arch else "inferred"
+        arch = arch or ckpt.arch or infer_arch(ckpt.state_dict, ckpt.format)
+        vit = _timm_model(arch, ckpt.state_dict)
+        _check_fit(vit, ckpt.state_dict, arch, how)
+        vit.load_state_dict(ckpt.state_dict, strict=True)
+    stage_list = parse_stages(stages, len(vit.blocks))
+    if ckpt is not None and stage_list is None:
+        stage_list = ckpt.stages
+    if ckpt is not None and keep is None and ckpt.stages is not None and stage_list == ckpt.stages:
+        keep = ckpt.keep
+    model = build(vit, arch, stage_list, keep)
+    model.source = ckpt.path if ckpt else None
+    model.checkpoint_format = ckpt.format if ckpt else "random"
+    return model.eval()
+
+
+def _random_vit(source: str, arch: str | None) -> nn.Module:
+    seed_text = source.removeprefix("random:")
+    if not seed_text.isdigit():
+        raise UserError(f"'{source}' needs an integer seed, e.g. random:0.")
+    if arch is None:
+        raise UserError(f"random weights ('{source}') need {ARCH_FLAG}, e.g. {ARCH_FLAG} deit_tiny_patch16_224.")
+    _check_name(arch)
+    with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG
+        torch.manual_seed(int(seed_text))
+        return _create(arch)
+
+
+def _timm_model(arch: str, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """timm's ``arch`` with the checkpoint's class count and input size.
+
+    Its random initialisation is skipped: the strict load overwrites every tensor.
+    """
+    _check_name(arch)
+    kwargs: dict[str, Any] = {"num_classes": _head_classes(state_dict), "weight_init": "skip"}
+    weight = state_dict.get("patch_embed.proj.weight")
+    size = _image_size(state_dict, int(weight.shape[-1])) if weight is not None and weight.dim() == 4 else None
+    if size is not None:
+        kwargs["img_size"] = size
+    return _create(arch, **kwargs)
+
+
+def _check_name(arch: str) -> None:
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        suggestion = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models('vit_*')."
+        raise UserError(f"unknown timm architecture '{arch}'{suggestion}")
+
+
+def _create(arch: str, **kwargs: Any) -> nn.Module:
+    try:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except TypeError as e:
+        raise UserError(
+            f"cannot build {arch} as a ViT ({e}); ATS needs a timm VisionTransformer such as deit_small_patch16_224."
+        ) from None
+
+
+def _check_fit(vit: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str, how: str) -> None:
+    """Explain, before ``load_state_dict`` would, every key and shape that does not fit."""
+    expected = vit.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    mismatched = [
+        f"{k} (checkpoint {list(state_dict[k].shape)}, model {list(expected[k].shape)})"
+        for k in sorted(expected.keys() & state_dict.keys())
+        if state_dict[k].shape != expected[k].shape
+    ]
+    found = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatches": mismatched}
+    problems = [_listing(label, items) for label, items in found.items() if items]
+    if problems:
+        fix = f"pass {ARCH_FLAG} with the architecture the checkpoint was trained as"
+        if how.startswith("given"):
+            fix += f", or leave {ARCH_FLAG} out to infer it from the tensor shapes"
+        raise UserError(f"the checkpoint does not fit {arch} ({how}): {'; '.join(problems)}. To fix: {fix}.")
+
+
+def _listing(label: str, items: list[str]) -> str:
+    more = f" and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
+    return f"{label} ({len(items)}): {', '.join(items[:_LISTED])}{more}"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_checkpoint(model: ATSVisionTransformer, path: str | os.PathLike[str]) -> Path:
+    """Write the self-describing checkpoint atomically: a temp file in the same folder, then rename."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give a file name such as {path / 'model.pth'}.")
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "arch": model.arch,
+        "stages": list(model.stages),
+        "keep": list(model.default_keep),
+        "img_size": list(model.vit.patch_embed.img_size),
+        "num_classes": model.num_classes,
+        "ats_deploy_version": __version__,
+        "model": model.vit.state_dict(),
+    }
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with temp.open("xb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}; choose a writable location.") from None
+    finally:
+        with contextlib.suppress(OSError):  # gone already after a successful rename
+            temp.unlink()
+    return path
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in chunks so big checkpoints need little memory."""
+    digest = hashlib.sha256()
+    with _existing_file(Path(path)).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,243 @@
+"""Behaviour of the static compatibility report (``ats-deploy check``) on tiny ONNX graphs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from ats_deploy.exporters.compat import TARGETS, CompatReport, check_model, render
+from onnx import TensorProto, helper, numpy_helper
+from rich.console import Console
+
+from ats_deploy.errors import UserError
+
+TRT = ("tensorrt-8.6", "tensorrt-10")
+
+
+def _model(nodes, inputs, outputs, initializers=(), opsets=(("", 17),)) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
+    model.ir_version = 8  # what opset 17 shipped with; onnxruntime loads it
+    return model
+
+
+def _tensor(name, dtype, shape):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def _const(name, values, dtype=np.int64):
+    return numpy_helper.from_array(np.asarray(values, dtype=dtype), name)
+
+
+def _errors_at(report: CompatReport, node: str) -> list[str]:
+    return [f.message for f in report.errors if f.node == node]
+
+
+def _matmul_softmax(batch: int | str = 1) -> onnx.ModelProto:
+    weights = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
+    return _model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+            helper.make_node("Softmax", ["h"], ["y"], name="softmax", axis=-1),
+        ],
+        [_tensor("x", TensorProto.FLOAT, [batch, 8])],
+        [_tensor("y", TensorProto.FLOAT, [batch, 4])],
+        [weights],
+    )
+
+
+def _topk(k_input: bool, k_value: int = 4, width: int = 16) -> onnx.ModelProto:
+    inputs = [_tensor("x", TensorProto.FLOAT, [1, width])]
+    inits = []
+    if k_input:
+        inputs.append(_tensor("k", TensorProto.INT64, [1]))
+    else:
+        inits.append(_const("k", [k_value]))
+    return _model(
+        [helper.make_node("TopK", ["x", "k"], ["values", "indices"], name="select", axis=-1)],
+        inputs,
+        [_tensor("values", TensorProto.FLOAT, [1, None]), _tensor("indices", TensorProto.INT64, [1, None])],
+        inits,
+    )
+
+
+def _cumsum(dtype: int, axis_is_constant: bool = True) -> onnx.ModelProto:
+    inputs = [_tensor("x", dtype, [2, 5])]
+    inits = []
+    if axis_is_constant:
+        inits.append(_const("axis", 1))
+    else:
+        inputs.append(_tensor("axis", TensorProto.INT64, []))
+    return _model(
+        [helper.make_node("CumSum", ["x", "axis"], ["y"], name="cdf")], inputs, [_tensor("y", dtype, [2, 5])], inits
+    )
+
+
+@pytest.mark.parametrize("target", TRT)
+def test_unique_is_rejected_naming_the_node(target):
+    model = _model(
+        [helper.make_node("Unique", ["x"], ["y"], name="dedup")],
+        [_tensor("x", TensorProto.FLOAT, [6])],
+        [_tensor("y", TensorProto.FLOAT, [None])],
+    )
+    report = check_model(model, target)
+    assert not report.ok
+    assert _errors_at(report, "dedup") and report.errors[0].op == "Unique"
+
+
+def test_nodes_inside_subgraphs_are_checked():
+    branch = helper.make_graph(
+        [helper.make_node("Unique", ["x"], ["u"], name="dedup")],
+        "branch",
+        [],
+        [_tensor("u", TensorProto.FLOAT, [None])],
+    )
+    node = helper.make_node("If", ["cond"], ["y"], name="gate", then_branch=branch, else_branch=branch)
+    model = _model(
+        [node],
+        [_tensor("cond", TensorProto.BOOL, []), _tensor("x", TensorProto.FLOAT, [6])],
+        [_tensor("y", TensorProto.FLOAT, [None])],
+    )
+    assert _errors_at(check_model(model, "tensorrt-10"), "gate/dedup")
+
+
+@pytest.mark.parametrize("target", TRT)
+def test_topk_with_run_time_k_parses_but_warns_about_the_k_limit(target):
+    report = check_model(_topk(k_input=True), target)
+    assert report.ok
+    assert any(f.node == "select" and "3840" in f.message for f in report.warnings)
+
+
+@pytest.mark.parametrize("target", TRT)
+def test_topk_with_constant_k_over_the_limit_fails(target):
+    assert check_model(_topk(k_input=False, k_value=4, width=5000), target).ok
+    report = check_model(_topk(k_input=False, k_value=4000, width=5000), target)
+    assert any("3840" in m for m in _errors_at(report, "select"))
+
+
+@pytest.mark.parametrize("target", TRT)
+def test_cumsum_needs_float_data_and_a_constant_axis(target):
+    assert check_model(_cumsum(TensorProto.FLOAT), target).ok
+    int_report = check_model(_cumsum(TensorProto.INT64), target)
+    assert any("INT64" in m for m in _errors_at(int_report, "cdf"))
+    axis_report = check_model(_cumsum(TensorProto.FLOAT, axis_is_constant=False), target)
+    assert any("axis" in m for m in _errors_at(axis_report, "cdf"))
+
+
+@pytest.mark.parametrize("target", TRT)
+def test_double_tensors_fail_tensorrt(target):
+    model = _model(
+        [helper.make_node("Relu", ["x"], ["y"], name="act")],
+        [_tensor("x", TensorProto.DOUBLE, [4])],
+        [_tensor("y", TensorProto.DOUBLE, [4])],
+    )
+    assert any("DOUBLE" in m for m in _errors_at(check_model(model, target), "act"))
+
+
+def test_int64_io_warns_only_on_tensorrt_8_6():
+    model = _model(
+        [helper.make_node("Identity", ["k"], ["y"], name="copy")],
+        [_tensor("k", TensorProto.INT64, [1])],
+        [_tensor("y", TensorProto.INT64, [1])],
+    )
+    old, new = check_model(model, "tensorrt-8.6"), check_model(model, "tensorrt-10")
+    assert old.ok and any("INT32" in f.message for f in old.warnings)
+    assert new.ok and not any("INT32" in f.message for f in new.warnings)
+
+
+@pytest.mark.parametrize("target", TRT)
+def test_bicubic_resize_fails_tensorrt(target):
+    model = _model(
+        [helper.make_node("Resize", ["x", "", "scales"], ["y"], name="upsample", mode="cubic")],
+        [_tensor("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [_tensor("y", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [_const("scales", [1, 1, 2, 2], np.float32)],
+    )
+    assert any("cubic" in m for m in _errors_at(check_model(model, target), "upsample"))
+
+
+def test_dynamic_batch_fails_dla_but_not_tensorrt_10():
+    dynamic = _matmul_softmax(batch="N")
+    assert check_model(dynamic, "tensorrt-10").ok
+    report = check_model(dynamic, "dla")
+    assert any("'x'" in f.message for f in report.errors if f.node == "")
+    assert check_model(_matmul_softmax(batch=1), "dla").ok
+
+
+def test_run_time_reshape_fails_dla_even_with_static_inputs():
+    model = _model(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"], name="fold")],
+        [_tensor("x", TensorProto.FLOAT, [2, 6]), _tensor("shape", TensorProto.INT64, [2])],
+        [_tensor("y", TensorProto.FLOAT, [None, None])],
+    )
+    assert _errors_at(check_model(model, "dla"), "fold")
+
+
+def test_dla_unsupported_layers_fall_back_to_gpu_as_warnings():
+    model = _model(
+        [helper.make_node("Erf", ["x"], ["y"], name="erf")],
+        [_tensor("x", TensorProto.FLOAT, [1, 8])],
+        [_tensor("y", TensorProto.FLOAT, [1, 8])],
+    )
+    report = check_model(model, "dla")
+    assert report.ok
+    assert any(f.node == "erf" and "GPU fallback" in f.message for f in report.warnings)
+
+
+def test_custom_domain_node_fails_onnxruntime():
+    model = _model(
+        [helper.make_node("Mystery", ["x"], ["y"], name="custom", domain="acme.ops")],
+        [_tensor("x", TensorProto.FLOAT, [4])],
+        [_tensor("y", TensorProto.FLOAT, [4])],
+        opsets=(("", 17), ("acme.ops", 1)),
+    )
+    report = check_model(model, "onnxruntime")
+    assert any("acme.ops" in m for m in _errors_at(report, "custom"))
+
+
+def test_op_onnxruntime_cannot_load_is_reported():
+    model = _model(
+        [helper.make_node("NoSuchOp", ["x"], ["y"], name="bogus")],
+        [_tensor("x", TensorProto.FLOAT, [4])],
+        [_tensor("y", TensorProto.FLOAT, [4])],
+    )
+    report = check_model(model, "onnxruntime")
+    assert any("NoSuchOp" in m for m in _errors_at(report, "bogus"))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_plain_matmul_softmax_passes_every_target(target):
+    report = check_model(_matmul_softmax(), target)
+    assert report.ok, report.errors
+    assert report.ops == {"MatMul": 1, "Softmax": 1}
+
+
+def test_reads_a_model_from_a_path(tmp_path: Path):
+    path = tmp_path / "model.onnx"
+    onnx.save(_topk(k_input=False, k_value=4000, width=5000), path)
+    assert not check_model(path, "tensorrt-10").ok
+
+
+def test_corrupt_file_is_a_user_error(tmp_path: Path):
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not an onnx model\x00\xff\xfe")
+    with pytest.raises(UserError, match="is not a valid ONNX model"):
+        check_model(path, "tensorrt-10")
+
+
+def test_unknown_target_is_a_user_error_listing_the_targets():
+    with pytest.raises(UserError, match=re.escape(", ".join(TARGETS))):
+        check_model(_matmul_softmax(), "tensorrt-7")
+
+
+def test_render_names_the_offending_node_and_gives_a_verdict():
+    console = Console(record=True, width=200)
+    render(check_model(_topk(k_input=False, k_value=4000, width=5000), "tensorrt-10"), console)
+    text = console.export_text()
+    assert "select" in text and "1 incompatible node for tensorrt-10" in text
+    console = Console(record=True, width=200)
+    render(check_model(_matmul_softmax(), "tensorrt-10"), console)
+    assert "compatible with tensorrt-10" in console.export_text()

@@ -1,0 +1,498 @@
+"""TensorRT engine planning, the trtexec command, fp16 conversion, and (on a GPU) a real build."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from ats_deploy.exporters.tensorrt import (
+    EngineSpec,
+    TensorRTRunner,
+    build_engine,
+    engine_info_path,
+    fp16_onnx_path,
+    spec_from,
+    to_fp16,
+    trtexec_command,
+)
+from ats_deploy.profiles import load_profile, parse_profile
+from onnx import TensorProto, helper, numpy_helper
+
+from ats_deploy.errors import BackendUnavailable, UserError
+
+STAGES, SIZE, CLASSES, N0 = 3, 32, 10, 65
+
+
+def _tensorrt_importable() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+HAS_TENSORRT = _tensorrt_importable()
+
+
+def ats_like_model(batch: int | None = None, keep_input: bool = True, keep_len: int | None = STAGES) -> onnx.ModelProto:
+    """A tiny model with the exported interface (ATS_SPEC section 4).
+
+    ``logits = flatten(images) @ W + b``; ``tokens[b, s] = floor(keep[s] * n0 + 0.5)``.
+    ``batch=None`` gives a dynamic batch; ``keep_input=False`` bakes keep in, as a
+    static export does; ``keep_len=None`` leaves the length of ``keep`` open.
+    """
+    rng = np.random.default_rng(0)
+    features = 3 * SIZE * SIZE
+    batch_dim = "batch" if batch is None else batch
+    inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch_dim, 3, SIZE, SIZE])]
+    initializers = [
+        numpy_helper.from_array((rng.standard_normal((features, CLASSES)) * 0.02).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(CLASSES).astype(np.float32), "b"),
+        numpy_helper.from_array(np.array([N0], np.float32), "n0"),
+        numpy_helper.from_array(np.array([0.5], np.float32), "half"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.array([STAGES], np.int64), "stages"),
+    ]
+    if keep_input:
+        inputs.append(helper.make_tensor_value_info("keep", TensorProto.FLOAT, [keep_len or "stages"]))
+    else:
+        initializers.append(numpy_helper.from_array(np.full(STAGES, 0.7, np.float32), "keep"))
+    nodes = [
+        helper.make_node("Flatten", ["images"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "w"], ["scores"]),
+        helper.make_node("Add", ["scores", "b"], ["logits"]),
+        helper.make_node("Mul", ["keep", "n0"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "half"], ["rounded"]),
+        helper.make_node("Floor", ["rounded"], ["budget"]),
+        helper.make_node("Cast", ["budget"], ["budget_int"], to=TensorProto.INT64),
+        helper.make_node("Unsqueeze", ["budget_int", "zero"], ["budget_row"]),
+        helper.make_node("Shape", ["images"], ["image_shape"]),
+        helper.make_node("Slice", ["image_shape", "zero", "one"], ["batch_size"]),
+        helper.make_node("Concat", ["batch_size", "stages"], ["token_shape"], axis=0),
+        helper.make_node("Expand", ["budget_row", "token_shape"], ["tokens"]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch_dim, CLASSES]),
+        helper.make_tensor_value_info("tokens", TensorProto.INT64, [batch_dim, STAGES]),
+    ]
+    graph = helper.make_graph(nodes, "ats_like", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model.metadata_props.add(key="stages", value=json.dumps(list(range(3, 3 + STAGES))))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def dynamic_onnx(tmp_path) -> Path:
+    return save(ats_like_model(), tmp_path / "model.onnx")
+
+
+@pytest.fixture
+def static_onnx(tmp_path) -> Path:
+    """Batch 1, keep baked in: what `ats-deploy export` writes without --dynamic."""
+    return save(ats_like_model(batch=1, keep_input=False), tmp_path / "static.onnx")
+
+
+# --------------------------------------------------------------------------- spec_from
+
+
+@pytest.mark.parametrize(
+    ("profile", "batch"), [("jetson", (1, 1, 4)), ("desktop-gpu", (1, 8, 32)), ("server-gpu", (1, 32, 64))]
+)
+def test_spec_from_dynamic_export(dynamic_onnx, profile, batch):
+    spec = spec_from(dynamic_onnx, load_profile(profile))
+    assert spec.batch == batch
+    assert (spec.static, spec.keep_len, spec.keep_dynamic) == (False, STAGES, False)
+    assert spec.image_shape == (3, SIZE, SIZE)
+    assert (spec.precision, spec.dla_core, spec.gpu_fallback) == ("fp16", None, False)
+    assert spec.engine == dynamic_onnx.with_name(f"model.{profile}.plan")
+    assert spec.timing_cache == dynamic_onnx.with_name(f"{profile}.timing.cache")
+
+
+def test_spec_from_static_export_for_dla(static_onnx):
+    spec = spec_from(static_onnx, load_profile("jetson-dla"))
+    assert (spec.static, spec.batch, spec.keep_len) == (True, (1, 1, 1), None)
+    assert (spec.dla_core, spec.gpu_fallback, spec.precision) == (0, True, "fp16")
+
+
+def test_spec_from_static_export_with_a_keep_input(tmp_path):
+    path = save(ats_like_model(batch=1, keep_input=True), tmp_path / "static_keep.onnx")
+    spec = spec_from(path, load_profile("jetson-dla"))
+    assert (spec.static, spec.keep_len, spec.keep_dynamic) == (True, STAGES, False)
+
+
+def test_spec_from_open_keep_length(tmp_path):
+    path = save(ats_like_model(keep_len=None), tmp_path / "open.onnx")
+    spec = spec_from(path, load_profile("jetson"))
+    assert (spec.keep_len, spec.keep_dynamic) == (STAGES, True)
+
+
+def test_dla_profile_needs_a_static_export(dynamic_onnx):
+    with pytest.raises(UserError, match=r"profile 'jetson-dla' needs a static export \(the DLA runs static") as caught:
+        spec_from(dynamic_onnx, load_profile("jetson-dla"))
+    assert "without --dynamic" in str(caught.value)
+
+
+@pytest.mark.parametrize("profile", ["jetson", "desktop-gpu", "server-gpu"])
+def test_static_export_needs_a_static_profile(static_onnx, profile):
+    with pytest.raises(UserError, match=r"is a static export for batch 1, but profile") as caught:
+        spec_from(static_onnx, load_profile(profile))
+    assert "--dynamic" in str(caught.value)
+
+
+def test_static_export_batch_must_match_the_profile(tmp_path):
+    path = save(ats_like_model(batch=2, keep_input=False), tmp_path / "static2.onnx")
+    with pytest.raises(UserError, match=r"static export for batch 2, but profile 'jetson-dla' asks for batch 1"):
+        spec_from(path, load_profile("jetson-dla"))
+
+
+@pytest.mark.parametrize("profile", ["cpu", "cpu-batch"])
+def test_non_tensorrt_profiles_are_refused(dynamic_onnx, profile):
+    with pytest.raises(UserError, match=r"uses the onnxruntime backend"):
+        spec_from(dynamic_onnx, load_profile(profile))
+
+
+def test_output_file_and_directory(dynamic_onnx, tmp_path):
+    profile = load_profile("jetson")
+    assert spec_from(dynamic_onnx, profile, tmp_path / "custom.engine").engine == tmp_path / "custom.engine"
+    (tmp_path / "engines").mkdir()
+    spec = spec_from(dynamic_onnx, profile, tmp_path / "engines")
+    assert spec.engine == tmp_path / "engines" / "model.jetson.plan"
+    assert spec.timing_cache == tmp_path / "engines" / "jetson.timing.cache"
+
+
+def test_bad_onnx_files(tmp_path):
+    profile = load_profile("jetson")
+    with pytest.raises(UserError, match=r"does not exist; export a model first"):
+        spec_from(tmp_path / "missing.onnx", profile)
+    (tmp_path / "junk.onnx").write_text("not a model")
+    with pytest.raises(UserError, match=r"cannot read .*junk.onnx as an ONNX model"):
+        spec_from(tmp_path / "junk.onnx", profile)
+    model = ats_like_model()
+    model.graph.input[0].name = "pixels"
+    with pytest.raises(UserError, match=r"has no input named 'images' \(its inputs: pixels, keep\)"):
+        spec_from(save(model, tmp_path / "renamed.onnx"), profile)
+
+
+# --------------------------------------------------------------------------- trtexec
+
+
+def flags(command: str) -> list[str]:
+    words = shlex.split(command)
+    assert words[0] == "trtexec"
+    return words[1:]
+
+
+def test_trtexec_for_jetson(dynamic_onnx):
+    spec = spec_from(dynamic_onnx, load_profile("jetson"))
+    args = flags(trtexec_command(spec))
+    assert args[:2] == [f"--onnx={dynamic_onnx}", f"--saveEngine={spec.engine}"]
+    assert "--minShapes=images:1x3x32x32" in args
+    assert "--optShapes=images:1x3x32x32" in args
+    assert "--maxShapes=images:4x3x32x32" in args
+    assert "--fp16" in args
+    assert f"--timingCacheFile={spec.timing_cache}" in args
+    assert "--memPoolSize=workspace:2048M" in args
+    assert "--skipInference" in args
+    assert not any(a.startswith(("--useDLACore", "--allowGPUFallback")) or "keep:" in a for a in args)
+
+
+def test_trtexec_for_desktop_gpu(dynamic_onnx):
+    args = flags(trtexec_command(spec_from(dynamic_onnx, load_profile("desktop-gpu"), workspace_mb=4096)))
+    assert [a for a in args if "Shapes=" in a] == [
+        "--minShapes=images:1x3x32x32",
+        "--optShapes=images:8x3x32x32",
+        "--maxShapes=images:32x3x32x32",
+    ]
+    assert "--fp16" in args and "--memPoolSize=workspace:4096M" in args
+
+
+def test_trtexec_for_jetson_dla(static_onnx):
+    args = flags(trtexec_command(spec_from(static_onnx, load_profile("jetson-dla"))))
+    assert not any("Shapes=" in a for a in args), "a static export takes no shape flags"
+    assert {"--useDLACore=0", "--allowGPUFallback", "--fp16"} <= set(args)
+
+
+def test_trtexec_lists_keep_only_when_its_length_is_open(tmp_path):
+    path = save(ats_like_model(keep_len=None), tmp_path / "open.onnx")
+    args = flags(trtexec_command(spec_from(path, load_profile("desktop-gpu"))))
+    assert "--optShapes=images:8x3x32x32,keep:3" in args
+
+
+def test_trtexec_for_tensorrt_11_reads_the_fp16_onnx(dynamic_onnx):
+    spec = spec_from(dynamic_onnx, load_profile("jetson"))
+    args = flags(trtexec_command(spec, tensorrt_major=11))
+    assert "--fp16" not in args
+    assert args[0] == f"--onnx={fp16_onnx_path(spec)}"
+
+
+def test_trtexec_fp32_and_quoting(tmp_path):
+    folder = tmp_path / "with space"
+    folder.mkdir()
+    path = save(ats_like_model(), folder / "model.onnx")
+    data = {
+        "description": "fp32 GPU",
+        "source": "test",
+        "backend": "tensorrt",
+        "precision": "fp32",
+        "keep": 0.7,
+        "batch": 2,
+        "shapes": {"min": 1, "opt": 2, "max": 2},
+        "warmup": 1,
+        "iterations": 1,
+    }
+    command = trtexec_command(spec_from(path, parse_profile(data, "fp32-gpu", None)))
+    args = flags(command)
+    assert "--fp16" not in args
+    assert f"--onnx={path}" in args
+
+
+# --------------------------------------------------------------------------- fp16 conversion
+
+
+def ats_sampling_model() -> onnx.ModelProto:
+    """The float parts of an ATS stage in miniature: layer norm, GELU, softmax scores,
+    a normalised cdf (CumSum) compared with quantiles computed from ``keep``.
+    """
+    rng = np.random.default_rng(1)
+    tokens, width = 16, 12
+
+    def const(name, value):
+        return numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
+
+    def ints(name, value):
+        return numpy_helper.from_array(np.asarray(value, dtype=np.int64), name)
+
+    initializers = [
+        const("w1", rng.standard_normal((width, width)) * 0.3),
+        const("b1", rng.standard_normal(width) * 0.1),
+        const("ln_scale", 1 + rng.standard_normal(width) * 0.1),
+        const("ln_bias", rng.standard_normal(width) * 0.1),
+        const("ws", rng.standard_normal((width, 1))),
+        const("w2", rng.standard_normal((width, CLASSES)) * 0.3),
+        const("b2", rng.standard_normal(CLASSES) * 0.1),
+        const("sqrt2", np.sqrt(2.0)),
+        const("one", 1.0),
+        const("tiny", np.finfo(np.float32).tiny),
+        const("grid", float(tokens)),
+        const("point", 0.001),
+        ints("shape", [0, tokens, width]),
+        ints("last", [2]),
+        ints("axis1", [1]),
+        ints("axis0", [0]),
+        ints("axes02", [0, 2]),
+        ints("scalar_axis", 1),
+    ]
+    nodes = [
+        helper.make_node("Reshape", ["images", "shape"], ["x"]),
+        helper.make_node("MatMul", ["x", "w1"], ["xw"]),
+        helper.make_node("Add", ["xw", "b1"], ["h0"]),
+        helper.make_node("LayerNormalization", ["h0", "ln_scale", "ln_bias"], ["h"], axis=-1),
+        helper.make_node("Constant", [], ["half"], value=numpy_helper.from_array(np.float32(0.5))),
+        helper.make_node("Div", ["h", "sqrt2"], ["hs"]),
+        helper.make_node("Erf", ["hs"], ["erf"]),
+        helper.make_node("Add", ["erf", "one"], ["erf1"]),
+        helper.make_node("Mul", ["h", "erf1"], ["gh"]),
+        helper.make_node("Mul", ["gh", "half"], ["g"]),
+        helper.make_node("MatMul", ["g", "ws"], ["s3"]),
+        helper.make_node("Squeeze", ["s3", "last"], ["s"]),
+        helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+        helper.make_node("ReduceSum", ["p", "axis1"], ["total"], keepdims=1),
+        helper.make_node("Max", ["total", "tiny"], ["guarded"]),
+        helper.make_node("Div", ["p", "guarded"], ["normalised"]),
+        helper.make_node("CumSum", ["normalised", "scalar_axis"], ["cdf"]),
+        # The budget path of spec section 2, from `keep`: must stay float32.
+        helper.make_node("Mul", ["keep", "grid"], ["kg"]),
+        helper.make_node("Floor", ["kg"], ["kf"]),
+        helper.make_node("Div", ["kf", "grid"], ["quantile"]),
+        helper.make_node("Unsqueeze", ["cdf", "axis1"], ["cdf3"]),
+        helper.make_node("Unsqueeze", ["quantile", "axes02"], ["q3"]),
+        helper.make_node("Less", ["cdf3", "q3"], ["below"]),
+        helper.make_node("Cast", ["below"], ["below_int"], to=TensorProto.INT64),
+        helper.make_node("ReduceSum", ["below_int", "last"], ["tokens"], keepdims=0),
+        helper.make_node("ReduceMean", ["g", "axis1"], ["pooled"], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "w2"], ["lw"]),
+        helper.make_node("Add", ["lw", "b2"], ["l0"]),
+        helper.make_node("ReduceSum", ["tokens", "axis1"], ["kept"], keepdims=1),
+        helper.make_node("Cast", ["kept"], ["kept_float"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["kept_float", "point"], ["bonus"]),
+        helper.make_node("Add", ["l0", "bonus"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ats_sampling",
+        [
+            helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 8, 8]),
+            helper.make_tensor_value_info("keep", TensorProto.FLOAT, [STAGES]),
+        ],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES]),
+            helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", STAGES]),
+        ],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def run_onnx(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {output: node for node in model.graph.node for output in node.output}
+
+
+def test_to_fp16_matches_fp32_in_onnxruntime():
+    model = ats_sampling_model()
+    before = model.SerializeToString()
+    converted = to_fp16(model)
+    assert model.SerializeToString() == before, "the input model is not modified"
+    rng = np.random.default_rng(2)
+    feeds = {
+        "images": rng.standard_normal((4, 3, 8, 8)).astype(np.float32),
+        "keep": np.array([0.3, 0.55, 0.8], np.float32),
+    }
+    reference = run_onnx(model, feeds)
+    result = run_onnx(converted, feeds)
+    assert result["logits"].dtype == np.float32 and result["tokens"].dtype == np.int64
+    np.testing.assert_allclose(result["logits"], reference["logits"], rtol=2e-2, atol=2e-2)
+    np.testing.assert_array_equal(result["tokens"], reference["tokens"])
+    assert not np.array_equal(result["logits"], reference["logits"]), "the converted model really computes in fp16"
+
+
+def test_to_fp16_graph_types():
+    converted = to_fp16(ats_sampling_model())
+    graph = converted.graph
+    assert [i.type.tensor_type.elem_type for i in graph.input] == [TensorProto.FLOAT, TensorProto.FLOAT]
+    assert [o.type.tensor_type.elem_type for o in graph.output] == [TensorProto.FLOAT, TensorProto.INT64]
+    initializers = {init.name: init for init in graph.initializer}
+    assert initializers["w1_fp16"].data_type == TensorProto.FLOAT16
+    assert "w1" not in initializers, "the float32 weights are dropped once converted"
+    assert initializers["grid"].data_type == TensorProto.FLOAT, "the keep path keeps its float32 constant"
+    tiny = numpy_helper.to_array(initializers["tiny_fp16"])
+    assert tiny.dtype == np.float16 and tiny > 0, "the division guard saturates instead of becoming 0"
+    made = producers(converted)
+    assert made["cdf"].op_type == "CumSum"
+    cdf_input = made[made["cdf"].input[0]]
+    assert (cdf_input.op_type, cdf_input.attribute[0].i) == ("Cast", TensorProto.FLOAT), "CumSum runs in float32"
+    assert list(made["kg"].input) == ["keep", "grid"], "the budget is computed in float32 from keep"
+    assert list(made["quantile"].input) == ["kf", "grid"]
+    assert list(made["below"].input) == ["cdf3", "q3"], "cdf and quantiles are compared in float32"
+    assert made["kept_float"].attribute[0].i == TensorProto.FLOAT16, "Cast to float is retyped in fp16 code"
+    assert made["logits"].op_type == "Cast", "an fp16 graph output is cast back to float32"
+    assert not any(node.op_type == "Constant" for node in graph.node)
+
+
+def test_to_fp16_saturates_large_constants():
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "big"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.array([1e6, -np.inf], np.float32), "big")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    converted = to_fp16(model)
+    big = numpy_helper.to_array({i.name: i for i in converted.graph.initializer}["big_fp16"])
+    assert big.tolist() == [65504.0, -np.inf]
+    result = run_onnx(converted, {"x": np.array([1.0, 1.0], np.float32)})["y"]
+    assert result.tolist() == [65504.0, -np.inf]
+
+
+def test_to_fp16_refuses_control_flow():
+    branch = helper.make_graph([], "branch", [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])])
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)
+    graph = helper.make_graph(
+        [node],
+        "flow",
+        [
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(UserError, match=r"If node .* has a subgraph"):
+        to_fp16(model)
+
+
+def test_to_fp16_of_the_interface_model_keeps_the_budget_exact():
+    model = ats_like_model()
+    feeds = {"images": np.ones((2, 3, SIZE, SIZE), np.float32), "keep": np.array([0.7, 0.45, 12.0], np.float32)}
+    np.testing.assert_array_equal(run_onnx(to_fp16(model), feeds)["tokens"], run_onnx(model, feeds)["tokens"])
+
+
+# --------------------------------------------------------------------------- TensorRT itself
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_build_engine_without_tensorrt(dynamic_onnx):
+    spec = spec_from(dynamic_onnx, load_profile("jetson"))
+    with pytest.raises(BackendUnavailable, match=r"TensorRT is not installed here") as caught:
+        build_engine(spec)
+    hint = caught.value.hint
+    assert "pip install tensorrt" in hint and "JetPack" in hint and "NVIDIA GPU" in hint
+    assert caught.value.exit_code == 3
+    assert not spec.engine.exists()
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_runner_without_tensorrt(tmp_path):
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"not an engine")
+    with pytest.raises(BackendUnavailable, match=r"TensorRT is not installed here"):
+        TensorRTRunner(engine)
+
+
+def test_runner_needs_an_existing_engine(tmp_path):
+    with pytest.raises(UserError, match=r"does not exist; build it with `ats-deploy build`"):
+        TensorRTRunner(tmp_path / "missing.plan")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (HAS_TENSORRT and _cuda_available()), reason="TensorRT is not installed (needs an NVIDIA GPU)")
+@pytest.mark.parametrize("profile", ["desktop-gpu", "jetson"])
+def test_build_and_run_an_engine(dynamic_onnx, profile):
+    spec: EngineSpec = spec_from(dynamic_onnx, load_profile(profile))
+    engine = build_engine(spec)
+    assert engine == spec.engine and engine.stat().st_size > 0
+    assert spec.timing_cache.is_file()
+    info = json.loads(engine_info_path(engine).read_text())
+    assert info["onnx_metadata"]["stages"] == json.dumps([3, 4, 5])
+    assert info["tensorrt_version"] and info["batch"] == list(spec.batch)
+    runner = TensorRTRunner(engine)
+    rng = np.random.default_rng(3)
+    for batch in sorted({spec.batch[0], spec.batch[2]}):
+        feeds = {
+            "images": rng.standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32),
+            "keep": np.array([0.7, 0.45, 12.0], np.float32),
+        }
+        result = runner(**feeds)
+        reference = run_onnx(ats_like_model(), feeds)
+        np.testing.assert_array_equal(result["tokens"], reference["tokens"])
+        np.testing.assert_allclose(result["logits"], reference["logits"], rtol=2e-2, atol=2e-2)
+    with pytest.raises(UserError, match=r"was built for shapes"):
+        runner(np.zeros((spec.batch[2] + 1, 3, SIZE, SIZE), np.float32), np.ones(STAGES, np.float32))
