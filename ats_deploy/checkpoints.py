@@ -148,7 +148,8 @@ def _interpret(obj: Any, path: Path) -> Checkpoint:
         fmt = "pickled-module" if isinstance(obj, nn.Module) else "timm-state-dict"
         return Checkpoint(state_dict, None, None, None, fmt, path)
     seen = (
-        f"top-level keys {', '.join(map(repr, list(obj)[:10]))}" if isinstance(obj, Mapping) and obj
+        f"top-level keys {', '.join(map(repr, list(obj)[:10]))}"
+        if isinstance(obj, Mapping) and obj
         else f"a {type(obj).__name__}"
     )
     raise UserError(

@@ -13,7 +13,8 @@ original patch positions of the kept tokens, for plots.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,25 @@ class ATSOutput:
     # quantile and the cdf, and the original token index where it occurred.
     tie_margins: list[torch.Tensor] = field(default_factory=list)
     tie_tokens: list[torch.Tensor] = field(default_factory=list)
+
+
+class TokenSampler(nn.Module):
+    """Steps 3-7 of one stage: significance scores in, kept token indices out.
+
+    A module of its own so that exported graphs scope its nodes
+    (``/samplers.N/...``): the custom-op export replaces exactly that subgraph
+    with one ``ats_deploy::AdaptiveTokenSampler`` node.
+    """
+
+    def forward(
+        self,
+        scores: torch.Tensor,
+        last: torch.Tensor,
+        u: torch.Tensor,
+        quantile_count: torch.Tensor,
+        length: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return ats.compact(ats.sample(scores, last, u, quantile_count), length)
 
 
 def check_supported(vit: nn.Module) -> None:
@@ -88,6 +108,7 @@ class ATSVisionTransformer(nn.Module):
         self.vit = vit.eval()
         self.arch = arch
         self.stages = stages
+        self.samplers = nn.ModuleList(TokenSampler() for _ in stages)
         self.n0 = vit.patch_embed.num_patches + 1
         keep = list(default_keep) if default_keep is not None else [1.0] * len(stages)
         self.default_keep = validate_keep(keep, len(stages))
@@ -128,7 +149,8 @@ class ATSVisionTransformer(nn.Module):
             s = self.stages.index(i)
             length = None if self.static_budget is None else min(self.static_budget[s], x.shape[1])
             probes: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if probe else None
-            x, valid, index = ats_block(block, x, bias, valid, u[s], k[s] - 1.0, length, probes)
+            sampler = functools.partial(self.samplers[s], length=length)
+            x, valid, index = ats_block(block, x, bias, valid, u[s], k[s] - 1.0, sampler, probes)
             if probes:
                 margin, position = probes[0]
                 out.tie_margins.append(margin)
@@ -199,7 +221,7 @@ def ats_block(
     valid: torch.Tensor | None,
     u: torch.Tensor,
     quantile_count: torch.Tensor,
-    length: int | None,
+    sampler: Callable[..., tuple[torch.Tensor, torch.Tensor]],
     probes: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One ATS stage (spec section 1). Returns ``(tokens, valid, index)``.
@@ -220,8 +242,7 @@ def ats_block(
     last = ats.from_last_valid(valid, x.shape[1])
     if probes is not None:
         probes.append(ats.tie_margin(scores, last, u))
-    kept = ats.sample(scores, last, u, quantile_count)
-    index, valid = ats.compact(kept, length)
+    index, valid = sampler(scores, last, u, quantile_count)
     o = _attend(ats.gather_rows(q, index, dim=2), k_t, v, attn.scale, bias)
     h_rows = ats.gather_rows(h, index) if getattr(attn, "gate", None) is not None else h
     return _finish(block, ats.gather_rows(x, index), h_rows, o), valid, index

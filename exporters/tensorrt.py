@@ -93,8 +93,7 @@ class _Interface:
 
     batch: int | None  # None: dynamic
     image_shape: tuple[int, int, int]
-    has_keep: bool
-    keep_len: int | None
+    keep_len: int | None  # None: no `keep` input (baked in)
     keep_dynamic: bool
 
 
@@ -139,19 +138,17 @@ def _interface(model: onnx.ModelProto, path: Path) -> _Interface:
     if len(images) != 4 or None in images[1:]:
         shown = "x".join("?" if d is None else str(d) for d in images)
         raise UserError(f"{path}: 'images' must be [batch, 3, H, W] with fixed channels, H and W, got {shown}.")
-    has_keep = "keep" in inputs
-    keep = _dims(inputs["keep"]) if has_keep else []
-    if has_keep and len(keep) != 1:
-        raise UserError(f"{path}: 'keep' must be a 1-D tensor [S], got {len(keep)} dimensions.")
-    keep_len = keep[0] if has_keep and keep[0] is not None else _stage_count(model)
-    if has_keep and keep_len is None:
-        raise UserError(f"{path}: cannot tell the number of ATS stages: 'keep' has no fixed length.")
+    keep_len, keep_dynamic = None, False
+    if "keep" in inputs:
+        keep = _dims(inputs["keep"])
+        if len(keep) != 1:
+            raise UserError(f"{path}: 'keep' must be a 1-D tensor [S], got {len(keep)} dimensions.")
+        keep_dynamic = keep[0] is None
+        keep_len = _stage_count(model) if keep_dynamic else keep[0]
+        if keep_len is None:
+            raise UserError(f"{path}: cannot tell the number of ATS stages: 'keep' has no fixed length.")
     return _Interface(
-        batch=images[0],
-        image_shape=(images[1], images[2], images[3]),
-        has_keep=has_keep,
-        keep_len=keep_len,
-        keep_dynamic=has_keep and keep[0] is None,
+        batch=images[0], image_shape=(images[1], images[2], images[3]), keep_len=keep_len, keep_dynamic=keep_dynamic
     )
 
 
@@ -211,7 +208,7 @@ def spec_from(
         precision=profile.precision,
         batch=batch,
         image_shape=io.image_shape,
-        keep_len=io.keep_len if io.has_keep else None,
+        keep_len=io.keep_len,
         keep_dynamic=io.keep_dynamic,
         static=static,
         dla_core=profile.dla_core,
@@ -233,6 +230,11 @@ def engine_info_path(engine: Path) -> Path:
 
 def _uses_strong_typing(spec: EngineSpec, tensorrt_major: int) -> bool:
     return spec.precision == "fp16" and tensorrt_major >= STRONG_TYPING_MAJOR
+
+
+def _needs_shapes(spec: EngineSpec) -> bool:
+    """Whether some input has a dynamic dimension, which needs an optimization profile."""
+    return not spec.static or spec.keep_dynamic
 
 
 # --------------------------------------------------------------------------- trtexec
@@ -259,7 +261,7 @@ def trtexec_command(spec: EngineSpec, tensorrt_major: int = DEFAULT_TRTEXEC_MAJO
     """
     strong = _uses_strong_typing(spec, tensorrt_major)
     args = ["trtexec", f"--onnx={fp16_onnx_path(spec) if strong else spec.onnx}", f"--saveEngine={spec.engine}"]
-    if not spec.static:
+    if _needs_shapes(spec):
         for which, batch in zip(("min", "opt", "max"), spec.batch, strict=True):
             args.append(f"--{which}Shapes={_shapes_flag(spec, batch)}")
     if spec.precision == "fp16" and not strong:
@@ -579,7 +581,7 @@ def _parse(trt, network, logger, source: Path):
 
 def _add_optimization_profile(builder, config, spec: EngineSpec) -> None:
     """Batch range of ``images`` (and the length of ``keep`` if open); static engines need none."""
-    if spec.static and not spec.keep_dynamic:
+    if not _needs_shapes(spec):
         return
     profile = builder.create_optimization_profile()
     channels, height, width = spec.image_shape

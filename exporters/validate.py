@@ -100,7 +100,7 @@ def session(path: str, threads: int | None = None):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def _compare_image(
+def compare_image(
     case: Case, name: str, ref, b: int, logits: np.ndarray, tokens: np.ndarray, model: ATSVisionTransformer, atol: float
 ) -> None:
     ref_logits = ref.logits[b].numpy()
@@ -146,7 +146,7 @@ def _run_case(
         with torch.no_grad():
             ref = model.forward_details(chunk, keep_t, probe=True)
         for b in range(batch):
-            _compare_image(case, names[start + b], ref, b, logits[b], tokens[b], model, atol)
+            compare_image(case, names[start + b], ref, b, logits[b], tokens[b], model, atol)
     return case
 
 

@@ -179,9 +179,7 @@ def test_infer_arch_of_a_model_fine_tuned_at_another_resolution(tmp_path: Path):
 def test_ambiguous_shapes_list_the_candidates():
     # The two CLIP variants differ only in their activation, which no tensor shape shows.
     sd = meta_state_dict("vit_base_patch16_clip_224")
-    expect_error(
-        lambda: infer_arch(sd), "vit_base_patch16_clip_224", "vit_base_patch16_clip_quickgelu_224", "--arch"
-    )
+    expect_error(lambda: infer_arch(sd), "vit_base_patch16_clip_224", "vit_base_patch16_clip_quickgelu_224", "--arch")
 
 
 def test_explicit_arch_is_honoured(random_deit_tiny, tmp_path: Path):

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from ats_deploy.exporters.onnx_export import ExportOptions, export
 from ats_deploy.exporters.tensorrt import (
     EngineSpec,
     TensorRTRunner,
@@ -24,6 +25,7 @@ from ats_deploy.profiles import load_profile, parse_profile
 from onnx import TensorProto, helper, numpy_helper
 
 from ats_deploy.errors import BackendUnavailable, UserError
+from ats_deploy.model import build
 
 STAGES, SIZE, CLASSES, N0 = 3, 32, 10, 65
 
@@ -496,3 +498,20 @@ def test_build_and_run_an_engine(dynamic_onnx, profile):
         np.testing.assert_allclose(result["logits"], reference["logits"], rtol=2e-2, atol=2e-2)
     with pytest.raises(UserError, match=r"was built for shapes"):
         runner(np.zeros((spec.batch[2] + 1, 3, SIZE, SIZE), np.float32), np.ones(STAGES, np.float32))
+
+
+@pytest.mark.slow
+def test_to_fp16_of_a_real_ats_export(random_deit_tiny, tmp_path):
+    """The converted export of a (random) DeiT-Tiny agrees with fp32 in onnxruntime.
+
+    Tokens may flip at a quantile boundary (spec section 5), hence the tolerance of one.
+    """
+    model = build(random_deit_tiny, "deit_tiny_patch16_224").eval()
+    path = export(model, tmp_path / "deit.onnx", ExportOptions(dynamic=True))
+    fp32 = onnx.load(str(path))
+    fp16 = to_fp16(fp32)
+    images = np.random.default_rng(4).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    feeds = {"images": images, "keep": np.full(len(model.stages), 0.7, np.float32)}
+    reference, result = run_onnx(fp32, feeds), run_onnx(fp16, feeds)
+    np.testing.assert_allclose(result["logits"], reference["logits"], atol=1e-2)
+    assert np.abs(result["tokens"] - reference["tokens"]).max() <= 1
