@@ -46,7 +46,8 @@ def from_last_valid(valid: torch.Tensor | None, n: int) -> torch.Tensor:
     Position ``p`` (token ``p+1``) is there iff token ``p+2`` is padding or past the
     end. ``valid`` is ``None`` while nothing is padded: then only the last token.
     """
-    if valid is None:
+    if valid is None:  # nothing padded yet: n is the model's constant token count
+        n = int(n)
         return (torch.arange(n - 1) >= n - 2).unsqueeze(0)
     return F.pad(valid[:, 2:].to(torch.float32), (0, 1)) == 0.0
 
@@ -147,7 +148,8 @@ def compact(kept: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor
     A kept token ``p`` sorts by ``p``, a dropped one by ``p + N``: the ``m`` smallest
     keys are the kept tokens in order, then (in padded slots) some dropped ones.
     """
-    n = kept.shape[1]
+    # A static export knows every length: bake it rather than trace a Shape op.
+    n = kept.shape[1] if length is None else int(kept.shape[1])
     positions = torch.arange(n, device=kept.device)
     key = torch.where(kept, positions, positions + n)
     if length is None:

@@ -21,8 +21,14 @@ SAMPLE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
 
 def data_config(vit: torch.nn.Module) -> dict:
-    """timm's data config of the model: input_size, mean, std, interpolation, crop_pct."""
-    return resolve_model_data_config(vit)
+    """timm's data config of the model: input_size, mean, std, interpolation, crop_pct.
+
+    The input size is the model's own (timm's pretrained config says 224 even for a
+    model created with another ``img_size``).
+    """
+    config = dict(resolve_model_data_config(vit))
+    config["input_size"] = (3, *vit.patch_embed.img_size)
+    return config
 
 
 def sample_images(names: Sequence[str] = SAMPLE_PHOTOS) -> dict[str, Image.Image]:

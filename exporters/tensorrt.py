@@ -1,26 +1,29 @@
 """ONNX -> TensorRT engine, the equivalent ``trtexec`` command, and a runner for the engine.
 
 Everything that needs TensorRT imports it lazily, so this module imports (and its
-planning half, :func:`spec_from` and :func:`trtexec_command`, works) on machines
-without a GPU.
+planning half, :func:`spec_from`, :func:`trtexec_command` and :func:`to_fp16`,
+works) on machines without a GPU.
 
-Precision, by TensorRT version (NVIDIA TensorRT docs, "Migrating from TensorRT 10.x
-to 11.x", https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/tensorrt-10x-to-11x.html):
+How fp16 is built (NVIDIA TensorRT docs, "Migrating from TensorRT 10.x to 11.x",
+https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/tensorrt-10x-to-11x.html):
 
-* TensorRT 10.x builds fp16 the "weakly typed" way: the ONNX stays float32 and
-  ``BuilderFlag.FP16`` (``trtexec --fp16``) lets TensorRT pick fp16 kernels. This is
-  also the documented DLA recipe of 10.x (``trtexec --useDLACore=0 --fp16
-  --allowGPUFallback``, docs "Building and Launching the Loadable"). Weak typing is
-  deprecated since 10.12 but still works there.
-* TensorRT 11 removed weak typing: ``BuilderFlag.FP16`` and ``trtexec --fp16`` are
-  gone, every network is strongly typed (the ``STRONGLY_TYPED`` creation flag is
-  ignored) and precision comes from the ONNX tensor types. So for fp16 the ONNX is
-  converted first, by :func:`to_fp16` (NVIDIA's own tool for this is ModelOpt
-  AutoCast; :func:`to_fp16` is a dependency-free equivalent that also keeps the ATS
-  budget computation in float32, as ``ATS_SPEC.md`` section 2 requires).
+* TensorRT 11 removed weak typing (``BuilderFlag.FP16``, ``trtexec --fp16``): every
+  network is strongly typed and precision comes from the ONNX tensor types.
+* TensorRT 10.x offers both. Weak typing (the float32 ONNX plus ``BuilderFlag.FP16``)
+  lets TensorRT pick fp16 for any layer, including the ATS budget and the sampling
+  cdf that ``ATS_SPEC.md`` section 2 requires in float32; it is also deprecated
+  since 10.12. Strong typing (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``,
+  ``trtexec --stronglyTyped``) is "required on 10.x, harmless on 11.x".
 
-JetPack 6 ships TensorRT 10.x, and DLA is only supported up to 10.7 and again from
-11.4.1 (JetPack 7.2.2) (docs "Working with DLA", 11.4.1).
+So an fp16 GPU engine is built from the ONNX converted by :func:`to_fp16` (which
+keeps those parts in float32; NVIDIA's own converter is ModelOpt AutoCast) as a
+strongly typed network, on 10.x and 11 alike. The exception is the DLA on 10.x:
+its documented recipe is weak typing (``trtexec --useDLACore=0 --fp16
+--allowGPUFallback``, docs "Building and Launching the Loadable"), strongly typed
+DLA builds being documented only from 11.4.1; there the budget may run in fp16 on
+the GPU fallback, which ``ats-deploy validate`` would show as token flips.
+JetPack 6 ships TensorRT 10.x; DLA is supported up to 10.7 and again from 11.4.1
+with JetPack 7.2.2 (docs "Working with DLA", 11.4.1).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ if TYPE_CHECKING:
 
 MIB = 1 << 20
 DEFAULT_WORKSPACE_MB = 2048
-STRONG_TYPING_MAJOR = 11  # first TensorRT major without weak typing (no BuilderFlag.FP16)
+WEAK_TYPING_REMOVED = 11  # first TensorRT major without weak typing (no BuilderFlag.FP16)
 DEFAULT_TRTEXEC_MAJOR = 10  # what JetPack 6 ships
 
 INSTALL_HINT = (
@@ -219,7 +222,7 @@ def spec_from(
 
 
 def fp16_onnx_path(spec: EngineSpec) -> Path:
-    """Where a TensorRT 11 fp16 build writes the converted ONNX (see :func:`to_fp16`)."""
+    """Where a strongly typed fp16 build reads its converted ONNX from (see :func:`write_fp16_onnx`)."""
     return spec.engine.with_name(f"{spec.engine.stem}.fp16.onnx")
 
 
@@ -228,8 +231,11 @@ def engine_info_path(engine: Path) -> Path:
     return engine.with_name(f"{engine.name}.json")
 
 
-def _uses_strong_typing(spec: EngineSpec, tensorrt_major: int) -> bool:
-    return spec.precision == "fp16" and tensorrt_major >= STRONG_TYPING_MAJOR
+def uses_strong_typing(spec: EngineSpec, tensorrt_major: int) -> bool:
+    """Whether an fp16 build goes through :func:`to_fp16` and a strongly typed network (module docstring)."""
+    if spec.precision != "fp16":
+        return False
+    return spec.dla_core is None or tensorrt_major >= WEAK_TYPING_REMOVED
 
 
 def _needs_shapes(spec: EngineSpec) -> bool:
@@ -255,15 +261,17 @@ def trtexec_command(spec: EngineSpec, tensorrt_major: int = DEFAULT_TRTEXEC_MAJO
 
     Flags as documented for trtexec 10.x (``--memPoolSize=workspace:<size>M``
     replaced ``--workspace`` in 10.0; docs "Migrating trtexec Usage from TensorRT 8.x
-    to 10.x"). For ``tensorrt_major >= 11``, ``--fp16`` no longer exists and the
-    command reads the fp16 ONNX that :func:`build_engine` writes (:func:`fp16_onnx_path`).
-    A static export takes no shape flags.
+    to 10.x") and 11 (no ``--fp16``; ``--stronglyTyped`` always on). A strongly typed
+    fp16 build reads the converted ONNX: create it first with :func:`write_fp16_onnx`
+    (pure Python, no GPU needed). A static export takes no shape flags.
     """
-    strong = _uses_strong_typing(spec, tensorrt_major)
+    strong = uses_strong_typing(spec, tensorrt_major)
     args = ["trtexec", f"--onnx={fp16_onnx_path(spec) if strong else spec.onnx}", f"--saveEngine={spec.engine}"]
     if _needs_shapes(spec):
         for which, batch in zip(("min", "opt", "max"), spec.batch, strict=True):
             args.append(f"--{which}Shapes={_shapes_flag(spec, batch)}")
+    if strong and tensorrt_major < WEAK_TYPING_REMOVED:
+        args.append("--stronglyTyped")
     if spec.precision == "fp16" and not strong:
         args.append("--fp16")
     args.append(f"--timingCacheFile={spec.timing_cache}")
@@ -281,6 +289,9 @@ def trtexec_command(spec: EngineSpec, tensorrt_major: int = DEFAULT_TRTEXEC_MAJO
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 # Prefix sums over a few hundred tokens lose too much in fp16 for the sampling's cdf.
 FP32_OPS = frozenset({"CumSum"})
+# Node-name scope of ats_deploy.model.TokenSampler (steps 3-7 of spec section 1) in
+# torchscript exports; dynamo exports lose node scopes, there FP32_OPS covers the cdf.
+FP32_SCOPES = ("/samplers.",)
 _CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 _DTYPE_ATTRIBUTES = ("to", "dtype")  # Cast.to; EyeLike/Random*/Bernoulli.dtype
 
@@ -362,7 +373,13 @@ class _Fp16Plan:
     """Which nodes (by index) compute in fp16, and the type each float tensor ends up with."""
 
     def __init__(
-        self, graph: onnx.GraphProto, opset: int, types: dict[str, int], fp32_inputs: set[str], fp32_ops: frozenset[str]
+        self,
+        graph: onnx.GraphProto,
+        opset: int,
+        types: dict[str, int],
+        fp32_inputs: set[str],
+        fp32_ops: frozenset[str],
+        fp32_scopes: tuple[str, ...],
     ) -> None:
         self.types = types
         self.schemas = [_schema(node, opset) for node in graph.node]
@@ -371,7 +388,8 @@ class _Fp16Plan:
         tainted = set(fp32_inputs)
         for index, node in enumerate(graph.node):
             floats = [name for name in node.input if self.is_float(name)]
-            if self.schemas[index] is None or node.op_type in fp32_ops or tainted.intersection(floats):
+            scoped = any(scope in node.name for scope in fp32_scopes)
+            if self.schemas[index] is None or node.op_type in fp32_ops or scoped or tainted.intersection(floats):
                 tainted.update(name for name in node.output if self.is_float(name))
                 continue
             self.fp16_nodes.add(index)
@@ -500,6 +518,7 @@ def to_fp16(
     model: onnx.ModelProto,
     fp32_inputs: Iterable[str] = ("keep",),
     fp32_ops: Iterable[str] = FP32_OPS,
+    fp32_scopes: Iterable[str] = FP32_SCOPES,
 ) -> onnx.ModelProto:
     """A float16 copy of ``model`` whose graph inputs and outputs stay float32.
 
@@ -509,7 +528,8 @@ def to_fp16(
 
     * everything computed from ``fp32_inputs`` through float tensors: the ATS budget
       ``K`` and the quantiles come from ``keep`` and must be float32 (spec section 2);
-    * ``fp32_ops`` (CumSum: the sampling cdf) and everything computed from them;
+    * ``fp32_ops`` (CumSum: the sampling cdf), nodes whose name contains one of
+      ``fp32_scopes`` (the token sampler), and everything computed from them;
     * ops outside the standard ONNX domain, whose fp16 support is unknown.
 
     Casts are inserted where a tensor changes type; graph inputs are cast once.
@@ -522,7 +542,8 @@ def to_fp16(
     _constants_to_initializers(result.graph)
     graph_inputs = {i.name for i in result.graph.input}
     opset = next((o.version for o in result.opset_import if o.domain in ("", "ai.onnx")), 1)
-    plan = _Fp16Plan(result.graph, opset, _elem_types(result), set(fp32_inputs) & graph_inputs, frozenset(fp32_ops))
+    fp32 = set(fp32_inputs) & graph_inputs
+    plan = _Fp16Plan(result.graph, opset, _elem_types(result), fp32, frozenset(fp32_ops), tuple(fp32_scopes))
     _Fp16Rewriter(result.graph, plan).rewrite()
     onnx.checker.check_model(result, full_check=True)
     return result
@@ -548,12 +569,9 @@ def _say(console: Console | None, text: str) -> None:
         console.print(text)
 
 
-def _network_source(spec: EngineSpec, major: int, console: Console | None) -> Path:
-    """The ONNX file to parse: the export itself, or its fp16 conversion on TensorRT 11."""
-    if not _uses_strong_typing(spec, major):
-        return spec.onnx
+def write_fp16_onnx(spec: EngineSpec) -> Path:
+    """Convert ``spec.onnx`` with :func:`to_fp16` and save it at :func:`fp16_onnx_path`."""
     target = fp16_onnx_path(spec)
-    _say(console, f"converting {spec.onnx} to fp16 for TensorRT {major} (strongly typed) -> {target}")
     converted = to_fp16(onnx.load(str(spec.onnx)))
     write_atomic(target, converted.SerializeToString())
     return target
@@ -634,6 +652,35 @@ def _engine_info(spec: EngineSpec, trt, strong: bool) -> dict[str, Any]:
     }
 
 
+def _create_network(trt, builder, strong: bool, major: int):
+    # Networks are always explicit-batch since TensorRT 10 (EXPLICIT_BATCH is deprecated and
+    # ignored) and always strongly typed since 11 (STRONGLY_TYPED is deprecated and ignored);
+    # 10.x opts into strong typing with 1 << STRONGLY_TYPED (Python API "Builder").
+    flags = 0
+    if strong and major < WEAK_TYPING_REMOVED:
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return builder.create_network(flags)
+
+
+def _configure(trt, builder, spec: EngineSpec, strong: bool, console: Console | None):
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mb * MIB)
+    if spec.precision == "fp16" and not strong:
+        _say(console, "fp16 by builder flag (weak typing, the DLA recipe of TensorRT 10): validate the engine")
+        config.set_flag(trt.BuilderFlag.FP16)
+    _add_optimization_profile(builder, config, spec)
+    _use_dla(trt, config, spec)
+    _use_timing_cache(config, spec.timing_cache, console)
+    return config
+
+
+def _save(spec: EngineSpec, trt, strong: bool, config, serialized) -> None:
+    write_atomic(spec.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+    write_atomic(spec.engine, bytes(memoryview(serialized)))
+    info = _engine_info(spec, trt, strong)
+    write_atomic(engine_info_path(spec.engine), (json.dumps(info, indent=2) + "\n").encode("utf-8"))
+
+
 def build_engine(spec: EngineSpec, console: Console | None = None) -> Path:
     """Build and save the TensorRT engine of ``spec``; returns the engine path.
 
@@ -644,32 +691,25 @@ def build_engine(spec: EngineSpec, console: Console | None = None) -> Path:
     """
     trt = _import_tensorrt()
     major = _major(trt)
-    strong = _uses_strong_typing(spec, major)
+    strong = uses_strong_typing(spec, major)
+    source = spec.onnx
+    if strong:
+        _say(console, f"converting {spec.onnx} to fp16 for a strongly typed build")
+        source = write_fp16_onnx(spec)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    # Flags 0: networks are always explicit-batch since TensorRT 10 (EXPLICIT_BATCH is
-    # deprecated and ignored) and always strongly typed since 11 (STRONGLY_TYPED ignored).
-    network = builder.create_network(0)
-    parser = _parse(trt, network, logger, _network_source(spec, major, console))
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mb * MIB)
-    if spec.precision == "fp16" and not strong:
-        config.set_flag(trt.BuilderFlag.FP16)
-    _add_optimization_profile(builder, config, spec)
-    _use_dla(trt, config, spec)
-    _use_timing_cache(config, spec.timing_cache, console)
+    network = _create_network(trt, builder, strong, major)
+    parser = _parse(trt, network, logger, source)
+    config = _configure(trt, builder, spec, strong, console)
     _say(console, f"building {spec.engine} with TensorRT {trt.__version__} (this can take minutes)")
     serialized = builder.build_serialized_network(network, config)
-    del parser  # owns the weights; only needed until the engine is built
+    del parser  # it owns the weights, so it had to live until the build was done
     if serialized is None:
         raise UserError(
-            f"TensorRT could not build an engine from {spec.onnx}; its log above names the failing layer.",
+            f"TensorRT could not build an engine from {source}; its log above names the failing layer.",
             hint=f"The same build from the command line: {trtexec_command(spec, major)}",
         )
-    write_atomic(spec.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
-    write_atomic(spec.engine, bytes(memoryview(serialized)))
-    info = _engine_info(spec, trt, strong)
-    write_atomic(engine_info_path(spec.engine), (json.dumps(info, indent=2) + "\n").encode("utf-8"))
+    _save(spec, trt, strong, config, serialized)
     _say(console, f"wrote {spec.engine}")
     return spec.engine
 

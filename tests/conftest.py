@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -14,3 +16,27 @@ def random_deit_tiny() -> VisionTransformer:
     with torch.random.fork_rng(devices=[]):  # leaves the global RNG as other tests expect it
         torch.manual_seed(0)
         return timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+
+
+SHARED_WEIGHTS = (
+    Path(__file__).resolve().parents[2] / "shared" / "weights" / "deit_tiny_patch16_224_wvfunc_bittrue_reconstructed.pth"
+)
+
+
+@pytest.fixture(scope="session")
+def photos() -> tuple[list[str], list]:
+    """The real photos shipped inside scikit-image, as PIL images."""
+    from ats_deploy.images import sample_images
+
+    images = sample_images()
+    return list(images), list(images.values())
+
+
+@pytest.fixture(scope="session")
+def real_deit_tiny():
+    """The ATS reference on the real DeiT-Tiny weights of ../shared/weights (skipped when absent)."""
+    if not SHARED_WEIGHTS.exists():
+        pytest.skip(f"real DeiT-Tiny weights not found at {SHARED_WEIGHTS} (they ship in ../shared/weights)")
+    from ats_deploy.checkpoints import load_model
+
+    return load_model(SHARED_WEIGHTS)

@@ -20,6 +20,7 @@ from ats_deploy.exporters.tensorrt import (
     spec_from,
     to_fp16,
     trtexec_command,
+    write_fp16_onnx,
 )
 from ats_deploy.profiles import load_profile, parse_profile
 from onnx import TensorProto, helper, numpy_helper
@@ -205,13 +206,15 @@ def flags(command: str) -> list[str]:
 
 
 def test_trtexec_for_jetson(dynamic_onnx):
+    """fp16 on the GPU: the converted ONNX as a strongly typed network (module docstring)."""
     spec = spec_from(dynamic_onnx, load_profile("jetson"))
     args = flags(trtexec_command(spec))
-    assert args[:2] == [f"--onnx={dynamic_onnx}", f"--saveEngine={spec.engine}"]
+    assert args[:2] == [f"--onnx={fp16_onnx_path(spec)}", f"--saveEngine={spec.engine}"]
+    assert fp16_onnx_path(spec) == dynamic_onnx.with_name("model.jetson.fp16.onnx")
     assert "--minShapes=images:1x3x32x32" in args
     assert "--optShapes=images:1x3x32x32" in args
     assert "--maxShapes=images:4x3x32x32" in args
-    assert "--fp16" in args
+    assert "--stronglyTyped" in args and "--fp16" not in args
     assert f"--timingCacheFile={spec.timing_cache}" in args
     assert "--memPoolSize=workspace:2048M" in args
     assert "--skipInference" in args
@@ -225,13 +228,16 @@ def test_trtexec_for_desktop_gpu(dynamic_onnx):
         "--optShapes=images:8x3x32x32",
         "--maxShapes=images:32x3x32x32",
     ]
-    assert "--fp16" in args and "--memPoolSize=workspace:4096M" in args
+    assert "--stronglyTyped" in args and "--memPoolSize=workspace:4096M" in args
 
 
 def test_trtexec_for_jetson_dla(static_onnx):
+    """The DLA on TensorRT 10: the documented weak-typing recipe, on the export itself."""
     args = flags(trtexec_command(spec_from(static_onnx, load_profile("jetson-dla"))))
+    assert args[0] == f"--onnx={static_onnx}"
     assert not any("Shapes=" in a for a in args), "a static export takes no shape flags"
     assert {"--useDLACore=0", "--allowGPUFallback", "--fp16"} <= set(args)
+    assert "--stronglyTyped" not in args
 
 
 def test_trtexec_lists_keep_only_when_its_length_is_open(tmp_path):
@@ -240,10 +246,12 @@ def test_trtexec_lists_keep_only_when_its_length_is_open(tmp_path):
     assert "--optShapes=images:8x3x32x32,keep:3" in args
 
 
-def test_trtexec_for_tensorrt_11_reads_the_fp16_onnx(dynamic_onnx):
-    spec = spec_from(dynamic_onnx, load_profile("jetson"))
+@pytest.mark.parametrize("profile", ["jetson", "jetson-dla"])
+def test_trtexec_for_tensorrt_11(dynamic_onnx, static_onnx, profile):
+    """TensorRT 11 has no --fp16, and strong typing is always on."""
+    spec = spec_from(static_onnx if profile == "jetson-dla" else dynamic_onnx, load_profile(profile))
     args = flags(trtexec_command(spec, tensorrt_major=11))
-    assert "--fp16" not in args
+    assert "--fp16" not in args and "--stronglyTyped" not in args
     assert args[0] == f"--onnx={fp16_onnx_path(spec)}"
 
 
@@ -262,10 +270,18 @@ def test_trtexec_fp32_and_quoting(tmp_path):
         "warmup": 1,
         "iterations": 1,
     }
-    command = trtexec_command(spec_from(path, parse_profile(data, "fp32-gpu", None)))
-    args = flags(command)
-    assert "--fp16" not in args
-    assert f"--onnx={path}" in args
+    args = flags(trtexec_command(spec_from(path, parse_profile(data, "fp32-gpu", None))))
+    assert "--fp16" not in args and "--stronglyTyped" not in args
+    assert args[0] == f"--onnx={path}"
+
+
+def test_write_fp16_onnx(dynamic_onnx):
+    spec = spec_from(dynamic_onnx, load_profile("desktop-gpu"))
+    written = write_fp16_onnx(spec)
+    assert written == fp16_onnx_path(spec)
+    model = onnx.load(str(written))
+    assert {init.data_type for init in model.graph.initializer if init.name.startswith("w")} == {TensorProto.FLOAT16}
+    assert spec_from(written, load_profile("desktop-gpu")).image_shape == (3, SIZE, SIZE), "same interface"
 
 
 # --------------------------------------------------------------------------- fp16 conversion

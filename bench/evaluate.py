@@ -1,0 +1,98 @@
+"""The accuracy pass: every variant on every image, and the exported ATS model checked against the reference.
+
+Every batch is padded to the bench batch size with copies of its last image (a
+static export only takes that size; batch invariance, spec section 3, makes the
+padding harmless) and the padded results are dropped. With labels a variant's
+score is its top-1 accuracy; without, its top-1 agreement with the PyTorch dense
+model. The comparison of the exported ATS model with the reference is
+:func:`ats_deploy.exporters.validate.compare_image`'s, flips included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from ats_deploy.exporters.validate import Case, compare_image
+
+from ats_deploy.model import ATSVisionTransformer
+
+from .data import Batch
+from .variants import EXPORTED_ATS, PYTORCH_ATS, PYTORCH_DENSE, Variant
+
+TIMING_BATCHES = 4  # latency cycles through the first few batches, so it sees several images' token counts
+
+
+@dataclass
+class Tally:
+    """One variant's hits and kept tokens over the data."""
+
+    correct: int = 0
+    images: int = 0
+    tokens: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, logits: np.ndarray, tokens: np.ndarray, truth: np.ndarray) -> None:
+        self.correct += int((logits.argmax(axis=-1) == truth).sum())
+        self.images += len(truth)
+        self.tokens.append(tokens)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.images
+
+    def all_tokens(self) -> np.ndarray:
+        """``[images, S]`` kept tokens per stage."""
+        return np.concatenate(self.tokens)
+
+
+@dataclass
+class Evaluation:
+    tallies: dict[str, Tally]
+    case: Case | None
+    timing_inputs: list[torch.Tensor]
+
+    @property
+    def images(self) -> int:
+        return next(iter(self.tallies.values())).images
+
+
+def pad(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``images`` followed by copies of its last image, ``size`` in all."""
+    missing = size - len(images)
+    return torch.cat([images, images[-1:].expand(missing, *images.shape[1:])]) if missing > 0 else images
+
+
+def evaluate(
+    batches: Iterable[Batch],
+    reference: ATSVisionTransformer,
+    variants: Mapping[str, Variant],
+    batch_size: int,
+    atol: float,
+    on_batch: Callable[[int], None],
+) -> Evaluation:
+    """Run ``variants`` on ``batches``; the PyTorch ATS outputs come from the probing reference forward."""
+    keep = variants[PYTORCH_ATS].keep
+    tallies = {key: Tally() for key in variants}
+    case = Case(keep=keep.tolist(), batch=batch_size) if EXPORTED_ATS in variants else None
+    timing_inputs: list[torch.Tensor] = []
+    for batch in batches:
+        count = len(batch.names)
+        images = pad(batch.images, batch_size)
+        with torch.inference_mode():
+            ref = reference.forward_details(images, keep, probe=True)
+        outputs = {key: variant(images) for key, variant in variants.items() if key != PYTORCH_ATS}
+        outputs[PYTORCH_ATS] = (ref.logits.numpy(), ref.tokens.numpy())
+        labels = batch.labels.numpy() if batch.labels is not None else None
+        truth = labels if labels is not None else outputs[PYTORCH_DENSE][0][:count].argmax(axis=-1)
+        for key, (logits, tokens) in outputs.items():
+            tallies[key].add(logits[:count], tokens[:count], truth)
+        if case is not None:
+            logits, tokens = outputs[EXPORTED_ATS]
+            for b in range(count):
+                compare_image(case, batch.names[b], ref, b, logits[b], tokens[b], reference, atol)
+        if len(timing_inputs) < TIMING_BATCHES:
+            timing_inputs.append(images)
+        on_batch(count)
+    return Evaluation(tallies, case, timing_inputs)

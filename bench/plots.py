@@ -1,0 +1,76 @@
+"""The bench's PNG plots: accuracy against latency and against GFLOPs, and kept tokens per stage.
+
+Figures are drawn on matplotlib's ``Figure`` directly (the Agg renderer, no pyplot
+state, no display needed) and written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+from ats_deploy.profiles import write_atomic
+from matplotlib.figure import Figure
+
+from .results import BenchResult
+from .variants import EXPORTED_ATS, PYTORCH_ATS
+
+MARKERS = {"pytorch_dense": "s", "pytorch_ats": "o", "exported_dense": "D", "exported_ats": "^"}
+
+
+def save(figure: Figure, path: Path) -> Path:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
+def _accuracy_against(result: BenchResult, x_label: str, x_of) -> Figure:
+    figure = Figure(figsize=(6, 4.5))
+    axes = figure.add_subplot()
+    for variant in result.variants:
+        x, y = x_of(variant), 100.0 * variant.accuracy
+        axes.scatter([x], [y], marker=MARKERS[variant.key], s=60, label=f"{variant.title} ({variant.runtime})")
+        axes.annotate(variant.title, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(f"{result.accuracy_metric} (%)")
+    axes.set_title(f"{result.model['arch']}, keep {result.keep_text}, {result.backend_label}", fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="lower right")
+    return figure
+
+
+def accuracy_vs_latency(result: BenchResult) -> Figure:
+    return _accuracy_against(result, f"latency p50 (ms, batch {result.profile.batch})", lambda v: v.latency.p50)
+
+
+def accuracy_vs_gflops(result: BenchResult) -> Figure:
+    return _accuracy_against(result, "GFLOPs per image", lambda v: v.gflops)
+
+
+def kept_tokens(result: BenchResult) -> Figure:
+    """Histogram of the tokens each ATS stage kept over the images (the ATS paper's Fig. 6)."""
+    by_key = {v.key: v for v in result.variants}
+    variant = by_key.get(EXPORTED_ATS, by_key[PYTORCH_ATS])
+    stages = result.model["stages"]
+    columns = min(len(stages), 3) or 1
+    rows = max(math.ceil(len(stages) / columns), 1)
+    figure = Figure(figsize=(3.2 * columns, 2.4 * rows), layout="constrained")
+    figure.suptitle(f"kept tokens K' per ATS stage, {variant.title} ({variant.runtime}), keep {result.keep_text}")
+    for s, block in enumerate(stages):
+        axes = figure.add_subplot(rows, columns, s + 1)
+        axes.hist(variant.tokens[:, s], bins=20, color="tab:blue")
+        axes.set_title(f"block {block}", fontsize=9)
+        axes.set_xlabel("tokens kept", fontsize=8)
+        axes.tick_params(labelsize=7)
+    return figure
+
+
+def write_plots(result: BenchResult, folder: Path) -> list[Path]:
+    plots = {
+        "accuracy_vs_latency.png": accuracy_vs_latency(result),
+        "accuracy_vs_gflops.png": accuracy_vs_gflops(result),
+        "kept_tokens.png": kept_tokens(result),
+    }
+    return [save(figure, folder / name) for name, figure in plots.items()]

@@ -1,0 +1,148 @@
+"""One bench's results, as the table, ``results.json``, ``results.csv`` and the plots read them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from ats_deploy.exporters.validate import Case
+from ats_deploy.profiles import Profile
+
+from .timing import Latency
+from .variants import EXPORTED_DENSE, PYTORCH_DENSE, TITLES
+
+
+@dataclass
+class VariantResult:
+    """One variant's accuracy, cost and latency."""
+
+    key: str
+    runtime: str
+    accuracy: float
+    gflops: float
+    tokens: np.ndarray  # [images, S] kept tokens per ATS stage
+    latency: Latency
+
+    @property
+    def title(self) -> str:
+        return TITLES[self.key]
+
+    @property
+    def mean_tokens(self) -> list[float]:
+        return [float(v) for v in self.tokens.mean(axis=0)] if self.tokens.size else []
+
+    def to_dict(self, baseline: VariantResult) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "title": self.title,
+            "runtime": self.runtime,
+            "accuracy": self.accuracy,
+            "gflops": self.gflops,
+            "mean_tokens_per_stage": self.mean_tokens,
+            "latency": self.latency.summary(),
+            "speedup": baseline.latency.p50 / self.latency.p50,
+        }
+
+
+@dataclass
+class BenchResult:
+    """Everything a bench measured and the conditions it measured them under."""
+
+    created: str
+    model: dict[str, Any]
+    profile: Profile
+    backend: str
+    precision: str
+    keep: list[float]
+    keep_origin: str
+    data: dict[str, Any]
+    accuracy_metric: str
+    variants: list[VariantResult]
+    comparison: Case | None
+    environment: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def overridden(self) -> bool:
+        return self.backend != self.profile.backend
+
+    @property
+    def backend_label(self) -> str:
+        if self.overridden:
+            return f"{self.backend} (overridden; profile says {self.profile.backend})"
+        return self.backend
+
+    @property
+    def precision_label(self) -> str:
+        if self.precision != self.profile.precision:
+            return f"{self.precision} (profile says {self.profile.precision})"
+        return self.precision
+
+    @property
+    def baseline(self) -> VariantResult:
+        """What speedups are quoted against: the exported dense model, else the PyTorch dense one."""
+        by_key = {v.key: v for v in self.variants}
+        return by_key.get(EXPORTED_DENSE, by_key[PYTORCH_DENSE])
+
+    @property
+    def keep_text(self) -> str:
+        values = sorted(set(self.keep))
+        return f"{values[0]:g}" if len(values) == 1 else ",".join(f"{v:g}" for v in self.keep)
+
+    @property
+    def title(self) -> str:
+        return (
+            f"bench {self.model['path']} | profile {self.profile.name} | backend: {self.backend_label} | "
+            f"{self.precision_label} | keep {self.keep_text} | batch {self.profile.batch}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        baseline = self.baseline
+        return {
+            "title": self.title,
+            "created": self.created,
+            "model": self.model,
+            "profile": _profile(self.profile),
+            "backend": self.backend_label,
+            "backend_name": self.backend,
+            "backend_overridden": self.overridden,
+            "precision": self.precision_label,
+            "keep": self.keep,
+            "keep_origin": self.keep_origin,
+            "batch": self.profile.batch,
+            "data": self.data,
+            "accuracy_metric": self.accuracy_metric,
+            "speedup_baseline": baseline.key,
+            "variants": [v.to_dict(baseline) for v in self.variants],
+            "comparison": None if self.comparison is None else _comparison(self.comparison),
+            "environment": self.environment,
+            "warnings": self.warnings,
+        }
+
+
+def _profile(profile: Profile) -> dict[str, Any]:
+    return {
+        "name": profile.name,
+        "path": str(profile.path) if profile.path else None,
+        "backend": profile.backend,
+        "precision": profile.precision,
+        "keep": list(profile.keep) if isinstance(profile.keep, tuple) else profile.keep,
+        "batch": profile.batch,
+        "warmup": profile.warmup,
+        "iterations": profile.iterations,
+        "threads": profile.threads,
+    }
+
+
+def _comparison(case: Case) -> dict[str, Any]:
+    return {
+        "between": "exported ATS vs PyTorch ATS",
+        "images": case.images,
+        "max_logit_diff": case.max_logit_diff,
+        "tokens_agree": case.token_matches,
+        "tokens_total": case.token_total,
+        "top1_agree": case.top1_matches,
+        "flips": [flip.describe() for flip in case.flips],
+        "mismatches": case.failures,
+    }

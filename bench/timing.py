@@ -1,0 +1,81 @@
+"""Latency of several variants, measured interleaved so that they share the machine's state.
+
+Timing one variant after another lets a change in the machine (another process,
+thermal throttling, a frequency step) land on one variant only. Here every round
+runs each variant once, the order rotating from round to round, and percentiles
+are taken per variant over the rounds, warm-up rounds excluded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Latency:
+    """Per-call latencies of one variant, each call processing ``batch`` images."""
+
+    samples_ms: list[float]
+    batch: int
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.samples_ms, q))
+
+    @property
+    def p50(self) -> float:
+        return self.percentile(50)
+
+    @property
+    def p90(self) -> float:
+        return self.percentile(90)
+
+    @property
+    def p99(self) -> float:
+        return self.percentile(99)
+
+    @property
+    def throughput(self) -> float:
+        """Images per second over all timed calls."""
+        return self.batch * len(self.samples_ms) / (sum(self.samples_ms) / 1000.0)
+
+    def summary(self) -> dict[str, float | int]:
+        return {
+            "p50_ms": self.p50,
+            "p90_ms": self.p90,
+            "p99_ms": self.p99,
+            "mean_ms": float(np.mean(self.samples_ms)),
+            "throughput_images_per_s": self.throughput,
+            "iterations": len(self.samples_ms),
+            "batch": self.batch,
+        }
+
+
+def interleaved(
+    calls: Mapping[str, Callable[[int], object]],
+    batch: int,
+    warmup: int,
+    iterations: int,
+    on_round: Callable[[], None] | None = None,
+) -> dict[str, Latency]:
+    """Run ``warmup + iterations`` rounds of every call; time the last ``iterations``.
+
+    Each call receives the round number (to pick its input). ``on_round`` is called
+    after every round, for progress.
+    """
+    names = list(calls)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(warmup + iterations):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            calls[name](round_)
+            elapsed = (time.perf_counter() - start) * 1000.0
+            if round_ >= warmup:
+                samples[name].append(elapsed)
+        if on_round is not None:
+            on_round()
+    return {name: Latency(values, batch) for name, values in samples.items()}

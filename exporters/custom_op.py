@@ -1,0 +1,308 @@
+"""``--ats-op custom``: one ``ats_deploy::AdaptiveTokenSampler`` node per ATS stage.
+
+The TorchScript exporter scopes the nodes of each stage's :class:`~ats_deploy.model.TokenSampler`
+as ``/samplers.<s>/...`` (``/model/samplers.<s>/...`` in static exports).
+:func:`replace_samplers` swaps each such subgraph for a single node, so a runtime
+can run the sampling as one kernel (TensorRT: :mod:`.trt_plugin`; onnxruntime:
+:func:`register`, a Python op of onnxruntime-extensions).
+
+The node (domain ``ats_deploy``, version 1):
+
+=========  ==============================  =================================================
+inputs     ``scores`` float32 [B, N-1]     significance of tokens 1..N-1
+           ``last`` bool [1 or B, N-1]     true from the last valid token on
+           ``u`` float32 [G]               quantiles, ``+inf`` past K-1
+           ``quantile_count`` float32 []   K-1
+outputs    ``index`` int64 [B, m]          kept tokens, class token first, padded
+           ``valid`` bool [B, m]           false in padded slots
+           ``length`` int32 []             m, the plugin's size tensor in TensorRT
+attribute  ``length`` int                  static m, or -1: m = most tokens kept in the batch
+=========  ==============================  =================================================
+
+Its semantics are :func:`sample_tokens`, i.e. ``ats.compact(ats.sample(...))``. The
+third output exists because TensorRT requires a plugin's size tensors (here m, a
+data-dependent dimension) to be plugin outputs, and its ONNX parser requires the
+node to have as many outputs as the plugin; nothing consumes it. The string
+attributes ``plugin_namespace`` / ``plugin_version`` are how the TensorRT ONNX parser
+(before 10.10) finds the plugin: it looks plugins up by op type, ``plugin_version``
+(default "1") and ``plugin_namespace`` (default ""), not by the node's domain.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from ats_deploy import ats
+from ats_deploy.errors import BackendUnavailable, UserError
+
+DOMAIN = "ats_deploy"
+OP_TYPE = "AdaptiveTokenSampler"
+OP_VERSION = 1
+ATS_OPS = ("subgraph", "custom")
+DYNAMIC = -1
+
+# ``/samplers.3/TopK`` or ``/model/samplers.3/TopK``: group 1 is the stage.
+_SCOPE = re.compile(r"(?:^|/)samplers\.(\d+)/")
+# (name, dtype, rank) of the four inputs, in the node's order.
+_ROLES = (
+    ("scores", np.dtype(np.float32), 2),
+    ("last", np.dtype(np.bool_), 2),
+    ("u", np.dtype(np.float32), 1),
+    ("quantile_count", np.dtype(np.float32), 0),
+)
+_SCOPE_OPS_GONE = ("TopK", "CumSum")
+
+
+def sample_tokens(
+    scores: torch.Tensor, last: torch.Tensor, u: torch.Tensor, quantile_count: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What one ``AdaptiveTokenSampler`` node computes: the reference's ``TokenSampler``."""
+    return ats.compact(ats.sample(scores, last, u, quantile_count), None if length < 0 else length)
+
+
+# --------------------------------------------------------------------------- graph surgery
+
+
+@dataclass
+class _Stage:
+    """The nodes of one ``TokenSampler`` call; ``prefix`` is their common name scope."""
+
+    index: int
+    prefix: str
+    nodes: list
+
+
+def apply_ats_op(model: onnx.ModelProto, ats_op: str) -> onnx.ModelProto:
+    """The exported model with the sampling written as ``ats_op`` asks (see :data:`ATS_OPS`)."""
+    if ats_op not in ATS_OPS:
+        raise UserError(f"unknown --ats-op '{ats_op}'; choose one of {', '.join(ATS_OPS)}.")
+    return replace_samplers(model) if ats_op == "custom" else model
+
+
+def replace_samplers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace every stage's sampling subgraph by one ``AdaptiveTokenSampler`` node.
+
+    Keeps the opset, IR version and metadata (adding ``ats_op: custom``), and checks
+    the result with ``onnx.checker`` (full check, which runs strict shape inference).
+    """
+    import onnx_graphsurgeon as gs
+
+    props = {p.key: p.value for p in model.metadata_props}
+    if props.get("exporter") == "dynamo":
+        raise _needs_torchscript("it was exported with the dynamo exporter")
+    graph = gs.import_onnx(model)
+    stages = _find_stages(graph)
+    _check_stage_count(stages, props, graph)
+    if not stages:
+        return model
+    for stage in stages:
+        _replace(graph, stage)
+    graph.cleanup().toposort()
+    return _finish(gs.export_onnx(graph), model)
+
+
+def _needs_torchscript(reason: str) -> UserError:
+    return UserError(
+        f"--ats-op custom cannot rewrite this model: {reason}.",
+        hint="Export with --exporter torchscript (the default): it scopes each sampler's nodes as "
+        "/samplers.<s>/..., which the rewrite replaces. The dynamo exporter names nodes by ATen op and moves "
+        "part of the sampler's shape arithmetic out of that scope.",
+    )
+
+
+def _find_stages(graph) -> list[_Stage]:
+    stages: dict[int, _Stage] = {}
+    for node in graph.nodes:
+        match = _SCOPE.search(node.name)
+        if match:
+            index = int(match.group(1))
+            stage = stages.setdefault(index, _Stage(index, node.name[: match.end()], []))
+            stage.nodes.append(node)
+    return [stages[index] for index in sorted(stages)]
+
+
+def _check_stage_count(stages: list[_Stage], props: dict[str, str], graph) -> None:
+    """Every ATS stage must have its scope: else the exporter named nodes another way."""
+    expected = len(json.loads(props["stages"])) if "stages" in props else None
+    if expected is not None and len(stages) != expected:
+        raise _needs_torchscript(f"it has {expected} ATS stages but {len(stages)} /samplers.<s>/ node scopes")
+    if not stages and any(node.op == "TopK" for node in graph.nodes):
+        raise _needs_torchscript("its TopK nodes are outside any /samplers.<s>/ node scope")
+
+
+def _boundary(graph, stage: _Stage) -> tuple[list, list]:
+    """Tensors the stage reads from outside, and those it produces for outside (or as graph outputs)."""
+    members = {id(node) for node in stage.nodes}
+    produced = {id(t) for node in stage.nodes for t in node.outputs}
+    graph_outputs = {id(t) for t in graph.outputs}
+    inputs: dict[int, object] = {}
+    for node in stage.nodes:
+        for tensor in node.inputs:
+            if id(tensor) not in produced and not tensor.is_empty():
+                inputs.setdefault(id(tensor), tensor)
+    outputs = [
+        tensor
+        for node in stage.nodes
+        for tensor in node.outputs
+        if id(tensor) in graph_outputs or any(id(consumer) not in members for consumer in tensor.outputs)
+    ]
+    return list(inputs.values()), outputs
+
+
+def _signature(tensor) -> tuple[np.dtype | None, int | None]:
+    import onnx_graphsurgeon as gs
+
+    if isinstance(tensor, gs.Constant):
+        return tensor.values.dtype, tensor.values.ndim
+    dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else None
+    return dtype, (len(tensor.shape) if tensor.shape is not None else None)
+
+
+def _is_parameter(tensor, stage: _Stage) -> bool:
+    """A constant of the subgraph itself (axes, pads, ``tiny``), not one of its four inputs.
+
+    The sampler's own constants are named inside its scope; the exporter's shared
+    initializers (``onnx::ReduceSum_507``) are integer axes. In static exports the
+    inputs ``u``, ``quantile_count`` and ``last`` are constants too, folded outside
+    the scope, so they keep names from outside it and float/bool types.
+    """
+    import onnx_graphsurgeon as gs
+
+    if not isinstance(tensor, gs.Constant):
+        return False
+    return tensor.name.startswith(stage.prefix) or not (
+        np.issubdtype(tensor.values.dtype, np.floating) or tensor.values.dtype == np.bool_
+    )
+
+
+def _inputs_by_role(graph, stage: _Stage) -> tuple[list, list]:
+    """The stage's (scores, last, u, quantile_count) and (index, valid), or a UserError naming what differs."""
+    inputs, outputs = _boundary(graph, stage)
+    data = [t for t in inputs if not _is_parameter(t, stage)]
+    by_signature = {_signature(t): t for t in data}
+    by_dtype = {_signature(t)[0]: t for t in outputs}
+    roles = [by_signature.get((dtype, rank)) for _, dtype, rank in _ROLES]
+    results = [by_dtype.get(np.dtype(np.int64)), by_dtype.get(np.dtype(np.bool_))]
+    if len(data) != len(_ROLES) or len(outputs) != len(results) or any(t is None for t in roles + results):
+        shown = ", ".join(f"{t.name} {_describe(t)}" for t in data)
+        raise UserError(
+            f"the sampler scope {stage.prefix} reads {len(data)} tensors ({shown}) and hands on {len(outputs)} "
+            f"({', '.join(f'{t.name} {_describe(t)}' for t in outputs)}); the {OP_TYPE} op needs exactly "
+            "scores float32 [B, N-1], last bool [B, N-1], u float32 [G], quantile_count float32 [] in and "
+            "index int64, valid bool out.",
+            hint="Export with --ats-op subgraph: this model's sampler graph differs from the reference's.",
+        )
+    return roles, results
+
+
+def _describe(tensor) -> str:
+    dtype, rank = _signature(tensor)
+    return f"{dtype or 'unknown type'}, rank {'unknown' if rank is None else rank}"
+
+
+def _static_length(stage: _Stage) -> int:
+    """The stage's static token count (the k of its TopK when constant), else :data:`DYNAMIC`."""
+    import onnx_graphsurgeon as gs
+
+    for node in stage.nodes:
+        if node.op == "TopK" and isinstance(node.inputs[1], gs.Constant):
+            return int(node.inputs[1].values.reshape(-1)[0])
+    return DYNAMIC
+
+
+def _replace(graph, stage: _Stage) -> None:
+    import onnx_graphsurgeon as gs
+
+    (scores, last, u, quantile_count), (index, valid) = _inputs_by_role(graph, stage)
+    length = _static_length(stage)
+    for node in stage.nodes:  # detach the subgraph; cleanup() then drops it
+        node.inputs.clear()
+        node.outputs.clear()
+    batch = scores.shape[0] if scores.shape else "batch"
+    kept = length if length >= 0 else f"ats_tokens_{stage.index}"
+    index.dtype, index.shape = np.int64, [batch, kept]
+    valid.dtype, valid.shape = np.bool_, [batch, kept]
+    size = gs.Variable(f"{stage.prefix}{OP_TYPE}_length", dtype=np.int32, shape=[])
+    graph.nodes.append(
+        gs.Node(
+            op=OP_TYPE,
+            name=f"{stage.prefix}{OP_TYPE}",
+            domain=DOMAIN,
+            attrs={"length": length, "plugin_namespace": DOMAIN, "plugin_version": str(OP_VERSION)},
+            inputs=[scores, last, u, quantile_count],
+            outputs=[index, valid, size],
+        )
+    )
+
+
+def _finish(rewritten: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Carry over what graphsurgeon's export drops, declare the domain, and check."""
+    del rewritten.opset_import[:]
+    rewritten.opset_import.extend(op for op in original.opset_import if op.domain != DOMAIN)
+    rewritten.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OP_VERSION))
+    rewritten.ir_version = original.ir_version
+    rewritten.producer_name, rewritten.producer_version = original.producer_name, original.producer_version
+    props = {p.key: p.value for p in original.metadata_props} | {"ats_op": "custom"}
+    del rewritten.metadata_props[:]
+    for key, value in props.items():
+        rewritten.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(rewritten, full_check=True)
+    return rewritten
+
+
+# --------------------------------------------------------------------------- onnxruntime
+
+
+def uses_custom_op(model: onnx.ModelProto | str | Path) -> bool:
+    """Whether the model (or the ONNX file) imports the ``ats_deploy`` domain, i.e. needs :func:`register`."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    return any(op.domain == DOMAIN for op in model.opset_import)
+
+
+def register(options) -> None:
+    """Make ``AdaptiveTokenSampler`` runnable in sessions created with ``options`` (an ``ort.SessionOptions``).
+
+    onnxruntime-extensions runs Python functions as ops ("PyOp"); an ``op_type`` of
+    the form ``domain::name`` registers the op in that domain, so the model keeps
+    its own ``ats_deploy`` domain (onnxruntime-extensions ``pyop/pyfunc.cc``,
+    ``PyCustomOpDef::AddOp``). The Python ops are added to the session together
+    with the extension library (``register_custom_ops_library``).
+    """
+    options.register_custom_ops_library(_define_onnxruntime_op())
+
+
+def _onnxruntime_kernel(
+    scores: np.ndarray, last: np.ndarray, u: np.ndarray, quantile_count: np.ndarray, length: int = DYNAMIC
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    index, valid = sample_tokens(
+        torch.from_numpy(scores), torch.from_numpy(last), torch.from_numpy(u), torch.from_numpy(quantile_count), length
+    )
+    return index.numpy(), valid.numpy(), np.array(index.shape[1], dtype=np.int32)
+
+
+@functools.cache
+def _define_onnxruntime_op() -> str:
+    """Declare the Python op once per process (a second declaration would register it twice)."""
+    try:
+        from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+    except ImportError:
+        raise BackendUnavailable(
+            "running an --ats-op custom model in onnxruntime needs onnxruntime-extensions, which is not installed.",
+            hint="pip install onnxruntime-extensions, or export with --ats-op subgraph.",
+        ) from None
+    onnx_op(
+        op_type=f"{DOMAIN}::{OP_TYPE}",
+        inputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_bool, PyCustomOpDef.dt_float, PyCustomOpDef.dt_float],
+        outputs=[PyCustomOpDef.dt_int64, PyCustomOpDef.dt_bool, PyCustomOpDef.dt_int32],
+        attrs={"length": PyCustomOpDef.dt_int64},
+    )(_onnxruntime_kernel)
+    return get_library_path()

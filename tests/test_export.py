@@ -1,0 +1,176 @@
+"""Export (ATS_SPEC.md section 4) and its validation (section 5) on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from ats_deploy.errors import UserError
+from ats_deploy.exporters import onnx_export
+from ats_deploy.exporters.compat import check_model
+from ats_deploy.exporters.onnx_export import ExportOptions, export, read_metadata
+from ats_deploy.exporters.validate import TIE_TOL, Case, compare_image, session
+from ats_deploy.images import data_config, random_images
+from ats_deploy.model import ATSOutput, build
+
+KEEPS = (1.0, 0.7, 0.5, 40.0)
+
+
+@pytest.fixture(scope="module")
+def tiny(random_deit_tiny):
+    return build(random_deit_tiny, "deit_tiny_patch16_224")
+
+
+@pytest.fixture(scope="module")
+def dynamic_onnx(tiny, tmp_path_factory) -> Path:
+    return export(tiny, tmp_path_factory.mktemp("export") / "tiny.onnx", ExportOptions(dynamic=True, source="random:0"))
+
+
+def _dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def _assert_matches_reference(path: Path, model, images: torch.Tensor, keep: list[float], dynamic: bool = True):
+    feeds = {"images": images.numpy()}
+    if dynamic:
+        feeds["keep"] = np.array(keep, np.float32)
+    logits, tokens = session(str(path)).run(["logits", "tokens"], feeds)
+    with torch.no_grad():
+        ref_logits, ref_tokens = model(images, torch.tensor(keep))
+    np.testing.assert_array_equal(tokens, ref_tokens.numpy())
+    np.testing.assert_allclose(logits, ref_logits.numpy(), atol=1e-4, rtol=0)
+    return tokens
+
+
+def test_interface_is_the_spec(dynamic_onnx):
+    graph = onnx.load(str(dynamic_onnx)).graph
+    inputs = {i.name: i for i in graph.input}
+    outputs = {o.name: o for o in graph.output}
+    assert list(inputs) == ["images", "keep"] and list(outputs) == ["logits", "tokens"]
+    assert _dims(inputs["images"]) == ["batch", 3, 224, 224]
+    assert _dims(inputs["keep"]) == [9]
+    assert _dims(outputs["logits"]) == ["batch", 1000]
+    assert _dims(outputs["tokens"]) == ["batch", 9]
+    assert inputs["keep"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert outputs["tokens"].type.tensor_type.elem_type == onnx.TensorProto.INT64
+
+
+def test_metadata(dynamic_onnx):
+    meta = read_metadata(onnx.load(str(dynamic_onnx)))
+    assert meta["arch"] == "deit_tiny_patch16_224"
+    assert json.loads(meta["stages"]) == list(range(3, 12))
+    assert json.loads(meta["input_size"]) == [3, 224, 224]
+    assert json.loads(meta["mean"]) == pytest.approx([0.485, 0.456, 0.406])
+    assert json.loads(meta["std"]) == pytest.approx([0.229, 0.224, 0.225])
+    assert meta["ats_deploy_version"] and meta["source_checkpoint"] == "random:0"
+    assert meta["dynamic"] == "true"
+
+
+def test_one_file_serves_every_keep_and_batch(dynamic_onnx, tiny):
+    images = random_images(3, data_config(tiny.vit), seed=3)
+    counts = set()
+    for keep in KEEPS:
+        for batch in (1, 3):
+            tokens = _assert_matches_reference(dynamic_onnx, tiny, images[:batch], [keep] * 9)
+            counts.add(int(tokens[0, -1]))
+    per_stage = [0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.5, 30.0, 20.0]
+    _assert_matches_reference(dynamic_onnx, tiny, images, per_stage)
+    assert len(counts) == len(KEEPS), "different keeps must keep different numbers of tokens"
+
+
+def test_graph_is_tensorrt_friendly(dynamic_onnx):
+    model = onnx.load(str(dynamic_onnx))
+    ops = Counter(node.op_type for node in model.graph.node)
+    assert not {"Unique", "NonZero", "Loop", "If", "ScatterND", "ScatterElements"} & set(ops)
+    assert ops["TopK"] == 9 and ops["CumSum"] == 9
+    onnx.checker.check_model(model, full_check=True)
+    for target in ("tensorrt-10", "onnxruntime"):
+        report = check_model(model, target)
+        assert report.ok, [f.message for f in report.errors]
+    assert not check_model(model, "dla").ok, "a dynamic export must not pass the static DLA check"
+
+
+def test_weights_are_stored_once(dynamic_onnx, random_deit_tiny, tmp_path):
+    dense = export(build(random_deit_tiny, "deit_tiny", stages=[]), tmp_path / "dense.onnx", ExportOptions())
+    assert dynamic_onnx.stat().st_size <= 1.01 * dense.stat().st_size
+
+
+@pytest.mark.parametrize("keep", [1e-6, 0.01, 1.0, 1.0001, 2.0, 1e9])
+def test_never_crashes_or_returns_nan_for_finite_positive_keep(dynamic_onnx, tiny, keep):
+    images = random_images(2, data_config(tiny.vit), seed=4)
+    logits, tokens = session(str(dynamic_onnx)).run(None, {"images": images.numpy(), "keep": np.full(9, keep, np.float32)})
+    assert np.isfinite(logits).all()
+    assert (tokens >= 1).all() and (tokens <= 196).all()
+
+
+def test_static_export_has_only_constant_shapes(tiny, tmp_path):
+    path = export(tiny, tmp_path / "static.onnx", ExportOptions(dynamic=False, batch=2, keep=[0.6]))
+    model = onnx.load(str(path))
+    assert [i.name for i in model.graph.input] == ["images"]
+    assert _dims(model.graph.input[0]) == [2, 3, 224, 224]
+    assert check_model(model, "dla").ok
+    meta = read_metadata(model)
+    assert json.loads(meta["keep"]) == [0.6] * 9 and meta["batch"] == "2"
+    _assert_matches_reference(path, tiny, random_images(2, data_config(tiny.vit), seed=5), [0.6] * 9, dynamic=False)
+
+
+@pytest.mark.slow
+def test_dynamo_exporter_matches_too(tiny, tmp_path):
+    path = export(tiny, tmp_path / "dynamo.onnx", ExportOptions(dynamic=True, exporter="dynamo"))
+    images = random_images(2, data_config(tiny.vit), seed=6)
+    for keep in (1.0, 0.5):
+        for batch in (1, 2):
+            _assert_matches_reference(path, tiny, images[:batch], [keep] * 9)
+
+
+def test_a_failed_export_leaves_no_file(tiny, tmp_path, monkeypatch):
+    def broken(model):
+        raise RuntimeError("simulated failure after tracing")
+
+    monkeypatch.setattr(onnx_export, "clean", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export(tiny, tmp_path / "out.onnx", ExportOptions())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_is_refused_before_work(tiny, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        export(tiny, tmp_path / "missing" / "out.onnx", ExportOptions())
+    with pytest.raises(UserError, match="is a directory"):
+        export(tiny, tmp_path, ExportOptions())
+
+
+def _fake_reference(tokens: list[int], margins: list[float]) -> ATSOutput:
+    return ATSOutput(
+        logits=torch.zeros(1, 4),
+        tokens=torch.tensor([tokens]),
+        positions=[],
+        tie_margins=[torch.tensor([m]) for m in margins],
+        tie_tokens=[torch.tensor([17]) for _ in margins],
+    )
+
+
+def test_a_mismatch_at_a_float_tie_is_a_named_flip(tiny):
+    case = Case(keep=[0.5], batch=1)
+    ref = _fake_reference([100, 90, 80], [1e-3, TIE_TOL / 10, 1e-3])
+    compare_image(case, "chelsea", ref, 0, np.ones(4, np.float32), np.array([100, 91, 80]), tiny, 1e-3)
+    assert case.ok and len(case.flips) == 1
+    flip = case.flips[0]
+    assert (flip.image, flip.stage, flip.token) == ("chelsea", 4, 17)
+    assert "patch 16" in flip.describe()
+
+
+def test_a_mismatch_away_from_a_tie_fails(tiny):
+    case = Case(keep=[0.5], batch=1)
+    ref = _fake_reference([100, 90, 80], [1e-3, 1e-3, 1e-3])
+    compare_image(case, "coffee", ref, 0, np.zeros(4, np.float32), np.array([100, 91, 80]), tiny, 1e-3)
+    assert not case.ok and "block 4 kept 91 tokens, the reference 90" in case.failures[0]
+    case = Case(keep=[0.5], batch=1)
+    compare_image(case, "coffee", ref, 0, np.full(4, 0.5, np.float32), np.array([100, 90, 80]), tiny, 1e-3)
+    assert not case.ok and "logits differ" in case.failures[0]

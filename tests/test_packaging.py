@@ -1,0 +1,64 @@
+"""The built wheel works on its own: one import namespace, profiles as package data, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        check=True, capture_output=True,
+    )
+    return next(out.glob("ats_deploy-*.whl"))
+
+
+def test_wheel_claims_only_ats_deploy(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"ats_deploy"}
+    for expected in (
+        "ats_deploy/exporters/onnx_export.py",
+        "ats_deploy/bench/__init__.py",
+        "ats_deploy/profiles/jetson.yaml",
+        "ats_deploy/profiles/cpu.yaml",
+    ):
+        assert expected in names
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_runs_in_a_fresh_venv(wheel, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)], check=True)
+    # Dependencies come from the dev environment's site-packages; its editable install of
+    # ats_deploy is a .pth hook, which PYTHONPATH entries do not run.
+    env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]}
+    code = (
+        "import ats_deploy, ats_deploy.exporters.onnx_export, ats_deploy.bench;"
+        "from ats_deploy.profiles import load_profile;"
+        "print(ats_deploy.__file__, load_profile('jetson').backend)"
+    )
+    # From a neutral folder: in the repository root, "import ats_deploy" would find the sources.
+    result = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    shown = result.stdout
+    assert shown.startswith(str(venv)) and shown.strip().endswith("tensorrt")
+    help_text = subprocess.run(
+        [venv / "bin" / "ats-deploy", "--help"], check=True, capture_output=True, text=True, env=env, cwd=tmp_path
+    ).stdout
+    assert "export" in help_text and "bench" in help_text
+    site = Path(shown.split()[0]).parents[1]
+    assert not (site / "bench").exists() and not (site / "exporters").exists()

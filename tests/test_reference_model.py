@@ -1,0 +1,193 @@
+"""The PyTorch reference against ATS_SPEC.md: the float64 yardstick, timm, batch invariance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import yardstick
+from ats_deploy import ats
+from ats_deploy.errors import UserError
+from ats_deploy.images import data_config, preprocess, random_images
+from ats_deploy.model import ATSVisionTransformer, build, dense_block, ats_block, parse_stages, validate_keep
+
+SPEC_KEEPS = (1.0, 0.87, 0.72, 0.5, 50.0, 120.0)
+
+
+def _conforms(model: ATSVisionTransformer, images: torch.Tensor, keep: float) -> None:
+    """Batched model vs the per-image float64 yardstick: identical tokens, logits within 1e-4."""
+    keep_list = [keep] * len(model.stages)
+    with torch.no_grad():
+        logits, tokens = model(images, torch.tensor(keep_list))
+    for b in range(images.shape[0]):
+        expected = yardstick.run(model.vit, images[b], keep_list, model.stages)
+        assert tokens[b].tolist() == expected.tokens, f"image {b}, keep {keep}"
+        np.testing.assert_allclose(logits[b].numpy(), expected.logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("keep", SPEC_KEEPS)
+def test_real_weights_match_the_yardstick_on_photos(real_deit_tiny, photos, keep):
+    images = preprocess(photos[1], data_config(real_deit_tiny.vit))
+    _conforms(real_deit_tiny, images, keep)
+
+
+@pytest.mark.parametrize("keep", SPEC_KEEPS)
+def test_random_weights_match_the_yardstick(random_deit_tiny, keep):
+    model = build(random_deit_tiny, "deit_tiny_patch16_224")
+    _conforms(model, random_images(3, data_config(random_deit_tiny), seed=1), keep)
+
+
+def test_real_weights_classify_the_photos(real_deit_tiny, photos):
+    """PROVENANCE.txt: chelsea is a cat (281-287), coffee an espresso (967); dense and ATS agree."""
+    images = preprocess(photos[1][:2], data_config(real_deit_tiny.vit))
+    with torch.no_grad():
+        logits, tokens = real_deit_tiny(images, torch.full((9,), 0.72))
+    assert 281 <= logits[0].argmax() <= 287
+    assert logits[1].argmax() == 967
+    assert (tokens < 196).all()
+
+
+def test_per_stage_keep_and_batch_invariance(real_deit_tiny, photos):
+    images = preprocess(photos[1], data_config(real_deit_tiny.vit))
+    keep = torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 40.0, 30.0])
+    with torch.no_grad():
+        batched = real_deit_tiny.forward_details(images, keep)
+        for b in range(images.shape[0]):
+            alone = real_deit_tiny.forward_details(images[b : b + 1], keep)
+            assert torch.equal(alone.tokens[0], batched.tokens[b])
+            torch.testing.assert_close(alone.logits[0], batched.logits[b], atol=1e-5, rtol=0)
+            for s, positions in enumerate(alone.positions):
+                kept = positions[0][positions[0] >= 0]
+                assert torch.equal(batched.positions[s][b][: kept.numel()], kept)
+                assert kept.numel() == alone.tokens[0, s] + 1 and kept[0] == 0
+    assert len({int(t) for t in batched.tokens[:, -1]}) > 1, "images should keep different numbers of tokens"
+
+
+def test_positions_are_ascending_patches_and_shrink(real_deit_tiny, photos):
+    images = preprocess(photos[1][:1], data_config(real_deit_tiny.vit))
+    with torch.no_grad():
+        out = real_deit_tiny.forward_details(images, torch.full((9,), 0.5))
+    previous = set(range(197))
+    for positions in out.positions:
+        kept = positions[0].tolist()
+        assert kept == sorted(kept) and kept[0] == 0
+        assert set(kept) <= previous
+        previous = set(kept)
+
+
+def test_no_stages_equals_timm(random_deit_tiny):
+    images = random_images(2, data_config(random_deit_tiny))
+    model = build(random_deit_tiny, "deit_tiny_patch16_224", stages=[])
+    with torch.no_grad():
+        logits, tokens = model(images, torch.zeros(0))
+        torch.testing.assert_close(logits, random_deit_tiny(images), atol=1e-5, rtol=0)
+    assert tokens.shape == (2, 0)
+
+
+def test_a_stage_that_keeps_every_token_equals_the_dense_block(random_deit_tiny):
+    block = random_deit_tiny.blocks[5]
+    x = torch.randn(2, 197, 192)
+
+    def keep_all(scores, last, u, count):
+        index = torch.arange(197).expand(2, -1)
+        return index, torch.ones(2, 197, dtype=torch.bool)
+
+    with torch.no_grad():
+        dense = dense_block(block, x, None)
+        sampled, valid, _ = ats_block(block, x, None, None, torch.zeros(196), torch.tensor(196.0), keep_all)
+    assert valid.all()
+    torch.testing.assert_close(sampled, dense, atol=1e-5, rtol=0)
+
+
+def test_keep_one_without_duplicates_equals_dense_model(monkeypatch):
+    """Spec section 5: when no stage draws a duplicate, keep = 1.0 is the dense model.
+
+    With 64 patches and equal scores the cdf is exactly i/64 in float32, so each
+    of the 64 quantiles lands on its own token and every token is kept.
+    """
+    torch.manual_seed(0)
+    vit = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=128).eval()
+    images = random_images(2, data_config(vit))
+    model, dense = build(vit, "deit_tiny", stages=[3, 7, 11]), build(vit, "deit_tiny", stages=[])
+    monkeypatch.setattr(ats, "significance", lambda attention, values: torch.ones(values.shape[0], values.shape[2]))
+    with torch.no_grad():
+        logits, tokens = model(images, torch.ones(3))
+        torch.testing.assert_close(logits, dense(images, torch.zeros(0))[0], atol=1e-5, rtol=0)
+    assert tokens.tolist() == [[64, 64, 64], [64, 64, 64]]
+
+
+@pytest.mark.parametrize(
+    ("keep", "k"),
+    [
+        (1.0, 197),
+        (0.5, 99),  # 98.5 + 0.5 = 99 exactly
+        (0.01, 8),  # fraction floor of 8 tokens
+        (1e-9, 8),
+        (1.5, 2),  # absolute budgets are floored, at least 2
+        (50.9, 50),
+        (500.0, 197),  # never more than the model's tokens
+    ],
+)
+def test_budget_rule(keep, k):
+    assert ats.budget_int(keep, 197) == k == yardstick.budget(keep, 197)
+
+
+def test_budget_is_float32_at_its_ties():
+    """Find keeps whose float32 budget differs from the float64 one; the model must follow float32."""
+    keeps = np.float32(np.arange(1, 197) - 0.5) / np.float32(197)
+    keeps = np.concatenate([np.nextafter(keeps, np.float32(0)), keeps, np.nextafter(keeps, np.float32(1))])
+    float32 = ats.budget(torch.from_numpy(keeps.astype(np.float32)), 197).numpy().astype(int)
+    float64 = np.clip(np.floor(keeps.astype(np.float64) * 197 + 0.5), 8, 197).astype(int)
+    expected = np.array([yardstick.budget(float(k), 197) for k in keeps])
+    assert (float32 == expected).all()
+    assert (float32 != float64).any(), "the grid should contain keeps where float32 and float64 round apart"
+
+
+@pytest.mark.parametrize("arch", ["deit3_small_patch16_224", "vit_tiny_patch16_224"])
+def test_other_timm_variants(arch):
+    """Layer scale and no_embed_class (DeiT-III), average pooling, and another image size."""
+    torch.manual_seed(0)
+    kwargs = {"global_pool": "avg"} if arch.startswith("vit_tiny") else {"img_size": 160}
+    vit = timm.create_model(arch, pretrained=False, **kwargs).eval()
+    model = build(vit, arch)
+    _conforms(model, random_images(2, data_config(vit), seed=2), 0.6)
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "reason"),
+    [
+        ("deit_tiny_distilled_patch16_224", {}, "prefix tokens"),
+        ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}, "no class token"),
+        ("vit_tiny_patch16_224", {"reg_tokens": 4}, "prefix tokens"),
+    ],
+)
+def test_unsupported_models_are_refused_with_the_reason(arch, kwargs, reason):
+    vit = timm.create_model(arch, pretrained=False, **kwargs)
+    with pytest.raises(UserError, match=reason):
+        build(vit, arch)
+
+
+def test_stages_outside_the_depth_are_refused(random_deit_tiny):
+    with pytest.raises(UserError, match="outside the model's blocks 0-11"):
+        build(random_deit_tiny, "deit_tiny_patch16_224", stages=[3, 12])
+
+
+def test_stage_lists():
+    assert parse_stages("3-11", 12) == list(range(3, 12))
+    assert parse_stages("3,5,7", 12) == [3, 5, 7]
+    assert parse_stages("2-4,9", 12) == [2, 3, 4, 9]
+    assert parse_stages("none", 12) == []
+    with pytest.raises(UserError, match="cannot read stages"):
+        parse_stages("3..5", 12)
+
+
+@pytest.mark.parametrize("bad", [[float("nan")], [float("inf")], [0.0], [-0.5], [0.5, 0.5]])
+def test_bad_keep_values_are_refused(bad):
+    with pytest.raises(UserError, match="keep"):
+        validate_keep(bad, 3)
+
+
+def test_default_stages_are_the_papers(random_deit_tiny):
+    assert build(random_deit_tiny, "deit_tiny_patch16_224").stages == list(range(3, 12))
