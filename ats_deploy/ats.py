@@ -73,13 +73,11 @@ def significance(cls_attention: torch.Tensor, values: torch.Tensor) -> torch.Ten
     """Section 1, step 2: ``s_j = (sum_h A[h, 0, j]) * ||V_j||_2`` for every token ``j``.
 
     ``cls_attention``: ``[B, H, 1, N]``, the class token's attention row per head
-    (zero at padded keys). ``values``: per-head ``[B, H, N, dh]``; the norm over all
-    heads concatenated is ``sqrt(sum_h sum_d v^2)``, so no reshape is needed.
-    Returns ``[B, N]`` (token 0, the class token, included; callers drop it).
+    (zero at padded keys). ``values``: ``[B, N, D]``, all heads concatenated (the
+    value part of the qkv projection). Returns ``[B, N]`` (token 0, the class
+    token, included; callers drop it).
     """
-    attention = cls_attention.sum(dim=(1, 2))
-    norms = torch.sqrt((values * values).sum(dim=(1, 3)))
-    return attention * norms
+    return cls_attention.sum(dim=(1, 2)) * torch.linalg.vector_norm(values, dim=-1)
 
 
 def cdf(scores: torch.Tensor) -> torch.Tensor:
@@ -140,11 +138,12 @@ def dynamic_length(length: torch.Tensor, upper: int) -> torch.Tensor | int:
     return value
 
 
-def compact(kept: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def compact(kept: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Section 1, step 7 and section 3: indices of the kept tokens, ascending, padded.
 
-    ``kept``: bool ``[B, N]``. Returns ``(index [B, m], valid [B, m])`` where ``m`` is
-    the largest number of kept tokens in the batch (or the static ``length``).
+    ``kept``: bool ``[B, N]``. Returns ``(index [B, m], valid [B, m], n_kept [B])``
+    where ``m`` is the largest number of kept tokens in the batch (or the static
+    ``length``).
     A kept token ``p`` sorts by ``p``, a dropped one by ``p + N``: the ``m`` smallest
     keys are the kept tokens in order, then (in padded slots) some dropped ones.
     """
@@ -152,10 +151,11 @@ def compact(kept: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor
     n = kept.shape[1] if length is None else int(kept.shape[1])
     positions = torch.arange(n, device=kept.device)
     key = torch.where(kept, positions, positions + n)
+    n_kept = kept.sum(dim=1)
     if length is None:
-        length = dynamic_length(kept.sum(dim=1).max(), n)
+        length = dynamic_length(n_kept.max(), n)
     order, index = torch.topk(key, length, dim=1, largest=False, sorted=True)
-    return index, order < n
+    return index, order < n, n_kept
 
 
 def key_bias(valid: torch.Tensor) -> torch.Tensor:
@@ -164,14 +164,23 @@ def key_bias(valid: torch.Tensor) -> torch.Tensor:
     return bias[:, None, None, :]
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """``x`` restricted to rows ``index [B, m]`` along ``dim`` (the token axis).
+class _GatherRows(torch.autograd.Function):
+    """``x [B, N, C]`` rows ``index [B, m]`` -> ``[B, m, C]``.
 
-    The other dimensions are read as Python ints (heads, head size, width are
-    constants of the model), so the exported ``Expand`` needs no shape arithmetic.
+    Exported by the TorchScript exporter as ``GatherND(batch_dims=1)``, which copies
+    whole rows; ``torch.gather`` would export as ``GatherElements`` with an index
+    expanded to every element, several times slower in onnxruntime.
     """
-    for axis in range(1, x.dim()):
-        if axis != dim:
-            index = index.unsqueeze(axis)
-    sizes = [-1 if axis in (0, dim) else int(x.shape[axis]) for axis in range(x.dim())]
-    return torch.gather(x, dim, index.expand(sizes))
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return torch.gather(x, 1, index.expand(-1, -1, x.shape[-1]))
+
+    @staticmethod
+    def symbolic(g, x, index):
+        return g.op("GatherND", x, index, batch_dims_i=1)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x [B, N, C]`` restricted to the token rows ``index [B, m, 1]``."""
+    return _GatherRows.apply(x, index)

@@ -369,5 +369,200 @@ def check(
         raise UserError(f"{model} is not compatible with {', '.join(failed)} (offending nodes listed above).")
 
 
+BenchModelArg = Annotated[
+    Path | None,
+    typer.Argument(
+        help="Exported ONNX file, or a TensorRT engine (.plan/.engine) from `ats-deploy build`. Default: the only "
+        "ONNX file in the current directory exported by ats-deploy (as `ats-deploy export CHECKPOINT --dynamic` "
+        "writes it).",
+        show_default=False,
+    ),
+]
+
+
+@command("bench")
+def bench_command(
+    model: BenchModelArg = None,
+    profile: ProfileOpt = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Labelled images in ImageFolder layout (DIR/<class>/<image>), for top-1 accuracy. Files that cannot "
+            "be decoded are skipped and counted in the report, so one bad file does not end a long run. Without "
+            "--data: the scikit-image photos plus random images, scored by agreement with the PyTorch dense model.",
+        ),
+    ] = None,
+    images: Annotated[
+        int | None,
+        typer.Option(
+            "--images", min=1, help="At most N images, taken in turn from each class (without --data: N, default 16)."
+        ),
+    ] = None,
+    keep: KeepOpt = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            "--backend",
+            help="Run on this backend instead of the profile's (onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, "
+            "tensorrt, pytorch); the results then say the backend was overridden.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Folder for results.json, results.csv and the plots.",
+            show_default="./results/<time>-<profile>/",
+        ),
+    ] = None,
+    class_map: Annotated[
+        Path | None,
+        typer.Option(
+            "--class-map",
+            help="JSON or YAML file mapping class folder name -> class index. Default: ImageNet indices when the "
+            "folders are wnids (n01440764, ...) and the model has 1000 classes, else the sorted folder order.",
+        ),
+    ] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--checkpoint",
+            help="Checkpoint for the PyTorch reference, when the one recorded in MODEL has moved.",
+        ),
+    ] = None,
+    trust_checkpoint: TrustOpt = False,
+) -> None:
+    """Benchmark an exported model on a device profile: accuracy, GFLOPs, kept tokens and latency.
+
+    Compares, on the same images, the PyTorch reference (dense and ATS) with the exported model (ATS, and a dense
+    export of the same network that speedups are quoted against), on the profile's backend. On the tensorrt
+    backend an ONNX MODEL runs as the engine `ats-deploy build MODEL --profile NAME` wrote; build it first.
+    """
+    from .bench.report import render
+    from .bench.run import Request
+    from .bench.run import bench as run_bench
+
+    if profile is None:
+        raise UserError("bench needs a device profile: --profile NAME (list them with `ats-deploy profiles`).")
+    request = Request(
+        profile=profile,
+        model=model,
+        data=data,
+        images=images,
+        keep=parse_keep(keep),
+        backend=backend,
+        out=out,
+        class_map=class_map,
+        checkpoint=checkpoint,
+        trust_checkpoint=trust_checkpoint,
+    )
+    result, files = run_bench(request, err_console)
+    render(result, console)
+    console.print(f"wrote {files[0].parent}/: {', '.join(p.name for p in files)}", highlight=False)
+
+
+def _profile_origin(profile, builtin_dir: Path) -> str:
+    """``built-in``, or the file a profile was read from (noting when it overrides a built-in)."""
+    if profile.path is None or profile.path.parent.resolve() == builtin_dir.resolve():
+        return "built-in"
+    try:
+        where = f"./{profile.path.relative_to(Path.cwd())}"
+    except ValueError:
+        where = str(profile.path)
+    overrides = (builtin_dir / profile.path.name).is_file()
+    return f"{where}\n(overrides built-in)" if overrides else where
+
+
+@command("profiles")
+def profiles_command() -> None:
+    """List the device profiles for --profile: the built-in ones and ./profiles/*.yaml (which win on a name clash)."""
+    from . import profiles as profiles_package
+    from .profiles import list_profiles
+
+    builtin_dir = Path(profiles_package.__file__).parent
+    found = list_profiles()
+    table = Table(title="device profiles (use as --profile NAME)", title_justify="left")
+    for column in ("name", "backend"):  # never cut: they are what the user types
+        table.add_column(column, min_width=max(len(getattr(p, column)) for p in found))
+    table.add_column("precision")
+    table.add_column("batch", justify="right")
+    table.add_column("keep")
+    table.add_column("from", overflow="fold")
+    for p in found:
+        keep = ",".join(f"{v:g}" for v in p.keep) if isinstance(p.keep, tuple) else f"{p.keep:g}"
+        static = " (static)" if p.static else ""
+        table.add_row(p.name, p.backend, p.precision, f"{p.batch}{static}", keep, _profile_origin(p, builtin_dir))
+    console.print(table)
+
+
+@command()
+def visualize(
+    checkpoint: CheckpointArg,
+    image: Annotated[
+        str,
+        typer.Argument(help="An image file, or skimage:NAME (a scikit-image photo).", show_default=False),
+    ],
+    keep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--keep",
+            help="Token budget, as elsewhere: one value for all stages or a comma list per stage. Repeat it for "
+            "one row per budget: --keep 0.9 --keep 0.5. Default: the checkpoint's keep.",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="PNG to write.", show_default="<image name>-tokens.png")
+    ] = None,
+    arch: ArchOpt = None,
+    stages: StagesOpt = None,
+    trust_checkpoint: TrustOpt = False,
+) -> None:
+    """Draw which tokens each ATS stage kept (the ATS paper's Fig. 2): rows are keep values, columns ATS stages."""
+    from .exporters.onnx_export import check_output_path
+    from .visualize import figure, open_image, save_png, token_grid
+
+    name = image.split(":", 1)[1] if image.startswith("skimage:") else Path(image).stem
+    output = check_output_path(output or Path(f"{name}-tokens.png"))
+    if output.suffix.lower() != ".png":
+        raise UserError(f"output {output} must be a .png file.")
+    picture = open_image(image)
+    model = _load(checkpoint, arch, stages, None, trust_checkpoint)
+    keeps = [parse_keep(text) for text in keep] if keep else [model.default_keep]
+    grid = token_grid(model, picture, keeps)
+    path = save_png(figure(grid, f"{model.arch}: tokens kept per ATS stage, {image}"), output)
+    rows, cols = grid.shape
+    console.print(f"wrote [bold]{path}[/] ({rows} x {cols} panels: keep values x ATS stages)")
+
+
+@command()
+def build(
+    model: Annotated[Path, typer.Argument(help="An ONNX file written by `ats-deploy export`.", show_default=False)],
+    profile: Annotated[
+        str, typer.Option("--profile", help="A TensorRT profile: jetson, jetson-dla, desktop-gpu, server-gpu or a file.")
+    ],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Engine file (default: MODEL stem + .PROFILE.plan).")
+    ] = None,
+    workspace_mb: Annotated[int, typer.Option("--workspace-mb", min=64, help="Builder workspace in MiB.")] = 2048,
+) -> None:
+    """Build a TensorRT engine (needs TensorRT and an NVIDIA GPU); prints the equivalent trtexec command.
+
+    The batch range (min/opt/max) and precision come from the profile. On a machine
+    without TensorRT the trtexec command is still printed, for use on the device.
+    """
+    from .exporters.tensorrt import build_engine, spec_from, trtexec_command, uses_strong_typing, write_fp16_onnx
+
+    if not model.is_file():
+        raise UserError(f"ONNX file not found: {model}; export one with `ats-deploy export CHECKPOINT --dynamic`.")
+    spec = spec_from(model, _profile(profile), output, workspace_mb=workspace_mb)
+    if uses_strong_typing(spec, 10):
+        write_fp16_onnx(spec)
+    console.print("[bold]equivalent trtexec command[/] (TensorRT 10):")
+    console.print(trtexec_command(spec), soft_wrap=True, highlight=False)
+    engine = build_engine(spec, console)
+    console.print(f"built [bold]{engine}[/]")
+
+
 def main() -> None:
     app()

@@ -59,7 +59,7 @@ class TokenSampler(nn.Module):
         u: torch.Tensor,
         quantile_count: torch.Tensor,
         length: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return ats.compact(ats.sample(scores, last, u, quantile_count), length)
 
 
@@ -150,13 +150,13 @@ class ATSVisionTransformer(nn.Module):
             length = None if self.static_budget is None else min(self.static_budget[s], x.shape[1])
             probes: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if probe else None
             sampler = functools.partial(self.samplers[s], length=length)
-            x, valid, index = ats_block(block, x, bias, valid, u[s], k[s] - 1.0, sampler, probes)
+            x, valid, index, n_kept = ats_block(block, x, bias, valid, u[s], k[s] - 1.0, sampler, probes)
             if probes:
                 margin, position = probes[0]
                 out.tie_margins.append(margin)
                 out.tie_tokens.append(torch.gather(positions, 1, position.unsqueeze(1) + 1)[:, 0])
             bias = ats.key_bias(valid)
-            tokens.append(valid.sum(dim=1) - 1)
+            tokens.append(n_kept - 1)
             positions = torch.where(valid, torch.gather(positions, 1, index), -1)
             kept_positions.append(positions)
         out.logits = head(vit, vit.norm(x), valid)
@@ -180,9 +180,13 @@ def head(vit: VisionTransformer, x: torch.Tensor, valid: torch.Tensor | None) ->
 
 def _qkv(attn: Attention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head ``q, k, v`` as ``[B, H, N, dh]``, with timm's q/k norms applied."""
-    batch, n, _ = h.shape
-    qkv = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    return _heads(attn, attn.qkv(h))
+
+
+def _heads(attn: Attention, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split the ``[B, N, 3D]`` qkv projection into normed per-head ``q, k, v``."""
+    batch, n, _ = qkv.shape
+    q, k, v = qkv.reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     return attn.q_norm(q), attn.k_norm(k), v
 
 
@@ -221,10 +225,10 @@ def ats_block(
     valid: torch.Tensor | None,
     u: torch.Tensor,
     quantile_count: torch.Tensor,
-    sampler: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    sampler: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     probes: list | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One ATS stage (spec section 1). Returns ``(tokens, valid, index)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ATS stage (spec section 1). Returns ``(tokens, valid, index, n_kept)``.
 
     ``probes``, when a list, receives :func:`ats.tie_margin` of this stage.
 
@@ -233,19 +237,23 @@ def ats_block(
     """
     attn = block.attn
     h = block.norm1(x)
-    q, k, v = _qkv(attn, h)
+    qkv = attn.qkv(h)
+    q, k, v = _heads(attn, qkv)
     k_t = k.transpose(-2, -1)
     cls_logits = (q[:, :, :1] * attn.scale) @ k_t
     if bias is not None:
         cls_logits = cls_logits + bias
-    scores = ats.significance(cls_logits.softmax(dim=-1), v)[:, 1:]
+    width = qkv.shape[-1] // 3
+    scores = ats.significance(cls_logits.softmax(dim=-1), qkv[:, :, 2 * width :])[:, 1:]
     last = ats.from_last_valid(valid, x.shape[1])
     if probes is not None:
         probes.append(ats.tie_margin(scores, last, u))
-    index, valid = sampler(scores, last, u, quantile_count)
-    o = _attend(ats.gather_rows(q, index, dim=2), k_t, v, attn.scale, bias)
-    h_rows = ats.gather_rows(h, index) if getattr(attn, "gate", None) is not None else h
-    return _finish(block, ats.gather_rows(x, index), h_rows, o), valid, index
+    index, valid, n_kept = sampler(scores, last, u, quantile_count)
+    rows = index.unsqueeze(-1)
+    q_rows = _heads(attn, ats.gather_rows(qkv, rows))[0]
+    o = _attend(q_rows, k_t, v, attn.scale, bias)
+    h_rows = ats.gather_rows(h, rows) if getattr(attn, "gate", None) is not None else h
+    return _finish(block, ats.gather_rows(x, rows), h_rows, o), valid, index, n_kept
 
 
 def validate_keep(keep: Sequence[float], stages: int) -> list[float]:

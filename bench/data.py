@@ -17,6 +17,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import yaml
@@ -61,6 +62,7 @@ class ImageFolder:
     files: list[tuple[Path, int]]
     classes: int
     labelling: str
+    metric: ClassVar[str] = "top-1 accuracy"
 
     def describe(self) -> str:
         return f"{self.root} ({self.classes} classes, labels from {self.labelling})"
@@ -71,10 +73,12 @@ class SampleImages:
     """The scikit-image photos plus random images: no labels, only agreement with the reference."""
 
     count: int
+    metric: ClassVar[str] = "top-1 agreement with PyTorch dense"
 
     def describe(self) -> str:
         photos = min(self.count, len(SAMPLE_PHOTOS))
-        return f"{photos} scikit-image photos + {self.count - photos} random images (no labels)"
+        extra = f" + {self.count - photos} random images" if self.count > photos else ""
+        return f"{photos} scikit-image photos{extra} (no labels)"
 
 
 def _listdir(folder: Path) -> list[Path]:
@@ -104,7 +108,8 @@ def image_folder(root: Path, num_classes: int, class_map: Path | None = None, li
     if not folders:
         loose = sum(_is_image(p) for p in entries)
         raise UserError(
-            f"data folder {root} has no class subfolders ({loose} image files directly in it); {LAYOUT}.",
+            f"data folder {root} has no class subfolders ({loose} image file{'' if loose == 1 else 's'} directly "
+            f"in it); {LAYOUT}.",
             hint="Put the images of each class in a subfolder named after the class.",
         )
     indices, labelling = class_indices([p.name for p in folders], num_classes, class_map)
@@ -113,7 +118,21 @@ def image_folder(root: Path, num_classes: int, class_map: Path | None = None, li
     if not files:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise UserError(f"no image files ({suffixes}) in the {len(folders)} class folders of {root}; {LAYOUT}.")
-    return ImageFolder(root, files[:limit] if limit else files, len(folders), labelling)
+    folder = ImageFolder(root, files[:limit] if limit else files, len(folders), labelling)
+    _check_readable(folder)
+    return folder
+
+
+def _check_readable(folder: ImageFolder) -> None:
+    """Fail now, not after the models are loaded, when not one file decodes."""
+    reasons = []
+    for path, _ in folder.files:
+        try:
+            load_image(path)
+            return
+        except UserError as err:
+            reasons.append(err.message)
+    raise UserError(f"none of the {len(reasons)} image files of {folder.root} could be read; the first: {reasons[0]}")
 
 
 def class_indices(folders: list[str], num_classes: int, class_map: Path | None) -> tuple[dict[str, int], str]:
@@ -184,7 +203,7 @@ def _batch(items: list[tuple[Image.Image, str, int]], config: dict) -> Batch:
 def sample_batches(samples: SampleImages, config: dict, batch: int) -> Iterator[Batch]:
     """The scikit-image photos, then seeded random images, up to ``samples.count``, in batches."""
     photos = list(sample_images().items())[: samples.count]
-    images = preprocess([image for _, image in photos], config) if photos else torch.empty(0, *config["input_size"])
+    images = preprocess([image for _, image in photos], config)
     extra = samples.count - len(photos)
     images = torch.cat([images, random_images(extra, config)]) if extra > 0 else images
     names = [f"skimage:{name}" for name, _ in photos] + [f"random-{i}" for i in range(extra)]

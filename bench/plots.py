@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from ats_deploy.profiles import write_atomic
 from matplotlib.figure import Figure
 
-from .results import BenchResult
+from ats_deploy.ats import budget_int
+
+from .results import BenchResult, VariantResult
 from .variants import EXPORTED_ATS, PYTORCH_ATS
 
 MARKERS = {"pytorch_dense": "s", "pytorch_ats": "o", "exported_dense": "D", "exported_ats": "^"}
+LOG_SPREAD = 10  # a latency axis spanning more than this factor is drawn on a log scale
 
 
 def save(figure: Figure, path: Path) -> Path:
@@ -26,18 +31,20 @@ def save(figure: Figure, path: Path) -> Path:
     return path
 
 
-def _accuracy_against(result: BenchResult, x_label: str, x_of) -> Figure:
+def _accuracy_against(result: BenchResult, x_label: str, x_of: Callable[[VariantResult], float]) -> Figure:
     figure = Figure(figsize=(6, 4.5))
     axes = figure.add_subplot()
     for variant in result.variants:
-        x, y = x_of(variant), 100.0 * variant.accuracy
-        axes.scatter([x], [y], marker=MARKERS[variant.key], s=60, label=f"{variant.title} ({variant.runtime})")
-        axes.annotate(variant.title, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        label = f"{variant.title} ({variant.runtime})"
+        axes.scatter([x_of(variant)], [100.0 * variant.accuracy], marker=MARKERS[variant.key], s=60, label=label)
+    xs = [x_of(v) for v in result.variants]
+    if min(xs) > 0 and max(xs) / min(xs) > LOG_SPREAD:
+        axes.set_xscale("log")
     axes.set_xlabel(x_label)
     axes.set_ylabel(f"{result.accuracy_metric} (%)")
     axes.set_title(f"{result.model['arch']}, keep {result.keep_text}, {result.backend_label}", fontsize=9)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="lower right")
+    axes.legend(fontsize=7)
     return figure
 
 
@@ -50,19 +57,28 @@ def accuracy_vs_gflops(result: BenchResult) -> Figure:
 
 
 def kept_tokens(result: BenchResult) -> Figure:
-    """Histogram of the tokens each ATS stage kept over the images (the ATS paper's Fig. 6)."""
+    """Histograms of the tokens each ATS stage kept over the images (the ATS paper's Fig. 6).
+
+    One integer bin per token count on a shared axis; the dashed line is the stage's budget ``K - 1``.
+    """
     by_key = {v.key: v for v in result.variants}
     variant = by_key.get(EXPORTED_ATS, by_key[PYTORCH_ATS])
-    stages = result.model["stages"]
-    columns = min(len(stages), 3) or 1
-    rows = max(math.ceil(len(stages) / columns), 1)
+    stages, n0 = result.model["stages"], result.model["n0"]
+    columns = min(len(stages), 3)
+    rows = math.ceil(len(stages) / columns)
     figure = Figure(figsize=(3.2 * columns, 2.4 * rows), layout="constrained")
-    figure.suptitle(f"kept tokens K' per ATS stage, {variant.title} ({variant.runtime}), keep {result.keep_text}")
+    figure.suptitle(f"tokens kept per ATS stage: {variant.title} ({variant.runtime}), keep {result.keep_text}")
+    low, high = int(variant.tokens.min()), int(variant.tokens.max())
+    bins = np.arange(low, high + 2) - 0.5
     for s, block in enumerate(stages):
         axes = figure.add_subplot(rows, columns, s + 1)
-        axes.hist(variant.tokens[:, s], bins=20, color="tab:blue")
+        axes.hist(variant.tokens[:, s], bins=bins, color="tab:blue")
+        budget = budget_int(result.keep[s], n0) - 1
+        if low <= budget <= high:
+            axes.axvline(budget, color="tab:red", linestyle="--", linewidth=1)
         axes.set_title(f"block {block}", fontsize=9)
         axes.set_xlabel("tokens kept", fontsize=8)
+        axes.set_ylabel("images", fontsize=8)
         axes.tick_params(labelsize=7)
     return figure
 

@@ -1,8 +1,8 @@
 """``ats-deploy bench``: find the model, rebuild its reference, run every variant on the same images, report.
 
-The order is chosen so that every mistake a user can make (profile, backend,
-output folder, model, keep, data) fails in seconds, before the reference is
-loaded, a dense baseline exported or anything timed.
+:func:`plan` settles everything a user can get wrong (profile, backend, output
+folder, model, keep, data) in seconds, before :func:`bench` loads the reference,
+exports the dense baseline or times anything.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -57,6 +57,27 @@ class Request:
     trust_checkpoint: bool = False
 
 
+@dataclass
+class Plan:
+    """What will be measured, where, on which images, and where the results go: all checked."""
+
+    request: Request
+    profile: Profile
+    backend: str
+    folder: Path
+    exported: Exported
+    measured: Path  # the file the exported variants run: the model, or the engine built from it
+    keep: list[float]
+    keep_origin: str
+    data: ImageFolder | SampleImages
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def precision(self) -> str:
+        """The profile's precision on GPU backends; the CPU and PyTorch paths run fp32."""
+        return self.profile.precision if self.backend in GPU_BACKENDS else "fp32"
+
+
 def resolve_backend(override: str | None, profile: Profile) -> str:
     if override is None:
         return profile.backend
@@ -85,23 +106,8 @@ def _keep(request: Request, profile: Profile, stages: int) -> tuple[list[float],
     return validate_keep(profile.keep_for(stages), stages), f"profile '{profile.name}'"
 
 
-def _precision(backend: str, profile: Profile) -> str:
-    """The profile's precision on GPU backends; the CPU and PyTorch paths run fp32."""
-    return profile.precision if backend in GPU_BACKENDS else "fp32"
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _measured_file(exported: Exported, profile: Profile, backend: str) -> Path:
-    """The file the exported variant runs: the model itself, or (tensorrt, ONNX model) its built engine."""
+    """The file the exported variants run: the model itself, or (tensorrt, ONNX model) its built engine."""
     if exported.is_engine:
         if backend != "tensorrt":
             raise UserError(
@@ -115,46 +121,6 @@ def _measured_file(exported: Exported, profile: Profile, backend: str) -> Path:
     return exported.path
 
 
-def _exported_variants(
-    dense: ATSVisionTransformer, exported: Exported, measured: Path, profile: Profile, backend: str,
-    precision: str, workdir: Path, status: Console,
-) -> tuple[runners.Runner, runners.Runner]:
-    """Runners of the exported ATS model and of the dense baseline, exported (and built) the same way."""
-    options = ExportOptions(dynamic=exported.dynamic, batch=exported.batch or 1)
-    with status.status("exporting the dense baseline (the same network without token sampling)"):
-        dense_onnx = export(dense, workdir / "dense.onnx", options)
-    if backend == "tensorrt":
-        from ats_deploy.exporters.tensorrt import build_engine, spec_from
-
-        # The ATS engine's timing cache makes the dense build reuse its kernel timings.
-        cache = measured.with_name(f"{profile.name}.timing.cache")
-        spec = replace(spec_from(dense_onnx, profile, output=workdir), timing_cache=cache)
-        dense_engine = build_engine(spec, status)
-        return runners.EngineRunner(measured), runners.EngineRunner(dense_engine)
-    ats = runners.OnnxRuntimeRunner(measured, backend, precision, profile.threads, workdir)
-    return ats, runners.OnnxRuntimeRunner(dense_onnx, backend, precision, profile.threads, workdir)
-
-
-def _variants(
-    model: ATSVisionTransformer, keep: list[float], exported: Exported, measured: Path, profile: Profile,
-    backend: str, precision: str, workdir: Path, status: Console,
-) -> dict[str, Variant]:
-    dense = build(model.vit, model.arch, stages=[])
-    cost, dense_cost = CostModel.of(model), CostModel.of(dense)
-    keep_t, none = torch.tensor(keep, dtype=torch.float32), torch.zeros(0)
-    torch_label = runners.TorchRunner.label
-    variants = {
-        PYTORCH_DENSE: Variant(PYTORCH_DENSE, runners.TorchRunner(dense), torch_label, none, dense_cost),
-        PYTORCH_ATS: Variant(PYTORCH_ATS, runners.TorchRunner(model), torch_label, keep_t, cost),
-    }
-    if backend == "pytorch":
-        return variants
-    ats, baseline = _exported_variants(dense, exported, measured, profile, backend, precision, workdir, status)
-    variants[EXPORTED_DENSE] = Variant(EXPORTED_DENSE, baseline, runners.LABELS[backend], none, dense_cost)
-    variants[EXPORTED_ATS] = Variant(EXPORTED_ATS, ats, runners.LABELS[backend], keep_t, cost)
-    return variants
-
-
 def _data(request: Request, num_classes: int) -> ImageFolder | SampleImages:
     if request.data is not None:
         return image_folder(request.data, num_classes, request.class_map, request.images)
@@ -163,34 +129,97 @@ def _data(request: Request, num_classes: int) -> ImageFolder | SampleImages:
     return SampleImages(request.images or DEFAULT_SAMPLE_IMAGES)
 
 
+def plan(request: Request) -> Plan:
+    """Check the request against the profile, the machine, the model and the data."""
+    profile = load_profile(request.profile)
+    backend = resolve_backend(request.backend, profile)
+    runners.require(backend, profile.name, overridden=request.backend is not None)
+    folder = output_folder(request.out, profile.name)
+    exported = open_model(request.model or find_model(Path.cwd()))
+    measured = _measured_file(exported, profile, backend)
+    keep, keep_origin = _keep(request, profile, len(exported.stages))
+    check_static(exported, keep, keep_origin, profile)
+    data = _data(request, exported.num_classes)
+    result = Plan(request, profile, backend, folder, exported, measured, keep, keep_origin, data)
+    cores = os.cpu_count() or 1
+    if profile.threads and profile.threads > cores:
+        result.warnings.append(f"profile '{profile.name}' asks for {profile.threads} threads; there are {cores} cores.")
+    return result
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _exported_runners(
+    plan: Plan, dense: ATSVisionTransformer, workdir: Path, status: Console
+) -> tuple[runners.Runner, runners.Runner]:
+    """Runners of the exported ATS model and of the dense baseline, exported (and built) the same way."""
+    exported = plan.exported
+    options = ExportOptions(dynamic=exported.dynamic, batch=exported.batch or 1)
+    with status.status("exporting the dense baseline (the same network without token sampling)"):
+        dense_onnx = export(dense, workdir / "dense.onnx", options)
+    if plan.backend == "tensorrt":
+        from ats_deploy.exporters.tensorrt import build_engine, spec_from
+
+        # The ATS engine's timing cache lets the dense build reuse its kernel timings.
+        cache = plan.measured.with_name(f"{plan.profile.name}.timing.cache")
+        spec = replace(spec_from(dense_onnx, plan.profile, output=workdir), timing_cache=cache)
+        return runners.EngineRunner(plan.measured), runners.EngineRunner(build_engine(spec, status))
+    threads = plan.profile.threads
+    return (
+        runners.OnnxRuntimeRunner(plan.measured, plan.backend, plan.precision, threads, workdir),
+        runners.OnnxRuntimeRunner(dense_onnx, plan.backend, plan.precision, threads, workdir),
+    )
+
+
+def _variants(plan: Plan, model: ATSVisionTransformer, workdir: Path, status: Console) -> dict[str, Variant]:
+    dense = build(model.vit, model.arch, stages=[])
+    cost, dense_cost = CostModel.of(model), CostModel.of(dense)
+    keep, none = torch.tensor(plan.keep, dtype=torch.float32), torch.zeros(0)
+    torch_label = runners.TorchRunner.label
+    variants = {
+        PYTORCH_DENSE: Variant(PYTORCH_DENSE, runners.TorchRunner(dense), torch_label, none, dense_cost),
+        PYTORCH_ATS: Variant(PYTORCH_ATS, runners.TorchRunner(model), torch_label, keep, cost),
+    }
+    if plan.backend == "pytorch":
+        return variants
+    ats, baseline = _exported_runners(plan, dense, workdir, status)
+    label = runners.LABELS[plan.backend]
+    variants[EXPORTED_DENSE] = Variant(EXPORTED_DENSE, baseline, label, none, dense_cost)
+    variants[EXPORTED_ATS] = Variant(EXPORTED_ATS, ats, label, keep, cost)
+    return variants
+
+
 def _accuracy_pass(
-    data: ImageFolder | SampleImages, model: ATSVisionTransformer, variants: dict[str, Variant],
-    profile: Profile, precision: str, skipped: Skipped, status: Console,
+    plan: Plan, model: ATSVisionTransformer, variants: dict[str, Variant], skipped: Skipped, status: Console
 ) -> Evaluation:
-    config = data_config(model.vit)
+    config, batch, data = data_config(model.vit), plan.profile.batch, plan.data
     if isinstance(data, ImageFolder):
-        total, batches = len(data.files), folder_batches(data, config, profile.batch, skipped)
+        total, batches = len(data.files), folder_batches(data, config, batch, skipped)
     else:
-        total, batches = data.count, sample_batches(data, config, profile.batch)
+        total, batches = data.count, sample_batches(data, config, batch)
     with Progress(console=status, transient=True) as progress:
         task = progress.add_task(f"accuracy: {len(variants)} variants", total=total)
-        seen = [0]
+        counted = [0]  # skipped files counted so far, so that progress covers them too
 
-        def advance(count: int) -> None:
-            progress.advance(task, count + len(skipped) - seen[0])
-            seen[0] = len(skipped)
+        def advance(images: int) -> None:
+            progress.advance(task, images + len(skipped) - counted[0])
+            counted[0] = len(skipped)
 
-        evaluation = evaluate(batches, model, variants, profile.batch, ATOL[precision], advance)
-    if evaluation.images == 0:
-        first = f" (first: {skipped.files[0][0]}: {skipped.files[0][1]})" if len(skipped) else ""
-        raise UserError(f"none of the {total} image files of {data.describe()} could be read{first}.")
-    return evaluation
+        return evaluate(batches, model, variants, batch, ATOL[plan.precision], advance)
 
 
 def _latency_pass(
-    variants: dict[str, Variant], evaluation: Evaluation, profile: Profile, status: Console
+    plan: Plan, variants: dict[str, Variant], evaluation: Evaluation, status: Console
 ) -> dict[str, Latency]:
-    inputs = evaluation.timing_inputs
+    inputs, profile = evaluation.timing_inputs, plan.profile
     calls: dict[str, Callable[[int], object]] = {
         key: (lambda round_, v=variant: v(inputs[round_ % len(inputs)])) for key, variant in variants.items()
     }
@@ -198,18 +227,6 @@ def _latency_pass(
         rounds = profile.warmup + profile.iterations
         task = progress.add_task(f"latency: {len(calls)} variants interleaved, batch {profile.batch}", total=rounds)
         return interleaved(calls, profile.batch, profile.warmup, profile.iterations, lambda: progress.advance(task))
-
-
-def _data_summary(data: ImageFolder | SampleImages, evaluation: Evaluation, skipped: Skipped) -> dict:
-    labelled = isinstance(data, ImageFolder)
-    return {
-        "source": data.describe(),
-        "labelled": labelled,
-        "labels": data.labelling if labelled else None,
-        "images": evaluation.images,
-        "skipped_corrupt": len(skipped),
-        "skipped_files": [{"file": name, "reason": reason} for name, reason in skipped.files],
-    }
 
 
 def _variant_results(
@@ -224,48 +241,43 @@ def _variant_results(
     return results
 
 
+def _data_summary(data: ImageFolder | SampleImages, evaluation: Evaluation, skipped: Skipped) -> dict:
+    return {
+        "source": data.describe(),
+        "labelled": isinstance(data, ImageFolder),
+        "labels": data.labelling if isinstance(data, ImageFolder) else None,
+        "images": evaluation.images,
+        "skipped_corrupt": len(skipped),
+        "skipped_files": [{"file": name, "reason": reason} for name, reason in skipped.files],
+    }
+
+
 def bench(request: Request, status: Console) -> tuple[BenchResult, list[Path]]:
     """Run the bench of ``request``; progress and notices go to ``status``. Returns the result and files written."""
-    profile = load_profile(request.profile)
-    backend = resolve_backend(request.backend, profile)
-    runners.require(backend, profile.name, overridden=request.backend is not None)
-    folder = output_folder(request.out, profile.name)
-    exported = open_model(request.model or find_model(Path.cwd()))
-    measured = _measured_file(exported, profile, backend)
-    keep, keep_origin = _keep(request, profile, len(exported.stages))
-    check_static(exported, keep, keep_origin, profile)
-    data = _data(request, exported.num_classes)
-    warnings: list[str] = []
-    if profile.threads and profile.threads > (os.cpu_count() or 1):
-        cores = os.cpu_count()
-        warnings.append(f"profile '{profile.name}' asks for {profile.threads} threads; this machine has {cores} cores.")
+    checked = plan(request)
     with status.status("loading the PyTorch reference"):
-        model = reference(exported, request.checkpoint, request.trust_checkpoint, warnings)
-    precision = _precision(backend, profile)
+        model = reference(checked.exported, request.checkpoint, request.trust_checkpoint, checked.warnings)
     skipped = Skipped()
-    with _torch_threads(profile.threads or torch.get_num_threads()), tempfile.TemporaryDirectory() as workdir:
-        variants = _variants(model, keep, exported, measured, profile, backend, precision, Path(workdir), status)
-        evaluation = _accuracy_pass(data, model, variants, profile, precision, skipped, status)
-        latencies = _latency_pass(variants, evaluation, profile, status)
-        environment = machine.describe(profile.threads)
+    threads = checked.profile.threads or torch.get_num_threads()
+    with _torch_threads(threads), tempfile.TemporaryDirectory(prefix="ats-bench-") as workdir:
+        variants = _variants(checked, model, Path(workdir), status)
+        evaluation = _accuracy_pass(checked, model, variants, skipped, status)
+        latencies = _latency_pass(checked, variants, evaluation, status)
+        environment = machine.describe(checked.profile.threads)
+    source = request.checkpoint or checked.exported.meta.get("source_checkpoint", "")
     result = BenchResult(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        model={
-            **exported.summary(),
-            "measured_file": str(measured),
-            "reference_checkpoint": request.checkpoint or exported.meta.get("source_checkpoint", ""),
-        },
-        profile=profile,
-        backend=backend,
-        precision=precision,
-        keep=keep,
-        keep_origin=keep_origin,
-        data=_data_summary(data, evaluation, skipped),
-        accuracy_metric="top-1 accuracy" if isinstance(data, ImageFolder) else "top-1 agreement with PyTorch dense",
+        model={**checked.exported.summary(), "measured_file": str(checked.measured), "reference_checkpoint": source},
+        profile=checked.profile,
+        backend=checked.backend,
+        precision=checked.precision,
+        keep=checked.keep,
+        keep_origin=checked.keep_origin,
+        data=_data_summary(checked.data, evaluation, skipped),
+        accuracy_metric=checked.data.metric,
         variants=_variant_results(variants, evaluation, latencies),
         comparison=evaluation.case,
         environment=environment,
-        warnings=warnings,
+        warnings=checked.warnings,
     )
-    return result, report.write(result, folder)
-
+    return result, report.write(result, checked.folder)

@@ -70,6 +70,7 @@ class Exported:
             "kind": "tensorrt engine" if self.is_engine else "onnx",
             "arch": self.arch,
             "stages": self.stages,
+            "n0": int(self.meta["n0"]),
             "dynamic": self.dynamic,
             "exported_batch": self.batch,
             "source_checkpoint": self.meta.get("source_checkpoint", ""),
@@ -94,7 +95,7 @@ def find_model(directory: Path) -> Path:
     if len(ours) == 1:
         return ours[0]
     if not ours:
-        others = f" ({len(onnx_files)} other .onnx files there lack that metadata)" if onnx_files else ""
+        others = f" (.onnx files without it: {', '.join(p.name for p in onnx_files)})" if onnx_files else ""
         raise UserError(
             f"no MODEL given, and {directory} has no ONNX file exported by ats-deploy: looked for *.onnx "
             f"files whose metadata records 'arch' and 'stages'{others}.",

@@ -15,12 +15,13 @@ inputs     ``scores`` float32 [B, N-1]     significance of tokens 1..N-1
            ``quantile_count`` float32 []   K-1
 outputs    ``index`` int64 [B, m]          kept tokens, class token first, padded
            ``valid`` bool [B, m]           false in padded slots
+           ``n_kept`` int64 [B]            tokens each image kept (K' + 1)
            ``length`` int32 []             m, the plugin's size tensor in TensorRT
 attribute  ``length`` int                  static m, or -1: m = most tokens kept in the batch
 =========  ==============================  =================================================
 
 Its semantics are :func:`sample_tokens`, i.e. ``ats.compact(ats.sample(...))``. The
-third output exists because TensorRT requires a plugin's size tensors (here m, a
+last output exists because TensorRT requires a plugin's size tensors (here m, a
 data-dependent dimension) to be plugin outputs, and its ONNX parser requires the
 node to have as many outputs as the plugin; nothing consumes it. The string
 attributes ``plugin_namespace`` / ``plugin_version`` are how the TensorRT ONNX parser
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import torch
 
 from ats_deploy import ats
@@ -51,19 +53,23 @@ DYNAMIC = -1
 
 # ``/samplers.3/TopK`` or ``/model/samplers.3/TopK``: group 1 is the stage.
 _SCOPE = re.compile(r"(?:^|/)samplers\.(\d+)/")
-# (name, dtype, rank) of the four inputs, in the node's order.
-_ROLES = (
+# (name, dtype, rank) of the sampler's inputs and outputs, in the node's order.
+_INPUTS = (
     ("scores", np.dtype(np.float32), 2),
     ("last", np.dtype(np.bool_), 2),
     ("u", np.dtype(np.float32), 1),
     ("quantile_count", np.dtype(np.float32), 0),
 )
-_SCOPE_OPS_GONE = ("TopK", "CumSum")
+_OUTPUTS = (
+    ("index", np.dtype(np.int64), 2),
+    ("valid", np.dtype(np.bool_), 2),
+    ("n_kept", np.dtype(np.int64), 1),
+)
 
 
 def sample_tokens(
     scores: torch.Tensor, last: torch.Tensor, u: torch.Tensor, quantile_count: torch.Tensor, length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What one ``AdaptiveTokenSampler`` node computes: the reference's ``TokenSampler``."""
     return ats.compact(ats.sample(scores, last, u, quantile_count), None if length < 0 else length)
 
@@ -93,8 +99,8 @@ def replace_samplers(model: onnx.ModelProto) -> onnx.ModelProto:
     Keeps the opset, IR version and metadata (adding ``ats_op: custom``), and checks
     the result with ``onnx.checker`` (full check, which runs strict shape inference).
     """
-    import onnx_graphsurgeon as gs
-
+    if uses_custom_op(model):
+        return model  # already rewritten
     props = {p.key: p.value for p in model.metadata_props}
     if props.get("exporter") == "dynamo":
         raise _needs_torchscript("it was exported with the dynamo exporter")
@@ -158,8 +164,6 @@ def _boundary(graph, stage: _Stage) -> tuple[list, list]:
 
 
 def _signature(tensor) -> tuple[np.dtype | None, int | None]:
-    import onnx_graphsurgeon as gs
-
     if isinstance(tensor, gs.Constant):
         return tensor.values.dtype, tensor.values.ndim
     dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else None
@@ -174,8 +178,6 @@ def _is_parameter(tensor, stage: _Stage) -> bool:
     inputs ``u``, ``quantile_count`` and ``last`` are constants too, folded outside
     the scope, so they keep names from outside it and float/bool types.
     """
-    import onnx_graphsurgeon as gs
-
     if not isinstance(tensor, gs.Constant):
         return False
     return tensor.name.startswith(stage.prefix) or not (
@@ -183,35 +185,45 @@ def _is_parameter(tensor, stage: _Stage) -> bool:
     )
 
 
-def _inputs_by_role(graph, stage: _Stage) -> tuple[list, list]:
-    """The stage's (scores, last, u, quantile_count) and (index, valid), or a UserError naming what differs."""
+def _by_signature(tensors: list, wanted: tuple, complete: bool = True) -> list | None:
+    """``tensors`` in the order of ``wanted`` (name, dtype, rank), None where one is missing.
+
+    Returns None unless each tensor matches its own entry of ``wanted`` and, if
+    ``complete``, every entry is matched.
+    """
+    found = {_signature(t): t for t in tensors}
+    ordered = [found.get((dtype, rank)) for _, dtype, rank in wanted]
+    matched = sum(t is not None for t in ordered)
+    return ordered if matched == len(tensors) and (matched == len(wanted) or not complete) else None
+
+
+def _interface(graph, stage: _Stage) -> tuple[list, list]:
+    """The stage's inputs and outputs in the node's order, or a UserError naming what differs.
+
+    An output nothing reads is None (the last stage's ``valid`` when the head pools
+    the class token): the node still produces it, into a fresh tensor.
+    """
     inputs, outputs = _boundary(graph, stage)
     data = [t for t in inputs if not _is_parameter(t, stage)]
-    by_signature = {_signature(t): t for t in data}
-    by_dtype = {_signature(t)[0]: t for t in outputs}
-    roles = [by_signature.get((dtype, rank)) for _, dtype, rank in _ROLES]
-    results = [by_dtype.get(np.dtype(np.int64)), by_dtype.get(np.dtype(np.bool_))]
-    if len(data) != len(_ROLES) or len(outputs) != len(results) or any(t is None for t in roles + results):
-        shown = ", ".join(f"{t.name} {_describe(t)}" for t in data)
+    ordered_inputs, ordered_outputs = _by_signature(data, _INPUTS), _by_signature(outputs, _OUTPUTS, complete=False)
+    if ordered_inputs is None or ordered_outputs is None:
         raise UserError(
-            f"the sampler scope {stage.prefix} reads {len(data)} tensors ({shown}) and hands on {len(outputs)} "
-            f"({', '.join(f'{t.name} {_describe(t)}' for t in outputs)}); the {OP_TYPE} op needs exactly "
-            "scores float32 [B, N-1], last bool [B, N-1], u float32 [G], quantile_count float32 [] in and "
-            "index int64, valid bool out.",
+            f"the sampler scope {stage.prefix} reads {_list(data)} and hands on {_list(outputs)}; "
+            f"the {OP_TYPE} op needs exactly {_list(_INPUTS)} in and {_list(_OUTPUTS)} out.",
             hint="Export with --ats-op subgraph: this model's sampler graph differs from the reference's.",
         )
-    return roles, results
+    return ordered_inputs, ordered_outputs
 
 
-def _describe(tensor) -> str:
-    dtype, rank = _signature(tensor)
-    return f"{dtype or 'unknown type'}, rank {'unknown' if rank is None else rank}"
+def _list(items) -> str:
+    """``name (dtype, rank r)`` of tensors or of (name, dtype, rank) specs."""
+    described = [item if isinstance(item, tuple) else (item.name, *_signature(item)) for item in items]
+    shown = [f"{name} ({'unknown type' if dtype is None else dtype}, rank {rank})" for name, dtype, rank in described]
+    return f"{len(shown)} tensors: " + ", ".join(shown)
 
 
 def _static_length(stage: _Stage) -> int:
     """The stage's static token count (the k of its TopK when constant), else :data:`DYNAMIC`."""
-    import onnx_graphsurgeon as gs
-
     for node in stage.nodes:
         if node.op == "TopK" and isinstance(node.inputs[1], gs.Constant):
             return int(node.inputs[1].values.reshape(-1)[0])
@@ -219,17 +231,18 @@ def _static_length(stage: _Stage) -> int:
 
 
 def _replace(graph, stage: _Stage) -> None:
-    import onnx_graphsurgeon as gs
-
-    (scores, last, u, quantile_count), (index, valid) = _inputs_by_role(graph, stage)
+    inputs, outputs = _interface(graph, stage)
     length = _static_length(stage)
     for node in stage.nodes:  # detach the subgraph; cleanup() then drops it
         node.inputs.clear()
         node.outputs.clear()
-    batch = scores.shape[0] if scores.shape else "batch"
+    batch = inputs[0].shape[0] if inputs[0].shape else "batch"
     kept = length if length >= 0 else f"ats_tokens_{stage.index}"
-    index.dtype, index.shape = np.int64, [batch, kept]
-    valid.dtype, valid.shape = np.bool_, [batch, kept]
+    shapes = {"index": [batch, kept], "valid": [batch, kept], "n_kept": [batch]}
+    for i, (name, dtype, _) in enumerate(_OUTPUTS):
+        if outputs[i] is None:
+            outputs[i] = gs.Variable(f"{stage.prefix}{OP_TYPE}_{name}")
+        outputs[i].dtype, outputs[i].shape = dtype.type, shapes[name]
     size = gs.Variable(f"{stage.prefix}{OP_TYPE}_length", dtype=np.int32, shape=[])
     graph.nodes.append(
         gs.Node(
@@ -237,8 +250,8 @@ def _replace(graph, stage: _Stage) -> None:
             name=f"{stage.prefix}{OP_TYPE}",
             domain=DOMAIN,
             attrs={"length": length, "plugin_namespace": DOMAIN, "plugin_version": str(OP_VERSION)},
-            inputs=[scores, last, u, quantile_count],
-            outputs=[index, valid, size],
+            inputs=inputs,
+            outputs=[*outputs, size],
         )
     )
 
@@ -246,7 +259,7 @@ def _replace(graph, stage: _Stage) -> None:
 def _finish(rewritten: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
     """Carry over what graphsurgeon's export drops, declare the domain, and check."""
     del rewritten.opset_import[:]
-    rewritten.opset_import.extend(op for op in original.opset_import if op.domain != DOMAIN)
+    rewritten.opset_import.extend(original.opset_import)
     rewritten.opset_import.append(onnx.helper.make_opsetid(DOMAIN, OP_VERSION))
     rewritten.ir_version = original.ir_version
     rewritten.producer_name, rewritten.producer_version = original.producer_name, original.producer_version
@@ -274,35 +287,41 @@ def register(options) -> None:
     onnxruntime-extensions runs Python functions as ops ("PyOp"); an ``op_type`` of
     the form ``domain::name`` registers the op in that domain, so the model keeps
     its own ``ats_deploy`` domain (onnxruntime-extensions ``pyop/pyfunc.cc``,
-    ``PyCustomOpDef::AddOp``). The Python ops are added to the session together
-    with the extension library (``register_custom_ops_library``).
+    ``PyCustomOpDef::AddOp``). The Python ops reach the session together with the
+    extension library (``register_custom_ops_library``).
     """
-    options.register_custom_ops_library(_define_onnxruntime_op())
+    extensions = _import_extensions()
+    _declare_onnxruntime_op(extensions)
+    options.register_custom_ops_library(extensions.get_library_path())
 
 
-def _onnxruntime_kernel(
-    scores: np.ndarray, last: np.ndarray, u: np.ndarray, quantile_count: np.ndarray, length: int = DYNAMIC
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    index, valid = sample_tokens(
-        torch.from_numpy(scores), torch.from_numpy(last), torch.from_numpy(u), torch.from_numpy(quantile_count), length
-    )
-    return index.numpy(), valid.numpy(), np.array(index.shape[1], dtype=np.int32)
-
-
-@functools.cache
-def _define_onnxruntime_op() -> str:
-    """Declare the Python op once per process (a second declaration would register it twice)."""
+def _import_extensions():
     try:
-        from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+        import onnxruntime_extensions
     except ImportError:
         raise BackendUnavailable(
             "running an --ats-op custom model in onnxruntime needs onnxruntime-extensions, which is not installed.",
             hint="pip install onnxruntime-extensions, or export with --ats-op subgraph.",
         ) from None
-    onnx_op(
+    return onnxruntime_extensions
+
+
+@functools.cache
+def _declare_onnxruntime_op(extensions) -> None:
+    """Declare the Python op once per process: each declaration adds one more kernel to the domain."""
+    types = extensions.PyCustomOpDef
+    extensions.onnx_op(
         op_type=f"{DOMAIN}::{OP_TYPE}",
-        inputs=[PyCustomOpDef.dt_float, PyCustomOpDef.dt_bool, PyCustomOpDef.dt_float, PyCustomOpDef.dt_float],
-        outputs=[PyCustomOpDef.dt_int64, PyCustomOpDef.dt_bool, PyCustomOpDef.dt_int32],
-        attrs={"length": PyCustomOpDef.dt_int64},
+        inputs=[types.dt_float, types.dt_bool, types.dt_float, types.dt_float],
+        outputs=[types.dt_int64, types.dt_bool, types.dt_int64, types.dt_int32],
+        attrs={"length": types.dt_int64},
     )(_onnxruntime_kernel)
-    return get_library_path()
+
+
+def _onnxruntime_kernel(
+    scores: np.ndarray, last: np.ndarray, u: np.ndarray, quantile_count: np.ndarray, length: int = DYNAMIC
+) -> tuple[np.ndarray, ...]:
+    """The PyOp body: onnxruntime passes numpy arrays and the attributes as keywords."""
+    arrays = (scores, last, u, quantile_count)
+    index, valid, n_kept = sample_tokens(*(torch.from_numpy(a) for a in arrays), length)
+    return index.numpy(), valid.numpy(), n_kept.numpy(), np.array(index.shape[1], dtype=np.int32)

@@ -31,6 +31,8 @@ from ats_deploy.errors import UserError
 from ats_deploy.images import data_config
 from ats_deploy.model import ATSVisionTransformer, validate_keep
 
+from .custom_op import apply_ats_op
+
 EXPORTERS = ("torchscript", "dynamo")
 OPSET = 18
 INPUTS = ("images", "keep")
@@ -49,6 +51,7 @@ class ExportOptions:
     source: str = ""
     source_sha256: str = ""
     extra_metadata: dict[str, str] = field(default_factory=dict)
+    ats_op: str = "subgraph"
 
 
 class StaticATS(torch.nn.Module):
@@ -192,6 +195,7 @@ def export(model: ATSVisionTransformer, output: Path, options: ExportOptions) ->
             _trace(model, options, tmp)
             graph = clean(onnx.load(str(tmp)))
             graph = finalize(graph, metadata(model, options))
+            graph = apply_ats_op(graph, options.ats_op)
             onnx.save(graph, str(tmp))
     finally:
         model.static_budget = None

@@ -289,9 +289,12 @@ def trtexec_command(spec: EngineSpec, tensorrt_major: int = DEFAULT_TRTEXEC_MAJO
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 # Prefix sums over a few hundred tokens lose too much in fp16 for the sampling's cdf.
 FP32_OPS = frozenset({"CumSum"})
-# Node-name scope of ats_deploy.model.TokenSampler (steps 3-7 of spec section 1) in
-# torchscript exports; dynamo exports lose node scopes, there FP32_OPS covers the cdf.
-FP32_SCOPES = ("/samplers.",)
+# Ops that normalise what such a sum adds up (S = s / max(sum(s), tiny), spec section 1
+# step 3): an fp16 sum(s) is off by up to 2**-11, which shifts the whole cdf. Emulating
+# fp16 tensors on a random-weight DeiT-Tiny export, fp32 here gave 5x fewer quantile
+# flips than in fp16. (onnxruntime's CPU provider hides this: its results for this chain
+# in fp16 are as exact as fp32, as if it ran them in fp32 behind casts of its own.)
+_NORMALISING_OPS = frozenset({"Div", "Clip", "Max", "ReduceSum"})
 _CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 _DTYPE_ATTRIBUTES = ("to", "dtype")  # Cast.to; EyeLike/Random*/Bernoulli.dtype
 
@@ -379,17 +382,16 @@ class _Fp16Plan:
         types: dict[str, int],
         fp32_inputs: set[str],
         fp32_ops: frozenset[str],
-        fp32_scopes: tuple[str, ...],
     ) -> None:
         self.types = types
         self.schemas = [_schema(node, opset) for node in graph.node]
         self.fp16_nodes: set[int] = set()
         self.actual: dict[str, int] = {name: FLOAT for name, t in types.items() if t == FLOAT}
+        pinned = self._pinned(graph, fp32_ops)
         tainted = set(fp32_inputs)
         for index, node in enumerate(graph.node):
             floats = [name for name in node.input if self.is_float(name)]
-            scoped = any(scope in node.name for scope in fp32_scopes)
-            if self.schemas[index] is None or node.op_type in fp32_ops or scoped or tainted.intersection(floats):
+            if self.schemas[index] is None or index in pinned or tainted.intersection(floats):
                 tainted.update(name for name in node.output if self.is_float(name))
                 continue
             self.fp16_nodes.add(index)
@@ -399,6 +401,21 @@ class _Fp16Plan:
 
     def is_float(self, name: str) -> bool:
         return bool(name) and self.types.get(name) == FLOAT
+
+    def _pinned(self, graph: onnx.GraphProto, fp32_ops: frozenset[str]) -> set[int]:
+        """Nodes of ``fp32_ops`` and, walking back from them, the ops normalising their inputs."""
+        producer = {name: index for index, node in enumerate(graph.node) for name in node.output}
+        pinned = {index for index, node in enumerate(graph.node) if node.op_type in fp32_ops}
+        todo = list(pinned)
+        while todo:
+            for name in graph.node[todo.pop()].input:
+                index = producer.get(name)
+                if index in pinned or index is None or not self.is_float(name):
+                    continue
+                if graph.node[index].op_type in _NORMALISING_OPS:
+                    pinned.add(index)
+                    todo.append(index)
+        return pinned
 
     def allows_fp16(self, index: int, position: int, outputs: bool = False) -> bool:
         """Whether node ``index``'s formal parameter at ``position`` accepts float16 (its type constraint)."""
@@ -518,7 +535,6 @@ def to_fp16(
     model: onnx.ModelProto,
     fp32_inputs: Iterable[str] = ("keep",),
     fp32_ops: Iterable[str] = FP32_OPS,
-    fp32_scopes: Iterable[str] = FP32_SCOPES,
 ) -> onnx.ModelProto:
     """A float16 copy of ``model`` whose graph inputs and outputs stay float32.
 
@@ -528,8 +544,8 @@ def to_fp16(
 
     * everything computed from ``fp32_inputs`` through float tensors: the ATS budget
       ``K`` and the quantiles come from ``keep`` and must be float32 (spec section 2);
-    * ``fp32_ops`` (CumSum: the sampling cdf), nodes whose name contains one of
-      ``fp32_scopes`` (the token sampler), and everything computed from them;
+    * ``fp32_ops`` (CumSum: the sampling cdf), the Div/Clip/Max/ReduceSum chain that
+      normalises their input, and everything computed from them;
     * ops outside the standard ONNX domain, whose fp16 support is unknown.
 
     Casts are inserted where a tensor changes type; graph inputs are cast once.
@@ -543,7 +559,7 @@ def to_fp16(
     graph_inputs = {i.name for i in result.graph.input}
     opset = next((o.version for o in result.opset_import if o.domain in ("", "ai.onnx")), 1)
     fp32 = set(fp32_inputs) & graph_inputs
-    plan = _Fp16Plan(result.graph, opset, _elem_types(result), fp32, frozenset(fp32_ops), tuple(fp32_scopes))
+    plan = _Fp16Plan(result.graph, opset, _elem_types(result), fp32, frozenset(fp32_ops))
     _Fp16Rewriter(result.graph, plan).rewrite()
     onnx.checker.check_model(result, full_check=True)
     return result

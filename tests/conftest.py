@@ -18,9 +18,8 @@ def random_deit_tiny() -> VisionTransformer:
         return timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
 
 
-SHARED_WEIGHTS = (
-    Path(__file__).resolve().parents[2] / "shared" / "weights" / "deit_tiny_patch16_224_wvfunc_bittrue_reconstructed.pth"
-)
+SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
+SHARED_WEIGHTS /= "deit_tiny_patch16_224_wvfunc_bittrue_reconstructed.pth"
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +39,14 @@ def real_deit_tiny():
     from ats_deploy.checkpoints import load_model
 
     return load_model(SHARED_WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_ats_onnx(tmp_path_factory) -> Path:
+    """``random:0`` DeiT-Tiny exported with --dynamic, its source recorded as ``ats-deploy export`` does."""
+    from ats_deploy.checkpoints import load_model
+    from ats_deploy.exporters.onnx_export import ExportOptions, export
+
+    model = load_model("random:0", arch="deit_tiny_patch16_224")
+    path = tmp_path_factory.mktemp("tiny-onnx") / "deit_tiny_patch16_224_ats.onnx"
+    return export(model, path, ExportOptions(dynamic=True, source="random:0"))

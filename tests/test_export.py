@@ -104,7 +104,8 @@ def test_weights_are_stored_once(dynamic_onnx, random_deit_tiny, tmp_path):
 @pytest.mark.parametrize("keep", [1e-6, 0.01, 1.0, 1.0001, 2.0, 1e9])
 def test_never_crashes_or_returns_nan_for_finite_positive_keep(dynamic_onnx, tiny, keep):
     images = random_images(2, data_config(tiny.vit), seed=4)
-    logits, tokens = session(str(dynamic_onnx)).run(None, {"images": images.numpy(), "keep": np.full(9, keep, np.float32)})
+    feeds = {"images": images.numpy(), "keep": np.full(9, keep, np.float32)}
+    logits, tokens = session(str(dynamic_onnx)).run(None, feeds)
     assert np.isfinite(logits).all()
     assert (tokens >= 1).all() and (tokens <= 196).all()
 

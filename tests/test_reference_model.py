@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import timm
 import torch
-
 import yardstick
+
 from ats_deploy import ats
 from ats_deploy.errors import UserError
 from ats_deploy.images import data_config, preprocess, random_images
-from ats_deploy.model import ATSVisionTransformer, build, dense_block, ats_block, parse_stages, validate_keep
+from ats_deploy.model import ATSVisionTransformer, ats_block, build, dense_block, parse_stages, validate_keep
 
 SPEC_KEEPS = (1.0, 0.87, 0.72, 0.5, 50.0, 120.0)
 
@@ -92,11 +92,11 @@ def test_a_stage_that_keeps_every_token_equals_the_dense_block(random_deit_tiny)
 
     def keep_all(scores, last, u, count):
         index = torch.arange(197).expand(2, -1)
-        return index, torch.ones(2, 197, dtype=torch.bool)
+        return index, torch.ones(2, 197, dtype=torch.bool), torch.full((2,), 197)
 
     with torch.no_grad():
         dense = dense_block(block, x, None)
-        sampled, valid, _ = ats_block(block, x, None, None, torch.zeros(196), torch.tensor(196.0), keep_all)
+        sampled, valid, _, _ = ats_block(block, x, None, None, torch.zeros(196), torch.tensor(196.0), keep_all)
     assert valid.all()
     torch.testing.assert_close(sampled, dense, atol=1e-5, rtol=0)
 
@@ -111,7 +111,7 @@ def test_keep_one_without_duplicates_equals_dense_model(monkeypatch):
     vit = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=128).eval()
     images = random_images(2, data_config(vit))
     model, dense = build(vit, "deit_tiny", stages=[3, 7, 11]), build(vit, "deit_tiny", stages=[])
-    monkeypatch.setattr(ats, "significance", lambda attention, values: torch.ones(values.shape[0], values.shape[2]))
+    monkeypatch.setattr(ats, "significance", lambda attention, values: torch.ones(values.shape[:2]))
     with torch.no_grad():
         logits, tokens = model(images, torch.ones(3))
         torch.testing.assert_close(logits, dense(images, torch.zeros(0))[0], atol=1e-5, rtol=0)

@@ -410,12 +410,12 @@ def test_to_fp16_graph_types():
     assert initializers["w1_fp16"].data_type == TensorProto.FLOAT16
     assert "w1" not in initializers, "the float32 weights are dropped once converted"
     assert initializers["grid"].data_type == TensorProto.FLOAT, "the keep path keeps its float32 constant"
-    tiny = numpy_helper.to_array(initializers["tiny_fp16"])
-    assert tiny.dtype == np.float16 and tiny > 0, "the division guard saturates instead of becoming 0"
     made = producers(converted)
-    assert made["cdf"].op_type == "CumSum"
-    cdf_input = made[made["cdf"].input[0]]
-    assert (cdf_input.op_type, cdf_input.attribute[0].i) == ("Cast", TensorProto.FLOAT), "CumSum runs in float32"
+    assert made["cdf"].op_type == "CumSum" and made["cdf"].input[0] == "normalised"
+    assert list(made["normalised"].input) == ["p_fp32", "guarded"], "the cdf's normalisation runs in float32"
+    assert (made["p_fp32"].op_type, made["p_fp32"].attribute[0].i) == ("Cast", TensorProto.FLOAT)
+    assert list(made["total"].input) == ["p_fp32", "axis1"] and made["guarded"].input[1] == "tiny"
+    assert initializers["tiny"].data_type == TensorProto.FLOAT
     assert list(made["kg"].input) == ["keep", "grid"], "the budget is computed in float32 from keep"
     assert list(made["quantile"].input) == ["kf", "grid"]
     assert list(made["below"].input) == ["cdf3", "q3"], "cdf and quantiles are compared in float32"
@@ -424,20 +424,21 @@ def test_to_fp16_graph_types():
     assert not any(node.op_type == "Constant" for node in graph.node)
 
 
-def test_to_fp16_saturates_large_constants():
+def test_to_fp16_saturates_constants():
     graph = helper.make_graph(
         [helper.make_node("Mul", ["x", "big"], ["y"])],
         "big",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
-        [numpy_helper.from_array(np.array([1e6, -np.inf], np.float32), "big")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5])],
+        [numpy_helper.from_array(np.array([1e6, -np.inf, 1e-30, -1e-30, 0], np.float32), "big")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     converted = to_fp16(model)
     big = numpy_helper.to_array({i.name: i for i in converted.graph.initializer}["big_fp16"])
-    assert big.tolist() == [65504.0, -np.inf]
-    result = run_onnx(converted, {"x": np.array([1.0, 1.0], np.float32)})["y"]
-    assert result.tolist() == [65504.0, -np.inf]
+    smallest = float(np.finfo(np.float16).smallest_subnormal)
+    assert big.tolist() == [65504.0, -np.inf, smallest, -smallest, 0.0], "saturated, and tiny guards stay non-zero"
+    result = run_onnx(converted, {"x": np.ones(5, np.float32)})["y"]
+    assert result.tolist() == [65504.0, -np.inf, smallest, -smallest, 0.0]
 
 
 def test_to_fp16_refuses_control_flow():

@@ -1,0 +1,177 @@
+"""How close the exported ATS graph comes to the speed its token counts allow.
+
+``python -m ats_deploy.bench.ceiling`` exports DeiT-S (random weights: speed does
+not depend on them) three ways and times them in onnxruntime on the CPU:
+
+* dense: no token sampling;
+* ATS: the ``--dynamic`` export, one file for every ``keep``;
+* ceiling: a static model that processes exactly the per-block token counts the
+  ATS run produced, by truncation, with no scoring, sampling or compaction.
+
+For each target cost (GFLOPs per image) it picks ``keep`` by bisection, then
+reports the speedups over dense and ``efficiency = ATS speedup / ceiling
+speedup``: what remains of the ideal after the overhead of sampling. Variants are
+interleaved and medians quoted; sessions never spin idle threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import timm
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from ats_deploy.exporters.onnx_export import ExportOptions, export
+from ats_deploy.exporters.validate import session
+from ats_deploy.flops import CostModel
+from ats_deploy.images import data_config, preprocess, random_images, sample_images
+from ats_deploy.model import ATSVisionTransformer, _attend, _finish, _qkv, build, dense_block, head
+
+
+class Ceiling(nn.Module):
+    """The ATS model with sampling replaced by truncation to fixed per-stage lengths."""
+
+    def __init__(self, model: ATSVisionTransformer, lengths: list[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.lengths = lengths
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        vit = self.model.vit
+        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+        for i, block in enumerate(vit.blocks):
+            if i not in self.model.stages:
+                x = dense_block(block, x, None)
+                continue
+            m = self.lengths[self.model.stages.index(i)]
+            h = block.norm1(x)
+            q, k, v = _qkv(block.attn, h)
+            o = _attend(q[:, :, :m], k.transpose(-2, -1), v, block.attn.scale, None)
+            x = _finish(block, x[:, :m], h[:, :m], o)
+        return head(vit, vit.norm(x), None)
+
+
+def export_ceiling(model: ATSVisionTransformer, lengths: list[int], batch: int, path: Path) -> Path:
+    images = torch.randn(batch, *model.input_size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Ceiling(model, lengths).eval(), (images,), str(path), dynamo=False,
+                          input_names=["images"], output_names=["logits"], opset_version=18)
+    return path
+
+
+def keep_for_gflops(sess, images: np.ndarray, cost: CostModel, target: float, stages: int) -> float:
+    """Bisection on one keep fraction for all stages: mean GFLOPs per image ~ target."""
+    lo, hi = 0.02, 1.0
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        tokens = sess.run(["tokens"], {"images": images, "keep": np.full(stages, mid, np.float32)})[0]
+        if float(cost.gflops(torch.from_numpy(tokens)).mean()) > target:
+            hi = mid
+        else:
+            lo = mid
+    return (lo + hi) / 2
+
+
+def interleaved(runs: dict, iterations: int, warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds of each callable, run round-robin so that drift hits all alike."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(iterations):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="deit_small_patch16_224")
+    parser.add_argument("--gflops", type=float, nargs="+", default=[3.0, 2.2])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    console = Console()
+    torch.manual_seed(0)
+    model = build(timm.create_model(args.arch, pretrained=False).eval(), args.arch)
+    cost = CostModel.of(model)
+    cfg = data_config(model.vit)
+    photos = preprocess(list(sample_images().values()), cfg)
+    pool = torch.cat([photos, random_images(max(args.batches), cfg)]).numpy()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        export(model, tmp / "ats.onnx", ExportOptions(dynamic=True))
+        export_s = time.perf_counter() - start
+        export(build(model.vit, args.arch, stages=[]), tmp / "dense.onnx", ExportOptions(dynamic=True))
+        ats_s, dense_s = session(str(tmp / "ats.onnx"), args.threads), session(str(tmp / "dense.onnx"), args.threads)
+        for target in args.gflops:
+            keep = keep_for_gflops(ats_s, pool[: max(args.batches)], cost, target, len(model.stages))
+            keep_in = np.full(len(model.stages), keep, np.float32)
+            for batch in args.batches:
+                images = pool[:batch]
+                tokens = ats_s.run(["tokens"], {"images": images, "keep": keep_in})[0]
+                lengths = [int(t) + 1 for t in tokens.max(axis=0)]
+                ceiling_s = session(str(export_ceiling(model, lengths, batch, tmp / "ceiling.onnx")), args.threads)
+                ms = interleaved(
+                    {
+                        "dense": lambda images=images: dense_s.run(None, {"images": images}),
+                        "ats": lambda images=images, k=keep_in: ats_s.run(None, {"images": images, "keep": k}),
+                        "ceiling": lambda images=images, s=ceiling_s: s.run(None, {"images": images}),
+                    },
+                    args.iterations,
+                )
+                speedup_ats, speedup_ceiling = ms["dense"] / ms["ats"], ms["dense"] / ms["ceiling"]
+                rows.append({
+                    "target_gflops": target, "keep": round(keep, 4), "batch": batch,
+                    "gflops": round(float(cost.gflops(torch.from_numpy(tokens)).mean()), 3),
+                    "dense_ms": round(ms["dense"], 2), "ats_ms": round(ms["ats"], 2),
+                    "ceiling_ms": round(ms["ceiling"], 2), "speedup_ats": round(speedup_ats, 3),
+                    "speedup_ceiling": round(speedup_ceiling, 3),
+                    "efficiency": round(speedup_ats / speedup_ceiling, 3),
+                })
+                console.print(rows[-1])
+    render(rows, args, export_s, console)
+    if args.json:
+        args.json.write_text(json.dumps({"arch": args.arch, "threads": args.threads, "export_s": export_s,
+                                         "onnx_ops": _op_count(model), "rows": rows}, indent=2))
+
+
+def _op_count(model: ATSVisionTransformer) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export(model, Path(tmp) / "m.onnx", ExportOptions(dynamic=True, extra_metadata={}))
+        return len(onnx.load(str(path)).graph.node)
+
+
+def render(rows: list[dict], args: argparse.Namespace, export_s: float, console: Console) -> None:
+    table = Table(title=f"{args.arch}, onnxruntime CPU, {args.threads} threads, medians of {args.iterations}")
+    for column in ("GFLOPs", "keep", "batch", "dense ms", "ATS ms", "ceiling ms", "ATS speedup",
+                   "ceiling speedup", "efficiency"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(f"{r['gflops']:.2f}", f"{r['keep']:.3f}", str(r["batch"]), f"{r['dense_ms']:.1f}",
+                      f"{r['ats_ms']:.1f}", f"{r['ceiling_ms']:.1f}", f"{r['speedup_ats']:.2f}x",
+                      f"{r['speedup_ceiling']:.2f}x", f"{r['efficiency']:.3f}")
+    console.print(table)
+    console.print(f"ATS export of {args.arch} (torchscript exporter, without validation): {export_s:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""``--ats-op custom``: one AdaptiveTokenSampler node per stage, run in onnxruntime and (on a GPU) TensorRT."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from ats_deploy.exporters import custom_op, trt_plugin
+from ats_deploy.exporters.onnx_export import ExportOptions, export, read_metadata
+from ats_deploy.exporters.tensorrt import TensorRTRunner, build_engine, spec_from
+from ats_deploy.exporters.validate import Case, compare_image
+from ats_deploy.profiles import Profile, Shapes, load_profile
+from onnx import TensorProto, helper
+from timm.models.vision_transformer import VisionTransformer
+
+from ats_deploy.errors import BackendUnavailable, UserError
+from ats_deploy.model import build
+
+ARCH = "deit_tiny_patch16_224"
+STATIC_KEEP, STATIC_BATCH = 0.7, 2
+ATOL = 1e-4
+TRT_ATOL = 2e-2  # TensorRT runs fp32 matmuls in TF32 unless told otherwise
+
+
+def _tensorrt_importable() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+HAS_TENSORRT = _tensorrt_importable()
+NO_TENSORRT = "TensorRT is not installed (needs an NVIDIA GPU)"
+
+
+@pytest.fixture(scope="module")
+def model(random_deit_tiny):
+    return build(random_deit_tiny, ARCH).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def exports(model, tmp_path_factory) -> dict[str, str]:
+    """The dynamic export as a subgraph and as custom ops, and a static custom export."""
+    folder = tmp_path_factory.mktemp("custom_op")
+    options = {
+        "subgraph": ExportOptions(dynamic=True),
+        "custom": ExportOptions(dynamic=True, ats_op="custom"),
+        "static": ExportOptions(dynamic=False, keep=[STATIC_KEEP], batch=STATIC_BATCH, ats_op="custom"),
+    }
+    return {name: str(export(model, folder / f"{name}.onnx", option)) for name, option in options.items()}
+
+
+def session(path: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if custom_op.uses_custom_op(path):
+        custom_op.register(options)
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def sessions(exports) -> dict[str, ort.InferenceSession]:
+    return {name: session(path) for name, path in exports.items()}
+
+
+def sampler_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [node for node in model.graph.node if "samplers." in node.name]
+
+
+# --------------------------------------------------------------------------- the rewritten graph
+
+
+@pytest.mark.parametrize("name", ["custom", "static"])
+def test_one_custom_node_per_stage_and_nothing_else_in_the_sampler_scopes(exports, model, name):
+    rewritten = onnx.load(exports[name])
+    nodes = sampler_nodes(rewritten)
+    assert [(n.op_type, n.domain) for n in nodes] == [(custom_op.OP_TYPE, custom_op.DOMAIN)] * len(model.stages)
+    assert [n.name.rsplit("/", 2)[-2] for n in nodes] == [f"samplers.{s}" for s in range(len(model.stages))]
+    assert not [n for n in rewritten.graph.node if n.op_type in ("TopK", "CumSum")]
+    assert (custom_op.DOMAIN, custom_op.OP_VERSION) in {(op.domain, op.version) for op in rewritten.opset_import}
+    props = {p.key: p.value for p in rewritten.metadata_props}
+    assert props["ats_op"] == "custom" and json.loads(props["stages"]) == model.stages
+    assert props["arch"] == ARCH
+
+
+def test_subgraph_export_is_unchanged(exports):
+    graph = onnx.load(exports["subgraph"])
+    assert not custom_op.uses_custom_op(graph) and "ats_op" not in {p.key for p in graph.metadata_props}
+    assert {n.op_type for n in sampler_nodes(graph)} >= {"TopK", "CumSum"}
+    assert custom_op.apply_ats_op(graph, "subgraph") is graph
+
+
+def test_rewriting_twice_changes_nothing(exports):
+    rewritten = onnx.load(exports["static"])
+    assert custom_op.apply_ats_op(rewritten, "custom") is rewritten
+
+
+def _lengths(path: str) -> list[int]:
+    nodes = sampler_nodes(onnx.load(path))
+    return [helper.get_attribute_value(a) for node in nodes for a in node.attribute if a.name == "length"]
+
+
+def test_static_nodes_carry_the_baked_length(exports, model):
+    """Stage s keeps min(budget, tokens reaching it), as the static reference pads to."""
+    budget = json.loads(read_metadata(onnx.load(exports["static"]))["budget"])
+    assert _lengths(exports["static"]) == list(itertools.accumulate(budget, min, initial=model.n0))[1:]
+    assert _lengths(exports["custom"]) == [custom_op.DYNAMIC] * len(model.stages)
+
+
+@pytest.mark.parametrize("name", ["custom", "static"])
+def test_custom_export_passes_the_checker_and_shape_inference(exports, name):
+    rewritten = onnx.load(exports[name])
+    onnx.checker.check_model(rewritten, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(rewritten, strict_mode=True)
+    types = {v.name: v.type.tensor_type for v in inferred.graph.value_info}
+    for node in sampler_nodes(rewritten):
+        declared = [(types[name].elem_type, len(types[name].shape.dim)) for name in node.output]
+        assert declared == [
+            (TensorProto.INT64, 2),
+            (TensorProto.BOOL, 2),
+            (TensorProto.INT64, 1),
+            (TensorProto.INT32, 0),
+        ]
+    logits = {o.name: o.type.tensor_type for o in inferred.graph.output}["logits"]
+    assert logits.elem_type == TensorProto.FLOAT and len(logits.shape.dim) == 2
+
+
+# --------------------------------------------------------------------------- onnxruntime vs PyTorch
+
+
+def against_reference(model, ref, keep: float, logits: np.ndarray, tokens: np.ndarray, atol: float = ATOL) -> Case:
+    """Validation's comparison (ATS_SPEC section 5): equal, or a token flip at a float tie."""
+    case = Case(keep=[keep] * len(model.stages), batch=len(tokens))
+    for b in range(len(tokens)):
+        compare_image(case, f"image {b}", ref, b, logits[b], tokens[b], model, atol)
+    return case
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("keep", [1.0, 0.7, 0.5, 40.0])
+def test_custom_op_matches_reference_and_subgraph(model, sessions, images, keep, batch):
+    """Same tokens and logits as the reference and the subgraph export, except where a runtime flipped a tie.
+
+    This random model has exact float ties at keep 1.0 (a quantile equal to a cdf
+    value), where onnxruntime's CumSum and torch's cumsum may round apart.
+    """
+    chunk = images[:batch]
+    keep_t = torch.full((len(model.stages),), keep)
+    feeds = {"images": chunk.numpy(), "keep": keep_t.numpy()}
+    with torch.no_grad():
+        ref = model.forward_details(chunk, keep_t, probe=True)
+    logits, tokens = sessions["custom"].run(["logits", "tokens"], feeds)
+    sub_logits, sub_tokens = sessions["subgraph"].run(["logits", "tokens"], feeds)
+    custom = against_reference(model, ref, keep, logits, tokens)
+    subgraph = against_reference(model, ref, keep, sub_logits, sub_tokens)
+    assert custom.ok and subgraph.ok, custom.failures + subgraph.failures
+    flipped = {flip.image for flip in custom.flips + subgraph.flips}
+    for b in range(batch):
+        if f"image {b}" not in flipped:
+            np.testing.assert_array_equal(tokens[b], sub_tokens[b])
+            np.testing.assert_allclose(logits[b], sub_logits[b], rtol=0, atol=ATOL)
+
+
+def test_static_custom_op_matches_reference(model, sessions, images):
+    chunk = images[:STATIC_BATCH]
+    keep_t = torch.full((len(model.stages),), STATIC_KEEP)
+    with torch.no_grad():
+        ref = model.forward_details(chunk, keep_t, probe=True)
+    logits, tokens = sessions["static"].run(["logits", "tokens"], {"images": chunk.numpy()})
+    case = against_reference(model, ref, STATIC_KEEP, logits, tokens)
+    assert case.ok and not case.flips, case.failures
+
+
+def test_kernel_is_the_reference_sampler():
+    """The op on its own: the padded, broadcast ``last`` of a first stage and a static length."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(3, 9, generator=generator)
+    scores[1, 6:] = 0.0  # padding scores zero
+    last = (torch.arange(9) >= 8).unsqueeze(0)
+    u = torch.tensor([0.25, 0.5, 0.75, float("inf")])
+    quantile_count = torch.tensor(3.0)
+    for length in (custom_op.DYNAMIC, 5):
+        *results, size = custom_op._onnxruntime_kernel(
+            scores.numpy(), last.numpy(), u.numpy(), quantile_count.numpy(), length=length
+        )
+        reference = custom_op.sample_tokens(scores, last, u, quantile_count, length)
+        for result, expected in zip(results, reference, strict=True):
+            np.testing.assert_array_equal(result, expected.numpy())
+        assert size.dtype == np.int32 and size.shape == () and int(size) == results[0].shape[1]
+        assert int(size) == (5 if length == 5 else results[2].max())
+
+
+def test_register_without_onnxruntime_extensions(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime_extensions", None)
+    with pytest.raises(BackendUnavailable, match=r"needs onnxruntime-extensions") as caught:
+        custom_op.register(ort.SessionOptions())
+    assert "--ats-op subgraph" in caught.value.hint
+
+
+# --------------------------------------------------------------------------- what cannot be rewritten
+
+
+def test_unknown_ats_op(exports):
+    with pytest.raises(UserError, match=r"unknown --ats-op 'plugin'; choose one of subgraph, custom"):
+        custom_op.apply_ats_op(onnx.load(exports["subgraph"]), "plugin")
+
+
+def test_dynamo_export_asks_for_torchscript(tmp_path):
+    """A real dynamo export (of a small ViT, for speed) is refused with the fix named, and nothing is written."""
+    vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=16, depth=2, num_heads=2, num_classes=10)
+    small = build(vit.eval(), "small_vit", stages=[1])
+    output = tmp_path / "dynamo.onnx"
+    with pytest.raises(UserError, match=r"exported with the dynamo exporter") as caught:
+        export(small, output, ExportOptions(exporter="dynamo", ats_op="custom"))
+    assert "--exporter torchscript" in caught.value.hint
+    assert not output.exists()
+
+
+def _unscoped(path: str) -> onnx.ModelProto:
+    """The subgraph export with its sampler scopes renamed away, as another exporter would name them."""
+    graph = onnx.load(path)
+    for node in graph.graph.node:
+        node.name = node.name.replace("samplers.", "sampler_")
+    return graph
+
+
+def test_missing_scopes_are_refused(exports, model):
+    graph = _unscoped(exports["subgraph"])
+    with pytest.raises(UserError, match=rf"has {len(model.stages)} ATS stages but 0 /samplers.<s>/ node scopes"):
+        custom_op.replace_samplers(graph)
+    del graph.metadata_props[:]
+    with pytest.raises(UserError, match=r"its TopK nodes are outside any /samplers.<s>/ node scope"):
+        custom_op.replace_samplers(graph)
+
+
+def test_a_scope_with_another_boundary_is_refused(exports):
+    """An inner tensor used outside the scope: the node would have to export it too."""
+    graph = onnx.load(exports["subgraph"])
+    cdf = next(n for n in graph.graph.node if n.name == "/samplers.0/CumSum").output[0]
+    graph.graph.node.append(helper.make_node("Identity", [cdf], ["cdf_copy"], name="/probe/Identity"))
+    graph.graph.output.append(helper.make_tensor_value_info("cdf_copy", TensorProto.FLOAT, None))
+    with pytest.raises(
+        UserError, match=r"/samplers.0/ reads 4 tensors: .* hands on 4 tensors: .*CumSum_output_0 \(float32, rank 2\)"
+    ):
+        custom_op.replace_samplers(graph)
+
+
+def test_a_model_without_samplers_is_left_alone():
+    """A dense model (no ATS stage, so no sampler scope and no TopK) has nothing to replace."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"], name="/blocks.0/Identity")],
+        "dense",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    dense = helper.make_model(graph)
+    assert custom_op.replace_samplers(dense) is dense
+
+
+# --------------------------------------------------------------------------- TensorRT
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_trt_plugin_without_tensorrt():
+    with pytest.raises(BackendUnavailable, match=r"TensorRT is not installed here") as caught:
+        trt_plugin.register_plugin()
+    assert "NVIDIA GPU" in caught.value.hint and "--ats-op subgraph" in caught.value.hint
+
+
+def gpu_profile(batch: int) -> Profile:
+    """desktop-gpu in fp32 for exactly ``batch`` images (a static export accepts no other)."""
+    profile = load_profile("desktop-gpu")
+    return dataclasses.replace(profile, precision="fp32", batch=batch, shapes=Shapes(batch, batch, batch))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (HAS_TENSORRT and torch.cuda.is_available()), reason=NO_TENSORRT)
+@pytest.mark.parametrize("name", ["custom", "static"])
+def test_trt_plugin_engine_matches_reference(model, exports, images, name):
+    """Parse, build and run the custom export with the plugin; compare with the reference (TF32 tolerance)."""
+    trt_plugin.register_plugin()
+    trt_plugin.register_plugin()  # idempotent
+    batch = STATIC_BATCH if name == "static" else 3
+    runner = TensorRTRunner(build_engine(spec_from(exports[name], gpu_profile(batch))))
+    keep_t = torch.full((len(model.stages),), STATIC_KEEP)
+    result = runner(images[:batch].numpy(), keep_t.numpy())
+    with torch.no_grad():
+        ref = model.forward_details(images[:batch], keep_t, probe=True)
+    case = against_reference(model, ref, STATIC_KEEP, result["logits"], result["tokens"], atol=TRT_ATOL)
+    assert case.ok, case.failures
