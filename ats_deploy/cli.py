@@ -178,7 +178,7 @@ def predict(
     checkpoint: CheckpointArg,
     images: Annotated[
         list[str],
-        typer.Argument(help="Image files, or skimage:NAME for a photo shipped with scikit-image (chelsea, coffee, ...)."),
+        typer.Argument(help="Image files, or skimage:NAME for a photo shipped with scikit-image (chelsea, ...)."),
     ],
     keep: KeepOpt = None,
     arch: ArchOpt = None,
@@ -226,7 +226,9 @@ def predict(
 
 ProfileOpt = Annotated[
     str | None,
-    typer.Option("--profile", help="Device profile: a built-in name (see `ats-deploy profiles`), ./profiles/NAME.yaml, or a path."),
+    typer.Option(
+        "--profile", help="Device profile: a built-in name (see `ats-deploy profiles`), ./profiles/NAME.yaml or a path."
+    ),
 ]
 
 
@@ -261,7 +263,9 @@ def export(
     ] = False,
     keep: KeepOpt = None,
     profile: ProfileOpt = None,
-    batch: Annotated[int | None, typer.Option("--batch", help="Static export: the fixed batch size (default 1).")] = None,
+    batch: Annotated[
+        int | None, typer.Option("--batch", help="Static export: the fixed batch size (default 1).")
+    ] = None,
     exporter: Annotated[
         str, typer.Option("--exporter", help="torchscript (default: fast, see README) or dynamo.")
     ] = "torchscript",
@@ -324,19 +328,18 @@ def _profile(name: str):
 
 def _validate(path: Path, model, static_keep, prof, atol: float) -> None:
     """Validate right after export; a real mismatch removes nothing but exits non-zero."""
+    import torch
+
     from .errors import ValidationFailed
     from .exporters.validate import DEFAULT_KEEPS, render, validate
     from .images import data_config, preprocess, random_images, sample_images
 
     photos = sample_images()
     cfg = data_config(model.vit)
-    images = preprocess(list(photos.values()), cfg)
-    images = __import__("torch").cat([images, random_images(4, cfg)])
+    images = torch.cat([preprocess(list(photos.values()), cfg), random_images(4, cfg)])
     names = [*photos, "random-0", "random-1", "random-2", "random-3"]
-    if prof is not None:
-        keeps = [prof.keep_for(len(model.stages))]
-    else:
-        keeps = [[k] * len(model.stages) for k in DEFAULT_KEEPS]
+    stages = len(model.stages)
+    keeps = [prof.keep_for(stages)] if prof is not None else [[k] * stages for k in DEFAULT_KEEPS]
     report = validate(str(path), model, names, images, keeps, atol=atol, console=err_console)
     render(report, console)
     if not report.ok:
@@ -539,7 +542,7 @@ def visualize(
 def build(
     model: Annotated[Path, typer.Argument(help="An ONNX file written by `ats-deploy export`.", show_default=False)],
     profile: Annotated[
-        str, typer.Option("--profile", help="A TensorRT profile: jetson, jetson-dla, desktop-gpu, server-gpu or a file.")
+        str, typer.Option("--profile", help="A TensorRT profile: jetson, jetson-dla, desktop-gpu, server-gpu, a file.")
     ],
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Engine file (default: MODEL stem + .PROFILE.plan).")

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from ats_deploy.exporters.validate import Case, compare_image
 
+from ats_deploy.exporters.validate import Case, compare_image
 from ats_deploy.model import ATSVisionTransformer
 
 from .data import Batch

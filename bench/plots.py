@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from ats_deploy.profiles import write_atomic
 from matplotlib.figure import Figure
 
 from ats_deploy.ats import budget_int
+from ats_deploy.profiles import write_atomic
 
 from .results import BenchResult, VariantResult
 from .variants import EXPORTED_ATS, PYTORCH_ATS

@@ -7,9 +7,10 @@ import io
 import json
 from pathlib import Path
 
-from ats_deploy.profiles import write_atomic
 from rich.console import Console
 from rich.table import Table
+
+from ats_deploy.profiles import write_atomic
 
 from .plots import write_plots
 from .results import BenchResult

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from ats_deploy.exporters.validate import Case
 from ats_deploy.profiles import Profile
 

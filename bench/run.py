@@ -17,15 +17,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from ats_deploy.exporters.onnx_export import ExportOptions, export
-from ats_deploy.profiles import BACKENDS, Profile, load_profile
 from rich.console import Console
 from rich.progress import Progress
 
 from ats_deploy.errors import UserError
+from ats_deploy.exporters.onnx_export import ExportOptions, export
 from ats_deploy.flops import CostModel
 from ats_deploy.images import data_config
 from ats_deploy.model import ATSVisionTransformer, build, validate_keep
+from ats_deploy.profiles import BACKENDS, Profile, load_profile
 
 from . import machine, report, runners
 from .data import ImageFolder, SampleImages, Skipped, folder_batches, image_folder, sample_batches

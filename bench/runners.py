@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from ats_deploy.exporters.validate import session
 
 from ats_deploy.errors import BackendUnavailable
+from ats_deploy.exporters.validate import session
 from ats_deploy.model import ATSVisionTransformer
 
 PROVIDERS = {
@@ -30,7 +30,6 @@ LABELS = {
     "tensorrt": "TensorRT",
     "pytorch": "PyTorch CPU",
 }
-EXPORTED_BACKENDS = ("tensorrt", *PROVIDERS)
 Outputs = tuple[np.ndarray, np.ndarray]
 
 

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from ats_deploy.exporters.onnx_export import read_metadata
-from ats_deploy.profiles import Profile
 
 from ats_deploy.ats import budget_int
 from ats_deploy.checkpoints import load_model, sha256_file
 from ats_deploy.errors import UserError
+from ats_deploy.exporters.onnx_export import read_metadata
 from ats_deploy.model import ATSVisionTransformer
+from ats_deploy.profiles import Profile
 
 ENGINE_SUFFIXES = (".plan", ".engine")
 REQUIRED_KEYS = ("arch", "stages")

@@ -10,6 +10,7 @@ other mismatch fails validation.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -164,7 +165,7 @@ def validate(
     meta = read_metadata(onnx.load(onnx_path, load_external_data=False))
     dynamic = meta.get("dynamic", "true") == "true"
     if not dynamic:
-        keeps = [[float(v) for v in __import__("json").loads(meta["keep"])]]
+        keeps = [[float(v) for v in json.loads(meta["keep"])]]
         batches = [int(meta["batch"])]
     sess = session(onnx_path)
     cases = []

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ats_deploy.bench.data import image_folder, read_class_map
-from ats_deploy.bench.source import Exported, check_static, engine_for, open_model, reference
-from ats_deploy.bench.timing import interleaved
-from ats_deploy.profiles import dump_profile, load_profile
 from PIL import Image
 from typer.testing import CliRunner
 
+from ats_deploy.bench.data import image_folder, read_class_map
+from ats_deploy.bench.source import Exported, check_static, engine_for, open_model, reference
+from ats_deploy.bench.timing import interleaved
 from ats_deploy.checkpoints import load_model, save_checkpoint
 from ats_deploy.cli import app
 from ats_deploy.errors import UserError
+from ats_deploy.profiles import dump_profile, load_profile
 
 VARIANTS = ["pytorch_dense", "pytorch_ats", "exported_dense", "exported_ats"]
 PLOTS = ["accuracy_vs_latency.png", "accuracy_vs_gflops.png", "kept_tokens.png"]

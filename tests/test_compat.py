@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from ats_deploy.exporters.compat import TARGETS, CompatReport, check_model, render
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
 from ats_deploy.errors import UserError
+from ats_deploy.exporters.compat import TARGETS, CompatReport, check_model, render
 
 TRT = ("tensorrt-8.6", "tensorrt-10")
 

@@ -12,16 +12,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from ats_deploy.exporters import custom_op, trt_plugin
-from ats_deploy.exporters.onnx_export import ExportOptions, export, read_metadata
-from ats_deploy.exporters.tensorrt import TensorRTRunner, build_engine, spec_from
-from ats_deploy.exporters.validate import Case, compare_image
-from ats_deploy.profiles import Profile, Shapes, load_profile
 from onnx import TensorProto, helper
 from timm.models.vision_transformer import VisionTransformer
 
 from ats_deploy.errors import BackendUnavailable, UserError
+from ats_deploy.exporters import custom_op, trt_plugin
+from ats_deploy.exporters.onnx_export import ExportOptions, export, read_metadata
+from ats_deploy.exporters.tensorrt import TensorRTRunner, build_engine, spec_from
+from ats_deploy.exporters.validate import Case, compare_image
 from ats_deploy.model import build
+from ats_deploy.profiles import Profile, Shapes, load_profile
 
 ARCH = "deit_tiny_patch16_224"
 STATIC_KEEP, STATIC_BATCH = 0.7, 2

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from ats_deploy.errors import UserError
 from ats_deploy.profiles import (
     BACKENDS,
     Profile,
@@ -16,8 +18,6 @@ from ats_deploy.profiles import (
     load_profile,
     parse_profile,
 )
-
-from ats_deploy.errors import UserError
 
 BUILTINS = ["cpu", "cpu-batch", "desktop-gpu", "jetson", "jetson-dla", "server-gpu"]
 

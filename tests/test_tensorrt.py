@@ -10,6 +10,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ats_deploy.errors import BackendUnavailable, UserError
 from ats_deploy.exporters.onnx_export import ExportOptions, export
 from ats_deploy.exporters.tensorrt import (
     EngineSpec,
@@ -22,11 +25,8 @@ from ats_deploy.exporters.tensorrt import (
     trtexec_command,
     write_fp16_onnx,
 )
-from ats_deploy.profiles import load_profile, parse_profile
-from onnx import TensorProto, helper, numpy_helper
-
-from ats_deploy.errors import BackendUnavailable, UserError
 from ats_deploy.model import build
+from ats_deploy.profiles import load_profile, parse_profile
 
 STAGES, SIZE, CLASSES, N0 = 3, 32, 10, 65
 
