@@ -271,6 +271,18 @@ def export(
     ] = "torchscript",
     arch: ArchOpt = None,
     stages: StagesOpt = None,
+    img_size: Annotated[
+        int | None,
+        typer.Option("--img-size", help="Export at another square input size (a multiple of the patch size)."),
+    ] = None,
+    ats_op: Annotated[
+        str,
+        typer.Option(
+            "--ats-op",
+            help="subgraph: ATS as standard ONNX ops (default, runs everywhere); custom: one "
+            "ats_deploy::AdaptiveTokenSampler node per stage (onnxruntime-extensions kernel, TensorRT plugin).",
+        ),
+    ] = "subgraph",
     validate_: Annotated[
         bool, typer.Option("--validate/--no-validate", help="Compare with the PyTorch reference after export.")
     ] = True,
@@ -284,12 +296,17 @@ def export(
     """
     import time
 
+    from .exporters.custom_op import ATS_OPS
     from .exporters.onnx_export import EXPORTERS, ExportOptions, check_output_path
     from .exporters.onnx_export import export as run_export
-    from .model import validate_keep
+    from .model import validate_keep, with_input_size
 
     if exporter not in EXPORTERS:
         raise UserError(f"unknown --exporter '{exporter}'; choose one of: {', '.join(EXPORTERS)}.")
+    if ats_op not in ATS_OPS:
+        raise UserError(f"unknown --ats-op '{ats_op}'; choose one of: {', '.join(ATS_OPS)}.")
+    if ats_op == "custom" and exporter != "torchscript":
+        raise UserError("--ats-op custom needs --exporter torchscript (it replaces the sampler subgraphs by name).")
     if batch is not None and batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}.")
     if batch is not None and dynamic:
@@ -299,6 +316,8 @@ def export(
         check_output_path(output)
     prof = _profile(profile) if profile else None
     model = _load(checkpoint, arch, stages, None, trust_checkpoint)
+    if img_size is not None:
+        model = with_input_size(model, img_size)
     if keep_values is None and prof is not None:
         keep_values = prof.keep_for(len(model.stages))
     keep_values = validate_keep(keep_values or model.default_keep, len(model.stages))
@@ -307,7 +326,8 @@ def export(
     output = check_output_path(output or _default_onnx_name(checkpoint, model.arch))
     source, sha = _source_of(model, checkpoint)
     options = ExportOptions(
-        dynamic=dynamic, exporter=exporter, batch=batch, keep=keep_values, source=source, source_sha256=sha
+        dynamic=dynamic, exporter=exporter, batch=batch, keep=keep_values, source=source, source_sha256=sha,
+        ats_op=ats_op,
     )
     start = time.perf_counter()
     with console.status(f"exporting {model.arch} with the {exporter} exporter"):
@@ -554,15 +574,20 @@ def build(
     The batch range (min/opt/max) and precision come from the profile. On a machine
     without TensorRT the trtexec command is still printed, for use on the device.
     """
+    from .exporters.custom_op import uses_custom_op
     from .exporters.tensorrt import build_engine, spec_from, trtexec_command, uses_strong_typing, write_fp16_onnx
 
     if not model.is_file():
         raise UserError(f"ONNX file not found: {model}; export one with `ats-deploy export CHECKPOINT --dynamic`.")
     spec = spec_from(model, _profile(profile), output, workspace_mb=workspace_mb)
-    if uses_strong_typing(spec, 10):
-        write_fp16_onnx(spec)
-    console.print("[bold]equivalent trtexec command[/] (TensorRT 10):")
-    console.print(trtexec_command(spec), soft_wrap=True, highlight=False)
+    if uses_custom_op(model):
+        console.print("this model holds ats-deploy's AdaptiveTokenSampler nodes: their TensorRT plugin is "
+                      "Python (TensorRT >= 10.6), which `ats-deploy build` registers and plain trtexec cannot load.")
+    else:
+        if uses_strong_typing(spec, 10):
+            write_fp16_onnx(spec)
+        console.print("[bold]equivalent trtexec command[/] (TensorRT 10):")
+        console.print(trtexec_command(spec), soft_wrap=True, highlight=False)
     engine = build_engine(spec, console)
     console.print(f"built [bold]{engine}[/]")
 

@@ -284,6 +284,23 @@ def build(
     return ATSVisionTransformer(vit, stages, arch, keep)
 
 
+def with_input_size(model: ATSVisionTransformer, img_size: int) -> ATSVisionTransformer:
+    """The same weights at another square input size (position embeddings resampled by timm)."""
+    patch = model.vit.patch_embed.patch_size[0]
+    if img_size <= 0 or img_size % patch:
+        raise UserError(
+            f"image size {img_size} is not a positive multiple of the patch size {patch}; "
+            f"use e.g. {max(patch, img_size // patch * patch)} or {(img_size // patch + 1) * patch}."
+        )
+    if (img_size, img_size) == tuple(model.vit.patch_embed.img_size):
+        return model
+    model.vit.set_input_size(img_size=(img_size, img_size))
+    resized = ATSVisionTransformer(model.vit, model.stages, model.arch, model.default_keep)
+    resized.source = getattr(model, "source", None)
+    resized.checkpoint_format = getattr(model, "checkpoint_format", "random")
+    return resized
+
+
 def default_stages(depth: int) -> list[int]:
     return list(range(3, depth)) if depth > 3 else list(range(depth))
 

@@ -129,13 +129,18 @@ def _data(request: Request, num_classes: int) -> ImageFolder | SampleImages:
     return SampleImages(request.images or DEFAULT_SAMPLE_IMAGES)
 
 
-def plan(request: Request) -> Plan:
-    """Check the request against the profile, the machine, the model and the data."""
+def plan(request: Request, check_model: Callable[[Exported], None] | None = None) -> Plan:
+    """Check the request against the profile, the machine, the model and the data.
+
+    ``check_model`` adds a caller's own checks of the model, run before bench's (tune needs a dynamic export).
+    """
     profile = load_profile(request.profile)
     backend = resolve_backend(request.backend, profile)
     runners.require(backend, profile.name, overridden=request.backend is not None)
     folder = output_folder(request.out, profile.name)
     exported = open_model(request.model or find_model(Path.cwd()))
+    if check_model is not None:
+        check_model(exported)
     measured = _measured_file(exported, profile, backend)
     keep, keep_origin = _keep(request, profile, len(exported.stages))
     check_static(exported, keep, keep_origin, profile)
@@ -148,7 +153,7 @@ def plan(request: Request) -> Plan:
 
 
 @contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
+def torch_threads(count: int) -> Iterator[None]:
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -157,7 +162,7 @@ def _torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _exported_runners(
+def exported_runners(
     plan: Plan, dense: ATSVisionTransformer, workdir: Path, status: Console
 ) -> tuple[runners.Runner, runners.Runner]:
     """Runners of the exported ATS model and of the dense baseline, exported (and built) the same way."""
@@ -190,7 +195,7 @@ def _variants(plan: Plan, model: ATSVisionTransformer, workdir: Path, status: Co
     }
     if plan.backend == "pytorch":
         return variants
-    ats, baseline = _exported_runners(plan, dense, workdir, status)
+    ats, baseline = exported_runners(plan, dense, workdir, status)
     label = runners.LABELS[plan.backend]
     variants[EXPORTED_DENSE] = Variant(EXPORTED_DENSE, baseline, label, none, dense_cost)
     variants[EXPORTED_ATS] = Variant(EXPORTED_ATS, ats, label, keep, cost)
@@ -259,7 +264,7 @@ def bench(request: Request, status: Console) -> tuple[BenchResult, list[Path]]:
         model = reference(checked.exported, request.checkpoint, request.trust_checkpoint, checked.warnings)
     skipped = Skipped()
     threads = checked.profile.threads or torch.get_num_threads()
-    with _torch_threads(threads), tempfile.TemporaryDirectory(prefix="ats-bench-") as workdir:
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="ats-bench-") as workdir:
         variants = _variants(checked, model, Path(workdir), status)
         evaluation = _accuracy_pass(checked, model, variants, skipped, status)
         latencies = _latency_pass(checked, variants, evaluation, status)

@@ -15,6 +15,7 @@ import onnx
 import torch
 
 from ats_deploy.errors import BackendUnavailable
+from ats_deploy.exporters import custom_op
 from ats_deploy.exporters.validate import session
 from ats_deploy.model import ATSVisionTransformer
 
@@ -60,7 +61,7 @@ def require(backend: str, profile_name: str, overridden: bool) -> None:
     asked = f"--backend {backend}" if overridden else f"profile '{profile_name}' runs on {backend}, which"
     raise BackendUnavailable(
         f"{asked} is not available here: {reason}.",
-        hint="bench never measures another backend under a profile's name. To measure on this machine's CPU "
+        hint="bench and tune never measure another backend under a profile's name. To measure on this machine's CPU "
         "instead, pass --backend onnxruntime (the results then say that the backend was overridden).",
     )
 
@@ -114,6 +115,8 @@ def _gpu_session(path: Path, backend: str, precision: str, workdir: Path):
         path = converted
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if custom_op.uses_custom_op(path):  # the sampler node runs on the CPU provider
+        custom_op.register(options)
     sess = ort.InferenceSession(str(path), options, providers=[(provider, settings), "CPUExecutionProvider"])
     if provider not in sess.get_providers():
         raise BackendUnavailable(f"onnxruntime could not create a {provider} session for {path}.")

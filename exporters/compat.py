@@ -48,6 +48,8 @@ from rich.text import Text
 
 from ats_deploy.errors import UserError
 
+from .custom_op import DOMAIN, OP_TYPE, register, uses_custom_op
+
 TARGETS = ("tensorrt-8.6", "tensorrt-10", "dla", "onnxruntime")
 
 Severity = Literal["error", "warning"]
@@ -566,8 +568,28 @@ def _trt_graph_findings(facts: _Facts, trt: _TrtTarget) -> Iterator[Finding]:
         )
 
 
+# This project's own op (``--ats-op custom``): a TensorRT Python plugin (exporters/trt_plugin.py;
+# ``tensorrt.plugin`` exists from TensorRT 10.6) and an onnxruntime-extensions kernel.
+_PROJECT_OPS = frozenset({(DOMAIN, OP_TYPE)})
+_PLUGIN_TRT_MAJOR = 10
+
+
+def _project_op_findings(trt: _TrtTarget) -> Iterator[tuple[Severity, str]]:
+    if int(trt.version.split(".")[0]) < _PLUGIN_TRT_MAJOR:
+        yield ("error", f"needs ats-deploy's TensorRT Python plugin, which needs TensorRT >= 10.6, not {trt.version}")
+    else:
+        yield (
+            "warning",
+            "runs as ats-deploy's Python plugin (TensorRT >= 10.6): `ats-deploy build` registers it; "
+            "plain trtexec cannot load it",
+        )
+
+
 def _trt_node_findings(node: _Node, facts: _Facts, trt: _TrtTarget) -> Iterator[tuple[Severity, str]]:
     proto, label = node.proto, f"TensorRT {trt.version}"
+    if (proto.domain, proto.op_type) in _PROJECT_OPS:
+        yield from _project_op_findings(trt)
+        return
     if proto.domain not in _DEFAULT_DOMAINS:
         if (proto.domain, proto.op_type) in facts.functions:
             if not trt.local_functions:
@@ -726,6 +748,8 @@ def _ort_load_error(model: onnx.ModelProto, source: Path | None) -> str:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
+    if uses_custom_op(model):
+        register(options)
     try:
         # The path when there is one: external weights resolve next to it, and no 2 GB limit.
         ort.InferenceSession(
@@ -746,7 +770,8 @@ def _ort_findings(model: onnx.ModelProto, facts: _Facts, source: Path | None) ->
             "that implements it (SessionOptions.register_custom_ops_library)",
         )
         for node in facts.nodes
-        if node.proto.domain not in _ORT_DOMAINS and (node.proto.domain, node.proto.op_type) not in facts.functions
+        if node.proto.domain not in _ORT_DOMAINS
+        and (node.proto.domain, node.proto.op_type) not in facts.functions | _PROJECT_OPS
     ]
     if findings:
         return findings

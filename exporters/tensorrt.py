@@ -44,6 +44,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import BackendUnavailable, UserError
 from ..profiles import Profile, write_atomic
+from .custom_op import uses_custom_op
+from .trt_plugin import register_plugin
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -712,6 +714,8 @@ def build_engine(spec: EngineSpec, console: Console | None = None) -> Path:
     if strong:
         _say(console, f"converting {spec.onnx} to fp16 for a strongly typed build")
         source = write_fp16_onnx(spec)
+    if uses_custom_op(spec.onnx):
+        register_plugin()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = _create_network(trt, builder, strong, major)
@@ -786,6 +790,8 @@ class TensorRTRunner:
         torch = self._torch = _import_cuda_torch()
         self._logger = trt.Logger(trt.Logger.WARNING)  # must outlive the runtime
         self._runtime = trt.Runtime(self._logger)
+        if self._built_for().get("onnx_metadata", {}).get("ats_op") == "custom":
+            register_plugin()
         dla_core = self._built_for().get("dla_core")
         if dla_core is not None:
             self._runtime.DLA_core = dla_core

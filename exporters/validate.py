@@ -23,6 +23,7 @@ from rich.table import Table
 
 from ats_deploy.model import ATSVisionTransformer
 
+from . import custom_op
 from .onnx_export import read_metadata
 
 DEFAULT_KEEPS = (1.0, 0.87, 0.72, 0.5)
@@ -98,6 +99,8 @@ def session(path: str, threads: int | None = None):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if custom_op.uses_custom_op(path):
+        custom_op.register(options)
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import onnx
 import pytest
 from conftest import SHARED_WEIGHTS
 from typer.testing import CliRunner
@@ -91,6 +92,9 @@ def test_export_static_from_a_profile(tmp_path):
         (["export", *RANDOM, "--keep", "abc"], "cannot read --keep"),
         (["export", *RANDOM, "-o", "/nonexistent-dir/x.onnx"], "does not exist"),
         (["export", *RANDOM, "--exporter", "jit"], "unknown --exporter"),
+        (["export", *RANDOM, "--ats-op", "custom", "--exporter", "dynamo"], "needs --exporter torchscript"),
+        (["export", *RANDOM, "--ats-op", "plugin"], "unknown --ats-op"),
+        (["export", *RANDOM, "--img-size", "200"], "not a positive multiple of the patch size 16"),
         (["export", *RANDOM, "--profile", "nosuch-device"], "nosuch-device"),
         (["export", "missing.pt"], "missing.pt"),
         (["inspect", "."], "directory"),
@@ -106,6 +110,25 @@ def test_user_errors_are_one_clear_message(args, message, tmp_path, monkeypatch)
     assert message in plain(result.output)
     assert "Traceback" not in result.output
     assert not list(Path(tmp_path).glob("*.onnx")), "no half-written output"
+
+
+def test_export_with_custom_ops_validates_and_builds_with_the_plugin_note(tmp_path):
+    out = tmp_path / "custom.onnx"
+    result = invoke("export", *RANDOM, "--dynamic", "--ats-op", "custom", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "validated" in plain(result.stdout)
+    built = invoke("build", out, "--profile", "jetson")
+    assert "plain trtexec cannot load" in plain(built.output)
+    assert built.exit_code != 0 and "TensorRT" in plain(built.output)
+
+
+def test_export_at_another_input_size(tmp_path):
+    out = tmp_path / "small.onnx"
+    result = invoke("export", *RANDOM, "--dynamic", "--img-size", "160", "--stages", "4,8", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "validated" in plain(result.stdout)
+    dims = [d.dim_param or d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, 160, 160]
 
 
 def test_corrupt_onnx_is_one_clear_message(tmp_path):

@@ -300,3 +300,14 @@ def test_trt_plugin_engine_matches_reference(model, exports, images, name):
         ref = model.forward_details(images[:batch], keep_t, probe=True)
     case = against_reference(model, ref, STATIC_KEEP, result["logits"], result["tokens"], atol=TRT_ATOL)
     assert case.ok, case.failures
+
+
+def test_compatibility_report_knows_the_project_op(exports):
+    """The custom node is ours: TensorRT 10 runs it as our plugin, 8.6 cannot, onnxruntime has its kernel."""
+    from ats_deploy.exporters.compat import check_model
+
+    trt10 = check_model(exports["custom"], "tensorrt-10")
+    assert trt10.ok and sum("Python plugin" in f.message for f in trt10.warnings) == 9
+    trt86 = check_model(exports["custom"], "tensorrt-8.6")
+    assert not trt86.ok and all(f.op == "AdaptiveTokenSampler" for f in trt86.errors)
+    assert check_model(exports["custom"], "onnxruntime").ok
