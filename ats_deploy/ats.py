@@ -80,10 +80,10 @@ def significance(cls_attention: torch.Tensor, values: torch.Tensor) -> torch.Ten
     return cls_attention.sum(dim=(1, 2)) * torch.linalg.vector_norm(values, dim=-1)
 
 
-def cdf(scores: torch.Tensor) -> torch.Tensor:
-    """Section 1, step 3: normalised scores, cumulated in token order (float32)."""
-    total = scores.sum(dim=-1, keepdim=True).clamp_min(TINY)
-    return torch.cumsum(scores / total, dim=-1)
+def cdf(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Section 1, step 3: normalised scores, cumulated in token order (float32) along ``dim``."""
+    total = scores.sum(dim=dim, keepdim=True).clamp_min(TINY)
+    return torch.cumsum(scores / total, dim=dim)
 
 
 def tie_margin(scores: torch.Tensor, last: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +94,7 @@ def tie_margin(scores: torch.Tensor, last: torch.Tensor, u: torch.Tensor) -> tup
     last valid token on are skipped: the clamp sends both sides of a tie there.
     Returns ``(margin [B], position [B])``.
     """
-    distance = (u - cdf(scores).unsqueeze(-1)).abs().amin(dim=-1)
+    distance = (u - cdf(scores.unsqueeze(-1), dim=1)).abs().amin(dim=-1)
     distance = torch.where(last, float("inf"), distance)
     margin, position = distance.min(dim=-1)
     return margin, position
@@ -116,7 +116,7 @@ def sample(
     step 5 sends every quantile above ``cdf_{n-3}`` to the last valid token, which
     is ``c_p = K-1`` from position ``n-2`` on.
     """
-    counts = (u <= cdf(scores).unsqueeze(-1)).to(torch.float32).sum(dim=-1)
+    counts = (u <= cdf(scores.unsqueeze(-1), dim=1)).to(torch.float32).sum(dim=-1)
     counts = F.pad(torch.where(last, quantile_count, counts), (1, 0), value=0.0)
     previous = F.pad(counts[:, :-1], (1, 0), value=-1.0)
     return counts > previous
@@ -165,7 +165,7 @@ def key_bias(valid: torch.Tensor) -> torch.Tensor:
 
 
 class _GatherRows(torch.autograd.Function):
-    """``x [B, N, C]`` rows ``index [B, m]`` -> ``[B, m, C]``.
+    """``x [B, N, C]`` rows ``index [B, m, 1]`` -> ``[B, m, C]``.
 
     Exported by the TorchScript exporter as ``GatherND(batch_dims=1)``, which copies
     whole rows; ``torch.gather`` would export as ``GatherElements`` with an index
@@ -184,3 +184,27 @@ class _GatherRows(torch.autograd.Function):
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x [B, N, C]`` restricted to the token rows ``index [B, m, 1]``."""
     return _GatherRows.apply(x, index)
+
+
+class _ReshapeTail(torch.autograd.Function):
+    """Reshape all but the first ``lead`` dims; exported as one ``Reshape`` to ``[0, .., 0, *tail]``.
+
+    ONNX ``0`` copies a dimension, so the batch and token counts need no
+    ``Shape``/``Gather``/``Concat`` chain, which the tracer would otherwise emit.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lead: int, tail: tuple[int, ...]) -> torch.Tensor:
+        return x.reshape(*x.shape[:lead], *tail)
+
+    @staticmethod
+    def symbolic(g, x, lead: int, tail: tuple[int, ...]):
+        shape = [0] * lead + list(tail)
+        if -1 not in tail:  # the last lead dim is then implied (and torch's shape inference wants a -1)
+            shape[lead - 1] = -1
+        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64)))
+
+
+def reshape_tail(x: torch.Tensor, lead: int, *tail: int) -> torch.Tensor:
+    """``x`` with its dims after the first ``lead`` reshaped to ``tail`` (one ``-1`` allowed)."""
+    return _ReshapeTail.apply(x, lead, tail)

@@ -559,6 +559,101 @@ def visualize(
 
 
 @command()
+def tune(
+    model: BenchModelArg = None,
+    profile: ProfileOpt = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Labelled images in ImageFolder layout (DIR/<class>/<image>), as for bench: every setting is scored "
+            "by top-1 on them. They are held in memory (about 0.6 MB per image at 224 x 224).",
+        ),
+    ] = None,
+    max_drop: Annotated[
+        float | None,
+        typer.Option(
+            "--max-drop", metavar="POINTS", help="Choose the fastest setting within POINTS of the dense model's top-1."
+        ),
+    ] = None,
+    latency_ms: Annotated[
+        float | None,
+        typer.Option(
+            "--latency-ms", metavar="MS", help="Choose the most accurate setting with p50 <= MS at the profile's batch."
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="The tuned profile (.yaml); the Pareto plot is written beside it as <name>.pareto.png.",
+            show_default="profiles/<profile>-tuned.yaml",
+        ),
+    ] = None,
+    log: Annotated[
+        Path | None,
+        typer.Option(
+            "--log",
+            help="JSON-lines log of every finished measurement; a rerun under the same conditions resumes from it.",
+            show_default="beside the output: <name>.log.jsonl",
+        ),
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Discard the log and measure everything again instead of resuming.")
+    ] = False,
+    images: Annotated[
+        int | None, typer.Option("--images", min=1, help="At most N images, taken in turn from each class.")
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            "--backend",
+            help="Measure on this backend instead of the profile's (as for bench); the profile's header then says so.",
+        ),
+    ] = None,
+    class_map: Annotated[
+        Path | None,
+        typer.Option("--class-map", help="JSON or YAML file mapping class folder name -> class index (as for bench)."),
+    ] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--checkpoint", help="Checkpoint for the PyTorch reference, when the one recorded in MODEL has moved."
+        ),
+    ] = None,
+    trust_checkpoint: TrustOpt = False,
+) -> None:
+    """Choose a device's keep values from measurements: a tuned profile, a Pareto plot and a resumable log.
+
+    On the profile's backend and batch, measures top-1 on --data, p50 latency (interleaved with the dense export)
+    and GFLOPs for one keep for all stages (1.0 to 0.3), then refines stage by stage around the best. Needs a
+    --dynamic export, where keep is an input.
+    """
+    from .bench.tune import Request, render
+    from .bench.tune import tune as run_tune
+
+    request = Request(
+        profile=profile,
+        data=data,
+        max_drop=max_drop,
+        latency_ms=latency_ms,
+        model=model,
+        output=output,
+        log=log,
+        fresh=fresh,
+        images=images,
+        backend=backend,
+        class_map=class_map,
+        checkpoint=checkpoint,
+        trust_checkpoint=trust_checkpoint,
+    )
+    outcome = run_tune(request, err_console)
+    render(outcome, console)
+    outcome.check_met()
+
+
+@command()
 def build(
     model: Annotated[Path, typer.Argument(help="An ONNX file written by `ats-deploy export`.", show_default=False)],
     profile: Annotated[

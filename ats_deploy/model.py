@@ -185,8 +185,7 @@ def _qkv(attn: Attention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 def _heads(attn: Attention, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split the ``[B, N, 3D]`` qkv projection into normed per-head ``q, k, v``."""
-    batch, n, _ = qkv.shape
-    q, k, v = qkv.reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = ats.reshape_tail(qkv, 2, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     return attn.q_norm(q), attn.k_norm(k), v
 
 
@@ -203,7 +202,7 @@ def _attend(
 def _finish(block: Block, x_rows: torch.Tensor, h_rows: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """Output projection, residual and MLP of a block for the rows ``x_rows``."""
     attn = block.attn
-    o = o.transpose(1, 2).flatten(2)
+    o = ats.reshape_tail(o.transpose(1, 2), 2, -1)
     o = attn.norm(o)
     if getattr(attn, "gate", None) is not None:
         o = o * attn.gate(h_rows).sigmoid()
@@ -239,19 +238,19 @@ def ats_block(
     h = block.norm1(x)
     qkv = attn.qkv(h)
     q, k, v = _heads(attn, qkv)
-    k_t = k.transpose(-2, -1)
+    k_t = k.transpose(-2, -1)  # shared by the class-token row and the kept rows
     cls_logits = (q[:, :, :1] * attn.scale) @ k_t
     if bias is not None:
         cls_logits = cls_logits + bias
-    width = qkv.shape[-1] // 3
+    width = attn.num_heads * attn.head_dim  # a constant, not a traced shape
     scores = ats.significance(cls_logits.softmax(dim=-1), qkv[:, :, 2 * width :])[:, 1:]
     last = ats.from_last_valid(valid, x.shape[1])
     if probes is not None:
         probes.append(ats.tie_margin(scores, last, u))
     index, valid, n_kept = sampler(scores, last, u, quantile_count)
     rows = index.unsqueeze(-1)
-    q_rows = _heads(attn, ats.gather_rows(qkv, rows))[0]
-    o = _attend(q_rows, k_t, v, attn.scale, bias)
+    q_rows = ats.reshape_tail(ats.gather_rows(qkv, rows)[:, :, :width], 2, attn.num_heads, attn.head_dim)
+    o = _attend(attn.q_norm(q_rows.transpose(1, 2)), k_t, v, attn.scale, bias)
     h_rows = ats.gather_rows(h, rows) if getattr(attn, "gate", None) is not None else h
     return _finish(block, ats.gather_rows(x, rows), h_rows, o), valid, index, n_kept
 

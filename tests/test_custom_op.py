@@ -252,7 +252,7 @@ def test_a_scope_with_another_boundary_is_refused(exports):
     graph.graph.node.append(helper.make_node("Identity", [cdf], ["cdf_copy"], name="/probe/Identity"))
     graph.graph.output.append(helper.make_tensor_value_info("cdf_copy", TensorProto.FLOAT, None))
     with pytest.raises(
-        UserError, match=r"/samplers.0/ reads 4 tensors: .* hands on 4 tensors: .*CumSum_output_0 \(float32, rank 2\)"
+        UserError, match=r"/samplers.0/ reads 4 tensors: .* hands on 4 tensors: .*CumSum_output_0 \(float32, rank 3\)"
     ):
         custom_op.replace_samplers(graph)
 
