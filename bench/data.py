@@ -56,15 +56,25 @@ class Skipped:
 
 @dataclass
 class ImageFolder:
-    """The image files of an ImageFolder tree, classes interleaved, and how they were labelled."""
+    """The image files of an ImageFolder tree, classes interleaved, and how they were labelled.
+
+    A flat folder of images (no class subfolders) is unlabelled: scored by agreement
+    with the PyTorch dense model, like the sample images.
+    """
 
     root: Path
     files: list[tuple[Path, int]]
     classes: int
     labelling: str
-    metric: ClassVar[str] = "top-1 accuracy"
+    labelled: bool = True
+
+    @property
+    def metric(self) -> str:
+        return "top-1 accuracy" if self.labelled else SampleImages.metric
 
     def describe(self) -> str:
+        if not self.labelled:
+            return f"{self.root} ({len(self.files)} images, no labels)"
         return f"{self.root} ({self.classes} classes, labels from {self.labelling})"
 
 
@@ -106,12 +116,7 @@ def image_folder(root: Path, num_classes: int, class_map: Path | None = None, li
         raise UserError(f"data folder {root} is empty; {LAYOUT}.")
     folders = [p for p in entries if p.is_dir()]
     if not folders:
-        loose = sum(_is_image(p) for p in entries)
-        raise UserError(
-            f"data folder {root} has no class subfolders ({loose} image file{'' if loose == 1 else 's'} directly "
-            f"in it); {LAYOUT}.",
-            hint="Put the images of each class in a subfolder named after the class.",
-        )
+        return _flat_folder(root, entries, class_map, limit)
     indices, labelling = class_indices([p.name for p in folders], num_classes, class_map)
     per_class = [[(f, indices[folder.name]) for f in _listdir(folder) if _is_image(f)] for folder in folders]
     files = [item for item in itertools.chain(*itertools.zip_longest(*per_class)) if item is not None]
@@ -119,6 +124,19 @@ def image_folder(root: Path, num_classes: int, class_map: Path | None = None, li
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise UserError(f"no image files ({suffixes}) in the {len(folders)} class folders of {root}; {LAYOUT}.")
     folder = ImageFolder(root, files[:limit] if limit else files, len(folders), labelling)
+    _check_readable(folder)
+    return folder
+
+
+def _flat_folder(root: Path, entries: list[Path], class_map: Path | None, limit: int | None) -> ImageFolder:
+    """Images directly in ``root``: no labels, so scores are agreement with the dense model."""
+    if class_map is not None:
+        raise UserError(f"--class-map maps class folders, but {root} has none; {LAYOUT}.")
+    images = [(path, -1) for path in entries if _is_image(path)]
+    if not images:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise UserError(f"data folder {root} holds neither class folders nor image files ({suffixes}); {LAYOUT}.")
+    folder = ImageFolder(root, images[:limit] if limit else images, 0, "none", labelled=False)
     _check_readable(folder)
     return folder
 
@@ -197,7 +215,8 @@ def folder_batches(folder: ImageFolder, config: dict, batch: int, skipped: Skipp
 
 def _batch(items: list[tuple[Image.Image, str, int]], config: dict) -> Batch:
     images, names, labels = zip(*items, strict=True)
-    return Batch(preprocess(images, config), list(names), torch.tensor(labels))
+    known = torch.tensor(labels) if min(labels) >= 0 else None  # -1: a flat, unlabelled folder
+    return Batch(preprocess(images, config), list(names), known)
 
 
 def sample_batches(samples: SampleImages, config: dict, batch: int) -> Iterator[Batch]:

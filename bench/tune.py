@@ -5,8 +5,8 @@ profile's backend and batch (bench's rules: :func:`bench.run.plan`) it measures,
 accuracy on ``--data``, the p50 latency (interleaved with the dense export so that drift hits both, warm-up
 excluded: :func:`bench.timing.interleaved`) and the mean GFLOPs, then picks the fastest setting within
 ``--max-drop`` points of the dense model's top-1, or the most accurate setting with p50 <= ``--latency-ms``.
-(bench's ImageFolder always labels its images: ImageNet wnids, ``--class-map`` or the sorted folder order, so
-accuracy is always top-1 against those labels.)
+Class folders are labels (ImageNet wnids, ``--class-map`` or the sorted folder order: top-1 accuracy); a flat
+folder of images has none, and every setting is then scored by top-1 agreement with the dense model.
 
 The search measures at most ``len(COARSE) + 2 * ROUNDS * S`` settings for a model with S ATS stages:
 
@@ -411,7 +411,7 @@ class _Rig:
     ats: Runner
     dense: Runner
     batches: list[tuple[torch.Tensor, int]]  # images padded to the profile's batch, and how many are real
-    truth: np.ndarray
+    labels: np.ndarray | None  # None for a flat folder: then the dense model's top-1 is the truth
     cost: CostModel
     skipped: Skipped
 
@@ -449,15 +449,24 @@ class Device:
         with self.status.status(f"reading {len(plan.data.files)} images"):
             for batch in folder_batches(plan.data, data_config(model.vit), size, skipped):
                 batches.append((pad(batch.images, size), len(batch.names)))
-                labels.append(batch.labels.numpy())
+                if batch.labels is not None:
+                    labels.append(batch.labels.numpy())
         self.progress.start()
         self.stack.callback(self.progress.stop)
-        return _Rig(ats, baseline, batches, np.concatenate(labels), CostModel.of(model), skipped)
+        truth = np.concatenate(labels) if labels else None
+        return _Rig(ats, baseline, batches, truth, CostModel.of(model), skipped)
+
+    @cached_property
+    def truth(self) -> np.ndarray:
+        """The labels, or for unlabelled data the dense model's own top-1 (scores become agreement)."""
+        rig = self.rig
+        return rig.labels if rig.labels is not None else self._predict(rig.dense, torch.zeros(0), "dense model")[0]
 
     def _predict(self, runner: Runner, keep: torch.Tensor, title: str) -> tuple[np.ndarray, np.ndarray]:
         """Top-1 and kept tokens of every image."""
         rig = self.rig
-        self.progress.reset(self.current, total=len(rig.truth), description=f"{title}: accuracy")
+        total = sum(count for _, count in rig.batches)
+        self.progress.reset(self.current, total=total, description=f"{title}: accuracy")
         top1, tokens = [], []
         for images, count in rig.batches:
             logits, kept = runner(images, keep)
@@ -469,7 +478,7 @@ class Device:
     def dense(self) -> Dense:
         rig = self.rig
         top1, _ = self._predict(rig.dense, torch.zeros(0), "dense model")
-        return Dense(top1 == rig.truth, rig.cost.dense_gflops(), list(rig.skipped.files))
+        return Dense(top1 == self.truth, rig.cost.dense_gflops(), list(rig.skipped.files))
 
     def setting(self, keep: Keep) -> Measurement:
         rig, profile = self.rig, self.plan.profile
@@ -489,7 +498,7 @@ class Device:
         )
         return Measurement(
             keep=keep,
-            correct=top1 == rig.truth,
+            correct=top1 == self.truth,
             gflops=float(rig.cost.gflops(tokens).mean()),
             p50_ms=latency["ats"].p50,
             dense_p50_ms=latency["dense"].p50,

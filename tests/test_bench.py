@@ -110,6 +110,18 @@ def test_bench_end_to_end_with_an_image_folder(exported):
     assert "1 unreadable file skipped" in plain(result.output)
 
 
+def test_a_flat_folder_is_unlabelled_and_scored_by_agreement(exported):
+    fast_profile("cpu")
+    write_images(Path("photos"), 3, seed=3)
+    result = invoke("bench", exported, "--profile", "cpu", "--data", "photos", "--out", "out")
+    assert result.exit_code == 0, result.output
+    data, _ = read_results(Path("out"))
+    assert data["accuracy_metric"] == "top-1 agreement with PyTorch dense"
+    assert data["data"]["images"] == 3 and data["data"]["labels"] == "none"
+    variants = {v["key"]: v for v in data["variants"]}
+    assert variants["pytorch_dense"]["accuracy"] == 1.0, "dense agrees with itself"
+
+
 def test_bench_finds_the_only_export_and_records_overrides(exported):
     fast_profile("jetson")
     result = invoke("bench", "--profile", "jetson", "--backend", "onnxruntime", "--keep", "0.5", "--images", "2",
@@ -161,7 +173,8 @@ def test_an_unavailable_backend_is_refused_naming_the_override(exported):
         (["--profile", "cpu", "--keep", "0.5,0.5"], "keep has 2 values but the model has 9 ATS stages"),
         (["--profile", "cpu", "--data", "missing"], "data folder missing does not exist"),
         (["--profile", "cpu", "--data", "empty"], "data folder empty is empty"),
-        (["--profile", "cpu", "--data", "flat"], "has no class subfolders (1 image file directly in it)"),
+        (["--profile", "cpu", "--data", "notes"], "holds neither class folders nor image files"),
+        (["--profile", "cpu", "--data", "flat", "--class-map", "map.json"], "--class-map maps class folders"),
         (["--profile", "cpu", "--data", "bad"], "none of the 2 image files of bad could be read"),
         (["--profile", "cpu", "--data", "ok", "--class-map", "map.json"], "'dog' maps to 5000"),
         (["--profile", "cpu", "--class-map", "map.json"], "give --data DIR too"),
@@ -170,6 +183,8 @@ def test_an_unavailable_backend_is_refused_naming_the_override(exported):
 )
 def test_user_errors_come_before_any_work(exported, args, message):
     Path("empty").mkdir()
+    Path("notes").mkdir()
+    (Path("notes") / "README.txt").write_text("no images here")
     write_images(Path("flat"), 1)
     write_images(Path("ok") / "dog", 1)
     (Path("bad") / "cls").mkdir(parents=True)

@@ -142,6 +142,24 @@ def test_max_drop_picks_the_fastest_setting_within_the_drop(tuned, there):
     assert f"chosen keep {tune.keep_text(keep)}" in output and f"{IMAGES} images" in output
 
 
+def test_unlabelled_images_are_scored_by_agreement_with_dense(tmp_path, monkeypatch, tiny_ats_onnx):
+    """A flat folder has no labels: dense agrees with itself, every setting is scored against it."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(tiny_ats_onnx, tmp_path / tiny_ats_onnx.name)
+    fast_profile("cpu")
+    labelled_by_dense(tmp_path / "tree", 4)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for picture in (tmp_path / "tree").rglob("*.png"):
+        shutil.copy(picture, flat / picture.name)
+    result = invoke("tune", "--profile", "cpu", "--data", "flat", "--latency-ms", "100000", "-o", "flat.yaml")
+    assert result.exit_code == 0, result.output
+    records = read_log(Path("flat.log.jsonl"))
+    assert records[1]["kind"] == "dense" and accuracy(records[1]) == 1.0
+    assert any(accuracy(r) < 1.0 for r in records[2:]), "settings are scored against dense, not all perfect"
+    assert "top-1 agreement with PyTorch dense" in plain(Path("flat.yaml").read_text())
+
+
 def test_bench_accepts_the_tuned_profile(there):
     result = invoke("bench", "--profile", "profiles/cpu-tuned.yaml", "--images", "1", "--out", "bench-out")
     assert result.exit_code == 0, result.output
