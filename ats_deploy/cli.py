@@ -25,10 +25,10 @@ app = typer.Typer(
         "Deploy Vision Transformers with Adaptive Token Sampling (ATS): export one ONNX file that "
         "serves every token budget K, validate it against PyTorch, build TensorRT engines, "
         "benchmark and tune K per device.\n\n"
-        "Typical flow: [bold]inspect[/] a checkpoint, [bold]export[/] it with --dynamic, "
-        "[bold]bench[/] it with a device --profile, [bold]tune[/] keep for that device."
+        "Typical flow: **inspect** a checkpoint, **export** it with --dynamic, "
+        "**bench** it with a device --profile, **tune** keep for that device."
     ),
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -403,6 +403,32 @@ BenchModelArg = Annotated[
 ]
 
 
+BackendOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--backend",
+        help="Run on this backend instead of the profile's (onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, "
+        "tensorrt, pytorch); the results then say the backend was overridden.",
+    ),
+]
+ClassMapOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--class-map",
+        help="JSON or YAML file mapping class folder name -> class index. Default: ImageNet indices when the "
+        "folders are wnids (n01440764, ...) and the model has 1000 classes, else the sorted folder order.",
+    ),
+]
+ReferenceOpt = Annotated[
+    str | None,
+    typer.Option("--checkpoint", help="Checkpoint for the PyTorch reference, when the one MODEL records has moved."),
+]
+DATA_HELP = (
+    "Images in ImageFolder layout (DIR/<class>/<image>) for top-1 accuracy, or a flat folder of images (no labels: "
+    "scored by agreement with the PyTorch dense model). Files that cannot be decoded are skipped and counted."
+)
+
+
 @command("bench")
 def bench_command(
     model: BenchModelArg = None,
@@ -411,9 +437,7 @@ def bench_command(
         Path | None,
         typer.Option(
             "--data",
-            help="Labelled images in ImageFolder layout (DIR/<class>/<image>), for top-1 accuracy. Files that cannot "
-            "be decoded are skipped and counted in the report, so one bad file does not end a long run. Without "
-            "--data: the scikit-image photos plus random images, scored by agreement with the PyTorch dense model.",
+            help=DATA_HELP + " Without --data: the scikit-image photos plus random images, scored by agreement.",
         ),
     ] = None,
     images: Annotated[
@@ -423,14 +447,7 @@ def bench_command(
         ),
     ] = None,
     keep: KeepOpt = None,
-    backend: Annotated[
-        str | None,
-        typer.Option(
-            "--backend",
-            help="Run on this backend instead of the profile's (onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, "
-            "tensorrt, pytorch); the results then say the backend was overridden.",
-        ),
-    ] = None,
+    backend: BackendOpt = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -439,21 +456,8 @@ def bench_command(
             show_default="./results/<time>-<profile>/",
         ),
     ] = None,
-    class_map: Annotated[
-        Path | None,
-        typer.Option(
-            "--class-map",
-            help="JSON or YAML file mapping class folder name -> class index. Default: ImageNet indices when the "
-            "folders are wnids (n01440764, ...) and the model has 1000 classes, else the sorted folder order.",
-        ),
-    ] = None,
-    checkpoint: Annotated[
-        str | None,
-        typer.Option(
-            "--checkpoint",
-            help="Checkpoint for the PyTorch reference, when the one recorded in MODEL has moved.",
-        ),
-    ] = None,
+    class_map: ClassMapOpt = None,
+    checkpoint: ReferenceOpt = None,
     trust_checkpoint: TrustOpt = False,
 ) -> None:
     """Benchmark an exported model on a device profile: accuracy, GFLOPs, kept tokens and latency.
@@ -566,8 +570,7 @@ def tune(
         Path | None,
         typer.Option(
             "--data",
-            help="Labelled images in ImageFolder layout (DIR/<class>/<image>), as for bench: every setting is scored "
-            "by top-1 on them. They are held in memory (about 0.6 MB per image at 224 x 224).",
+            help=DATA_HELP + " They are held in memory (about 0.6 MB per image at 224 x 224).",
         ),
     ] = None,
     max_drop: Annotated[
@@ -605,23 +608,9 @@ def tune(
     images: Annotated[
         int | None, typer.Option("--images", min=1, help="At most N images, taken in turn from each class.")
     ] = None,
-    backend: Annotated[
-        str | None,
-        typer.Option(
-            "--backend",
-            help="Measure on this backend instead of the profile's (as for bench); the profile's header then says so.",
-        ),
-    ] = None,
-    class_map: Annotated[
-        Path | None,
-        typer.Option("--class-map", help="JSON or YAML file mapping class folder name -> class index (as for bench)."),
-    ] = None,
-    checkpoint: Annotated[
-        str | None,
-        typer.Option(
-            "--checkpoint", help="Checkpoint for the PyTorch reference, when the one recorded in MODEL has moved."
-        ),
-    ] = None,
+    backend: BackendOpt = None,
+    class_map: ClassMapOpt = None,
+    checkpoint: ReferenceOpt = None,
     trust_checkpoint: TrustOpt = False,
 ) -> None:
     """Choose a device's keep values from measurements: a tuned profile, a Pareto plot and a resumable log.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,16 @@ def tiny_ats_onnx(tmp_path_factory) -> Path:
     model = load_model("random:0", arch="deit_tiny_patch16_224")
     path = tmp_path_factory.mktemp("tiny-onnx") / "deit_tiny_patch16_224_ats.onnx"
     return export(model, path, ExportOptions(dynamic=True, source="random:0"))
+
+
+@pytest.fixture
+def here(tmp_path, monkeypatch) -> Path:
+    """A fresh, empty current directory."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def exported(here, tiny_ats_onnx) -> Path:
+    """The tiny export copied into the (empty) current directory."""
+    return Path(shutil.copy(tiny_ats_onnx, here / tiny_ats_onnx.name))

@@ -8,13 +8,13 @@ iterations on one thread instead of a hundred.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import fast_profile, invoke, plain
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -31,19 +31,7 @@ PLOTS = ["accuracy_vs_latency.png", "accuracy_vs_gflops.png", "kept_tokens.png"]
 TENCH, GOLDFISH, BRAMBLING = "n01440764", "n01443537", "n01530575"  # ImageNet classes 0, 1 and 10
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
-
-def plain(text: str) -> str:
-    """Output with rich's line wrapping undone."""
-    return " ".join(text.split())
-
-
-def fast_profile(name: str) -> None:
-    """./profiles/NAME.yaml: the built-in with 1 warm-up round, 2 timed rounds and 1 thread."""
-    profile = dataclasses.replace(load_profile(name), warmup=1, iterations=2, threads=1)
-    dump_profile(profile, Path("profiles") / f"{name}.yaml", ["fast copy for tests"])
 
 
 def write_images(folder: Path, count: int, seed: int = 0) -> None:
@@ -54,16 +42,6 @@ def write_images(folder: Path, count: int, seed: int = 0) -> None:
         Image.fromarray(pixels).save(folder / f"image{i}.jpg")
 
 
-@pytest.fixture
-def here(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-@pytest.fixture
-def exported(here, tiny_ats_onnx) -> Path:
-    """The tiny export copied into the (empty) current directory."""
-    return Path(shutil.copy(tiny_ats_onnx, here / tiny_ats_onnx.name))
 
 
 def read_results(folder: Path) -> tuple[dict, list[dict]]:

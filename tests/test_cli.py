@@ -7,22 +7,14 @@ from pathlib import Path
 
 import onnx
 import pytest
+from cli_helpers import invoke, plain
 from conftest import SHARED_WEIGHTS
-from typer.testing import CliRunner
 
 from ats_deploy import __version__
-from ats_deploy.cli import app
 
-runner = CliRunner()
 RANDOM = ["random:0", "--arch", "deit_tiny_patch16_224"]
 
 
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def plain(text: str) -> str:
-    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
 
 
 def test_version_and_help():

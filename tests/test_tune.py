@@ -18,18 +18,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cli_helpers import fast_profile, invoke, plain
 from onnx import TensorProto, helper
 from PIL import Image
-from typer.testing import CliRunner
 
 from ats_deploy.bench import tune
 from ats_deploy.bench.tune import Log, Measurement, Objective, pareto_front
 from ats_deploy.checkpoints import load_model
-from ats_deploy.cli import app
 from ats_deploy.errors import UserError
 from ats_deploy.images import data_config, preprocess
 from ats_deploy.model import build
-from ats_deploy.profiles import dump_profile, load_profile
+from ats_deploy.profiles import load_profile
 
 ARCH = "deit_tiny_patch16_224"
 IMAGES = 8
@@ -37,19 +36,7 @@ MAX_DROP = 25.0
 TUNE = ("--profile", "cpu", "--data", "data", "--class-map", "classes.json")
 
 
-def invoke(*args: object):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
-
-def plain(text: str) -> str:
-    """Output with rich's line wrapping undone."""
-    return " ".join(text.split())
-
-
-def fast_profile(name: str) -> None:
-    """./profiles/NAME.yaml: the built-in with 1 warm-up round, 2 timed rounds and 1 thread."""
-    profile = dataclasses.replace(load_profile(name), warmup=1, iterations=2, threads=1)
-    dump_profile(profile, Path("profiles") / f"{name}.yaml", ["fast copy for tests"])
 
 
 def labelled_by_dense(root: Path, count: int) -> Path:
@@ -215,15 +202,6 @@ def test_a_log_from_other_conditions_is_not_reused(there, tmp_path, monkeypatch)
 # --------------------------------------------------------------------------- user errors
 
 
-@pytest.fixture
-def here(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-@pytest.fixture
-def exported(here, tiny_ats_onnx) -> Path:
-    return Path(shutil.copy(tiny_ats_onnx, here / tiny_ats_onnx.name))
 
 
 @pytest.mark.parametrize(
