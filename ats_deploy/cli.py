@@ -132,6 +132,7 @@ def inspect(
 ) -> None:
     """Show a checkpoint's architecture, parameters, ATS stages, default keep and dense GFLOPs."""
     from .flops import CostModel
+    from .model import format_keep
 
     model = _load(checkpoint, arch, stages, None, trust_checkpoint)
     cost = CostModel.of(model)
@@ -145,7 +146,7 @@ def inspect(
         ("tokens (n0)", str(model.n0)),
         ("depth / heads / dim", f"{cost.depth} / {model.vit.blocks[0].attn.num_heads} / {cost.dim}"),
         ("ATS stages", ",".join(map(str, model.stages)) or "none (dense)"),
-        ("default keep", ", ".join(f"{v:g}" for v in model.default_keep)),
+        ("default keep", format_keep(model.default_keep)),
         ("dense GFLOPs", f"{cost.dense_gflops():.2f}"),
     ]
     for key, value in rows:
@@ -164,12 +165,13 @@ def convert(
 ) -> None:
     """Write a self-describing ats-deploy checkpoint (arch, stages, default keep, weights)."""
     from .checkpoints import save_checkpoint
+    from .model import format_keep
 
     model = _load(checkpoint, arch, stages, keep, trust_checkpoint)
     path = save_checkpoint(model, output)
     console.print(
         f"wrote [bold]{path}[/]: {model.arch}, stages {','.join(map(str, model.stages)) or 'none'}, "
-        f"keep {', '.join(f'{v:g}' for v in model.default_keep)}"
+        f"keep {format_keep(model.default_keep)}"
     )
 
 

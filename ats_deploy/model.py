@@ -274,6 +274,11 @@ def validate_keep(keep: Sequence[float], stages: int) -> list[float]:
     return values
 
 
+def format_keep(keep: Sequence[float]) -> str:
+    """One value when every stage has it (``0.7``), else the per-stage list (``0.9,0.8,0.7``)."""
+    return f"{keep[0]:g}" if len(set(keep)) == 1 else ",".join(f"{v:g}" for v in keep)
+
+
 def build(
     vit: VisionTransformer, arch: str, stages: Sequence[int] | None = None, keep: Sequence[float] | None = None
 ) -> ATSVisionTransformer:

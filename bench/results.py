@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ats_deploy.exporters.validate import Case
+from ats_deploy.model import format_keep
 from ats_deploy.profiles import Profile
 
 from .timing import Latency
@@ -88,8 +89,7 @@ class BenchResult:
 
     @property
     def keep_text(self) -> str:
-        values = sorted(set(self.keep))
-        return f"{values[0]:g}" if len(values) == 1 else ",".join(f"{v:g}" for v in self.keep)
+        return format_keep(self.keep)
 
     @property
     def title(self) -> str:

@@ -19,7 +19,7 @@ from ats_deploy.ats import budget_int
 from ats_deploy.checkpoints import load_model, sha256_file
 from ats_deploy.errors import UserError
 from ats_deploy.exporters.onnx_export import read_metadata
-from ats_deploy.model import ATSVisionTransformer
+from ats_deploy.model import ATSVisionTransformer, format_keep
 from ats_deploy.profiles import Profile
 
 ENGINE_SUFFIXES = (".plan", ".engine")
@@ -189,7 +189,7 @@ def check_static(exported: Exported, keep: list[float], keep_origin: str, profil
     if exported.batch != profile.batch:
         problems.append(f"batch {exported.batch} (profile '{profile.name}' asks for batch {profile.batch})")
     if [budget_int(k, n0) for k in exported.keep] != [budget_int(k, n0) for k in keep]:
-        problems.append(f"keep {_keep_text(exported.keep)} ({keep_origin} asks for keep {_keep_text(keep)})")
+        problems.append(f"keep {format_keep(exported.keep)} ({keep_origin} asks for keep {format_keep(keep)})")
     if problems:
         raise UserError(
             f"{exported.path} is a static export with {' and '.join(problems)} baked in.",
@@ -197,11 +197,6 @@ def check_static(exported: Exported, keep: list[float], keep_origin: str, profil
             "batch and keep from the profile), pass the baked-in --keep, or export with --dynamic so that one "
             "file serves every batch and keep.",
         )
-
-
-def _keep_text(keep: list[float]) -> str:
-    values = sorted(set(keep))
-    return f"{values[0]:g}" if len(values) == 1 else ",".join(f"{v:g}" for v in keep)
 
 
 def reference(exported: Exported, checkpoint: str | None, trust: bool, warnings: list[str]) -> ATSVisionTransformer:

@@ -55,7 +55,7 @@ from ats_deploy.errors import UserError
 from ats_deploy.exporters.onnx_export import check_output_path
 from ats_deploy.flops import CostModel
 from ats_deploy.images import data_config
-from ats_deploy.model import build
+from ats_deploy.model import build, format_keep
 from ats_deploy.profiles import LOCAL_DIR, dump_profile, write_atomic
 
 from . import machine, run, runners
@@ -180,11 +180,6 @@ class Measurement:
 def budgets(keep: Keep, n0: int) -> tuple[int, ...]:
     """The integer budget K of every stage: what identifies a setting (ATS_SPEC section 2)."""
     return tuple(budget_int(k, n0) for k in keep)
-
-
-def keep_text(keep: Sequence[float]) -> str:
-    """One value when every stage has it, else the per-stage list."""
-    return f"{keep[0]:g}" if len(set(keep)) == 1 else ",".join(f"{v:g}" for v in keep)
 
 
 # --------------------------------------------------------------------------- statistics and choice
@@ -482,7 +477,7 @@ class Device:
 
     def setting(self, keep: Keep) -> Measurement:
         rig, profile = self.rig, self.plan.profile
-        title = f"keep {keep_text(keep)}"
+        title = f"keep {format_keep(keep)}"
         values = torch.tensor(keep, dtype=torch.float32)
         top1, tokens = self._predict(rig.ats, values, title)
         inputs = [images for images, _ in rig.batches[:TIMING_BATCHES]]
@@ -574,7 +569,7 @@ class Outcome:
 def describe(m: Measurement, dense: Dense) -> str:
     drop = 100.0 * (m.accuracy - dense.accuracy)
     return (
-        f"keep {keep_text(m.keep)}: top-1 {100 * m.accuracy:.1f}% ({drop:+.1f} points vs dense), "
+        f"keep {format_keep(m.keep)}: top-1 {100 * m.accuracy:.1f}% ({drop:+.1f} points vs dense), "
         f"p50 {m.p50_ms:.2f} ms ({m.speedup:.2f}x dense), {m.gflops:.3f} GFLOPs"
     )
 
@@ -731,7 +726,7 @@ def limits(outcome: Outcome) -> list[str]:
     if runner_up is not None:
         diff, se = paired_difference(best.correct, runner_up.correct)
         text = (
-            f"{role} - runner-up (keep {keep_text(runner_up.keep)}, p50 {runner_up.p50_ms:.2f} ms) top-1: "
+            f"{role} - runner-up (keep {format_keep(runner_up.keep)}, p50 {runner_up.p50_ms:.2f} ms) top-1: "
             f"{diff:+.2f} {_plus_minus(se)} points"
         )
         apart = told_apart(diff, se)
@@ -816,7 +811,7 @@ def pareto_figure(outcome: Outcome) -> Figure:
         axes.scatter([dense_x], [everything[-1][1]], marker="s", s=70, color="black", label="dense", zorder=3)
         role = "chosen" if outcome.met else "closest"
         axes.scatter([x_of(best)], [100.0 * best.accuracy], marker="*", s=240, color="tab:red", zorder=4,
-                     label=f"{role}: keep {keep_text(best.keep)}")
+                     label=f"{role}: keep {format_keep(best.keep)}")
         if objective.max_drop is not None:
             axes.axhline(100.0 * objective.dense_accuracy - objective.max_drop, color="tab:red", linestyle="--",
                          linewidth=1, label=f"dense - {objective.max_drop:g} points")
@@ -855,7 +850,7 @@ def render(outcome: Outcome, console: Console) -> None:
     rows: list[tuple[float, list[str], str | None]] = []
     for i, m in enumerate(outcome.settings):
         delta = f"{100 * (m.accuracy - dense.accuracy):+.1f}"
-        cells = _row(keep_text(m.keep), m.accuracy, delta, m.gflops, m.p50_ms, m.speedup)
+        cells = _row(format_keep(m.keep), m.accuracy, delta, m.gflops, m.p50_ms, m.speedup)
         cells += ["yes" if objective.meets(m) else "no", "•" if i in front else ""]
         style = None
         if m is outcome.best:

@@ -37,7 +37,7 @@ def test_convert_then_inspect_keeps_stages_and_keep(tmp_path):
     result = invoke("convert", *RANDOM, "--stages", "4-6", "--keep", "0.8,0.7,0.6", "-o", target)
     assert result.exit_code == 0, result.output
     out = plain(invoke("inspect", target).stdout)
-    assert "4,5,6" in out and "0.8, 0.7, 0.6" in out and "ats-deploy" in out
+    assert "4,5,6" in out and "0.8,0.7,0.6" in out and "ats-deploy" in out
 
 
 def test_predict_names_the_cat(tmp_path):

@@ -27,7 +27,7 @@ from ats_deploy.bench.tune import Log, Measurement, Objective, pareto_front
 from ats_deploy.checkpoints import load_model
 from ats_deploy.errors import UserError
 from ats_deploy.images import data_config, preprocess
-from ats_deploy.model import build
+from ats_deploy.model import build, format_keep
 from ats_deploy.profiles import load_profile
 
 ARCH = "deit_tiny_patch16_224"
@@ -126,7 +126,7 @@ def test_max_drop_picks_the_fastest_setting_within_the_drop(tuned, there):
         assert needed in comments
     assert Path("profiles/cpu-tuned.pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     output = plain(result.output)
-    assert f"chosen keep {tune.keep_text(keep)}" in output and f"{IMAGES} images" in output
+    assert f"chosen keep {format_keep(keep)}" in output and f"{IMAGES} images" in output
 
 
 def test_unlabelled_images_are_scored_by_agreement_with_dense(tmp_path, monkeypatch, tiny_ats_onnx):
@@ -175,7 +175,7 @@ def test_an_impossible_latency_budget_names_the_closest_setting(there, no_measur
     named = re.search(r"The closest: keep (\S+): top-1", output)
     assert named is not None
     settings = read_log(log)[2:]
-    closest = next(s for s in settings if tune.keep_text(s["keep"]) == named[1])
+    closest = next(s for s in settings if format_keep(s["keep"]) == named[1])
     # Nothing meets the budget, so the search ranks by latency: from the fastest uniform setting on, only faster.
     assert closest["p50_ms"] <= min(s["p50_ms"] for s in settings[: len(tune.COARSE)])
     assert f"p50 {closest['p50_ms']:.2f} ms" in output
