@@ -140,31 +140,30 @@ class ATSVisionTransformer(nn.Module):
         u = ats.quantiles(k, self.n0 - 1)
         valid: torch.Tensor | None = None
         bias: torch.Tensor | None = None
-        tokens, kept_positions = [], []
-        out = ATSOutput(logits=torch.empty(0), tokens=torch.empty(0), positions=kept_positions)
+        tokens, kept_positions, margins, tie_tokens = [], [], [], []
         for i, block in enumerate(vit.blocks):
             if i not in self.stages:
                 x = dense_block(block, x, bias)
                 continue
             s = self.stages.index(i)
             length = None if self.static_budget is None else min(self.static_budget[s], x.shape[1])
-            probes: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if probe else None
             sampler = functools.partial(self.samplers[s], length=length)
+            probes: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if probe else None
             x, valid, index, n_kept = ats_block(block, x, bias, valid, u[s], k[s] - 1.0, sampler, probes)
             if probes:
                 margin, position = probes[0]
-                out.tie_margins.append(margin)
-                out.tie_tokens.append(torch.gather(positions, 1, position.unsqueeze(1) + 1)[:, 0])
+                margins.append(margin)
+                tie_tokens.append(torch.gather(positions, 1, position.unsqueeze(1) + 1)[:, 0])
             bias = ats.key_bias(valid)
             tokens.append(n_kept - 1)
             positions = torch.where(valid, torch.gather(positions, 1, index), -1)
             kept_positions.append(positions)
-        out.logits = head(vit, vit.norm(x), valid)
+        logits = head(vit, vit.norm(x), valid)
         if tokens:
-            out.tokens = torch.stack(tokens, dim=1)
+            token_counts = torch.stack(tokens, dim=1)
         else:
-            out.tokens = torch.zeros((batch, 0), dtype=torch.int64, device=x.device)
-        return out
+            token_counts = torch.zeros((batch, 0), dtype=torch.int64, device=x.device)
+        return ATSOutput(logits, token_counts, kept_positions, margins, tie_tokens)
 
 
 def head(vit: VisionTransformer, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
