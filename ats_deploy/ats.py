@@ -40,7 +40,7 @@ def budget(keep: torch.Tensor, n0: int) -> torch.Tensor:
     return torch.where(keep <= 1.0, fraction, absolute)
 
 
-def from_last_valid(valid: torch.Tensor | None, n: int) -> torch.Tensor:
+def from_last_valid(valid: torch.Tensor | None, n: int, device: torch.device | None = None) -> torch.Tensor:
     """Bool ``[B, n-1]`` over tokens ``1..n-1``: true from the last valid token on.
 
     Position ``p`` (token ``p+1``) is there iff token ``p+2`` is padding or past the
@@ -48,7 +48,7 @@ def from_last_valid(valid: torch.Tensor | None, n: int) -> torch.Tensor:
     """
     if valid is None:  # nothing padded yet: n is the model's constant token count
         n = int(n)
-        return (torch.arange(n - 1) >= n - 2).unsqueeze(0)
+        return (torch.arange(n - 1, device=device) >= n - 2).unsqueeze(0)
     return F.pad(valid[:, 2:].to(torch.float32), (0, 1)) == 0.0
 
 

@@ -136,7 +136,7 @@ class ATSVisionTransformer(nn.Module):
         x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
         batch = x.shape[0]
         positions = torch.arange(self.n0, device=x.device).unsqueeze(0).expand(batch, -1)
-        k = ats.budget(keep, self.n0)
+        k = ats.budget(keep.to(x.device), self.n0)
         u = ats.quantiles(k, self.n0 - 1)
         valid: torch.Tensor | None = None
         bias: torch.Tensor | None = None
@@ -243,7 +243,7 @@ def ats_block(
         cls_logits = cls_logits + bias
     width = attn.num_heads * attn.head_dim  # a constant, not a traced shape
     scores = ats.significance(cls_logits.softmax(dim=-1), qkv[:, :, 2 * width :])[:, 1:]
-    last = ats.from_last_valid(valid, x.shape[1])
+    last = ats.from_last_valid(valid, x.shape[1], x.device)
     if probes is not None:
         probes.append(ats.tie_margin(scores, last, u))
     index, valid, n_kept = sampler(scores, last, u, quantile_count)
