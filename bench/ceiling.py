@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 import warnings
@@ -32,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from ats_deploy.bench.timing import interleaved
 from ats_deploy.exporters.onnx_export import ExportOptions, export
 from ats_deploy.exporters.validate import session
 from ats_deploy.flops import CostModel
@@ -71,6 +71,9 @@ def export_ceiling(model: ATSVisionTransformer, lengths: list[int], batch: int, 
     return path
 
 
+WARMUP = 3
+
+
 def keep_for_gflops(sess, images: np.ndarray, cost: CostModel, target: float, stages: int) -> float:
     """Bisection on one keep fraction for all stages: mean GFLOPs per image ~ target."""
     lo, hi = 0.02, 1.0
@@ -82,20 +85,6 @@ def keep_for_gflops(sess, images: np.ndarray, cost: CostModel, target: float, st
         else:
             lo = mid
     return (lo + hi) / 2
-
-
-def interleaved(runs: dict, iterations: int, warmup: int = 3) -> dict[str, float]:
-    """Median milliseconds of each callable, run round-robin so that drift hits all alike."""
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(iterations):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -120,6 +109,7 @@ def main() -> None:
         start = time.perf_counter()
         export(model, tmp / "ats.onnx", ExportOptions(dynamic=True))
         export_s = time.perf_counter() - start
+        onnx_ops = len(onnx.load(str(tmp / "ats.onnx")).graph.node)
         export(build(model.vit, args.arch, stages=[]), tmp / "dense.onnx", ExportOptions(dynamic=True))
         ats_s, dense_s = session(str(tmp / "ats.onnx"), args.threads), session(str(tmp / "dense.onnx"), args.threads)
         for target in args.gflops:
@@ -130,14 +120,17 @@ def main() -> None:
                 tokens = ats_s.run(["tokens"], {"images": images, "keep": keep_in})[0]
                 lengths = [int(t) + 1 for t in tokens.max(axis=0)]
                 ceiling_s = session(str(export_ceiling(model, lengths, batch, tmp / "ceiling.onnx")), args.threads)
-                ms = interleaved(
+                latency = interleaved(
                     {
-                        "dense": lambda images=images: dense_s.run(None, {"images": images}),
-                        "ats": lambda images=images, k=keep_in: ats_s.run(None, {"images": images, "keep": k}),
-                        "ceiling": lambda images=images, s=ceiling_s: s.run(None, {"images": images}),
+                        "dense": lambda _, images=images: dense_s.run(None, {"images": images}),
+                        "ats": lambda _, images=images, k=keep_in: ats_s.run(None, {"images": images, "keep": k}),
+                        "ceiling": lambda _, images=images, s=ceiling_s: s.run(None, {"images": images}),
                     },
+                    batch,
+                    WARMUP,
                     args.iterations,
                 )
+                ms = {name: result.p50 for name, result in latency.items()}
                 speedup_ats, speedup_ceiling = ms["dense"] / ms["ats"], ms["dense"] / ms["ceiling"]
                 rows.append({
                     "target_gflops": target, "keep": round(keep, 4), "batch": batch,
@@ -151,13 +144,7 @@ def main() -> None:
     render(rows, args, export_s, console)
     if args.json:
         args.json.write_text(json.dumps({"arch": args.arch, "threads": args.threads, "export_s": export_s,
-                                         "onnx_ops": _op_count(model), "rows": rows}, indent=2))
-
-
-def _op_count(model: ATSVisionTransformer) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export(model, Path(tmp) / "m.onnx", ExportOptions(dynamic=True, extra_metadata={}))
-        return len(onnx.load(str(path)).graph.node)
+                                         "onnx_ops": onnx_ops, "rows": rows}, indent=2))
 
 
 def render(rows: list[dict], args: argparse.Namespace, export_s: float, console: Console) -> None:
