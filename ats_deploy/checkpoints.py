@@ -17,13 +17,11 @@ architecture whose every tensor has the checkpoint's shape.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
 import os
 import pickle
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -37,6 +35,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import __version__
+from .atomic import atomic_output
 from .errors import UserError
 from .model import ATSVisionTransformer, build, parse_stages
 
@@ -458,19 +457,11 @@ def save_checkpoint(model: ATSVisionTransformer, path: str | os.PathLike[str]) -
         "ats_deploy_version": __version__,
         "model": model.vit.state_dict(),
     }
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with temp.open("xb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
+        with atomic_output(path) as temporary:
+            torch.save(payload, temporary)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}; choose a writable location.") from None
-    finally:
-        with contextlib.suppress(OSError):  # gone already after a successful rename
-            temp.unlink()
     return path
 
 

@@ -17,10 +17,10 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .atomic import write_atomic
 from .errors import UserError
 from .images import data_config, load_image, preprocess, sample_images
 from .model import ATSVisionTransformer, validate_keep
-from .profiles import write_atomic
 
 DROPPED_BRIGHTNESS = 0.15  # what is left of a dropped patch: dark, yet the image stays recognisable
 PANEL_INCHES = 1.7

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from ats_deploy.atomic import write_atomic
 from ats_deploy.ats import budget_int
-from ats_deploy.profiles import write_atomic
 
 from .results import BenchResult, VariantResult
 from .variants import EXPORTED_ATS, PYTORCH_ATS

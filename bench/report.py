@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ats_deploy.profiles import write_atomic
+from ats_deploy.atomic import write_atomic
 
 from .plots import write_plots
 from .results import BenchResult

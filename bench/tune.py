@@ -49,6 +49,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from ats_deploy.atomic import write_atomic
 from ats_deploy.ats import budget_int
 from ats_deploy.checkpoints import sha256_file
 from ats_deploy.errors import UserError
@@ -56,7 +57,7 @@ from ats_deploy.exporters.onnx_export import check_output_path
 from ats_deploy.flops import CostModel
 from ats_deploy.images import data_config
 from ats_deploy.model import build, format_keep
-from ats_deploy.profiles import LOCAL_DIR, dump_profile, write_atomic
+from ats_deploy.profiles import LOCAL_DIR, dump_profile
 
 from . import machine, run, runners
 from .data import ImageFolder, Skipped, folder_batches

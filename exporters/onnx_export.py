@@ -13,12 +13,9 @@ step leaves no ``.onnx`` behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +23,7 @@ import onnx
 import torch
 
 from ats_deploy import __version__
+from ats_deploy.atomic import atomic_output
 from ats_deploy.ats import budget_int
 from ats_deploy.errors import UserError
 from ats_deploy.images import data_config
@@ -77,19 +75,6 @@ def check_output_path(path: Path) -> Path:
     if not os.access(parent, os.W_OK):
         raise UserError(f"cannot write to {parent}: permission denied; choose another -o.")
     return path
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path, suffix: str = ".onnx") -> Iterator[Path]:
-    """A temporary file beside ``path`` that replaces it only if the block succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 def metadata(model: ATSVisionTransformer, options: ExportOptions) -> dict[str, str]:

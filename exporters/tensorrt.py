@@ -42,8 +42,9 @@ import onnx
 import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
+from ..atomic import write_atomic
 from ..errors import BackendUnavailable, UserError
-from ..profiles import Profile, write_atomic
+from ..profiles import Profile
 from .custom_op import uses_custom_op
 from .trt_plugin import register_plugin
 

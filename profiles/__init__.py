@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from ..atomic import write_atomic
 from ..errors import UserError
 
 BACKENDS = ("tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt", "pytorch")
@@ -383,30 +382,3 @@ def dump_profile(profile: Profile, path: Path, header_comments: list[str]) -> No
     body = yaml.safe_dump(_as_data(profile), sort_keys=False, default_flow_style=None, allow_unicode=True)
     text = "\n".join([*comments, body]) if comments else body
     write_atomic(Path(path), text.encode("utf-8"))
-
-
-def _new_file_mode() -> int:
-    # mkstemp creates 0600 files; give the result the mode a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then move it into place.
-
-    A reader (or a crash) never sees half a file: ``os.replace`` within one
-    directory is atomic on POSIX and Windows.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, _new_file_mode())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

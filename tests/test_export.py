@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -138,6 +140,13 @@ def test_a_failed_export_leaves_no_file(tiny, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         export(tiny, tmp_path / "out.onnx", ExportOptions())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_exported_files_get_the_usual_permissions(dynamic_onnx):
+    """Written through a private temporary file, but readable like any file the user creates."""
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(dynamic_onnx.stat().st_mode) == 0o666 & ~umask
 
 
 def test_unwritable_output_is_refused_before_work(tiny, tmp_path):
