@@ -73,11 +73,11 @@ def significance(cls_attention: torch.Tensor, values: torch.Tensor) -> torch.Ten
     """Section 1, step 2: ``s_j = (sum_h A[h, 0, j]) * ||V_j||_2`` for every token ``j``.
 
     ``cls_attention``: ``[B, H, 1, N]``, the class token's attention row per head
-    (zero at padded keys). ``values``: ``[B, N, D]``, all heads concatenated (the
-    value part of the qkv projection). Returns ``[B, N]`` (token 0, the class
-    token, included; callers drop it).
+    (zero at padded keys). ``values``: ``[B, H, N, dh]``; the norm runs over all
+    heads concatenated. Returns ``[B, N]`` (token 0, the class token, included;
+    callers drop it).
     """
-    return cls_attention.sum(dim=(1, 2)) * torch.linalg.vector_norm(values, dim=-1)
+    return cls_attention.sum(dim=(1, 2)) * torch.linalg.vector_norm(values, dim=(1, 3))
 
 
 def cdf(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -165,7 +165,7 @@ def key_bias(valid: torch.Tensor) -> torch.Tensor:
 
 
 class _GatherRows(torch.autograd.Function):
-    """``x [B, N, C]`` rows ``index [B, m, 1]`` -> ``[B, m, C]``.
+    """``x [B, N, ...]`` rows ``index [B, m, 1]`` -> ``[B, m, ...]``.
 
     Exported by the TorchScript exporter as ``GatherND(batch_dims=1)``, which copies
     whole rows; ``torch.gather`` would export as ``GatherElements`` with an index
@@ -174,7 +174,9 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return torch.gather(x, 1, index.expand(-1, -1, x.shape[-1]))
+        trailing = x.shape[2:]
+        index = index.reshape(*index.shape[:2], *[1] * len(trailing)).expand(-1, -1, *trailing)
+        return torch.gather(x, 1, index)
 
     @staticmethod
     def symbolic(g, x, index):
@@ -182,7 +184,7 @@ class _GatherRows(torch.autograd.Function):
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x [B, N, C]`` restricted to the token rows ``index [B, m, 1]``."""
+    """``x [B, N, ...]`` restricted to the token rows ``index [B, m, 1]``."""
     return _GatherRows.apply(x, index)
 
 
@@ -208,3 +210,37 @@ class _ReshapeTail(torch.autograd.Function):
 def reshape_tail(x: torch.Tensor, lead: int, *tail: int) -> torch.Tensor:
     """``x`` with its dims after the first ``lead`` reshaped to ``tail`` (one ``-1`` allowed)."""
     return _ReshapeTail.apply(x, lead, tail)
+
+
+class _ReshapeLike(torch.autograd.Function):
+    """Reshape ``y`` to the first ``lead`` dims of ``like`` followed by ``tail``.
+
+    Exported as ``Reshape(y, Concat(Shape(like, end=lead), tail))``: the way back
+    from the 2-D rows a ``Gemm`` works on to the batch and token dims, whatever
+    their run-time sizes.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, like: torch.Tensor, lead: int, tail: tuple[int, ...]) -> torch.Tensor:
+        return y.reshape(*like.shape[:lead], *tail)
+
+    @staticmethod
+    def symbolic(g, y, like, lead: int, tail: tuple[int, ...]):
+        dims = g.op("Shape", like, end_i=lead)
+        shape = g.op("Concat", dims, g.op("Constant", value_t=torch.tensor(tail, dtype=torch.int64)), axis_i=0)
+        return g.op("Reshape", y, shape)
+
+
+def reshape_like(y: torch.Tensor, like: torch.Tensor, lead: int, *tail: int) -> torch.Tensor:
+    """``y`` reshaped to ``[*like.shape[:lead], *tail]``."""
+    return _ReshapeLike.apply(y, like, lead, tail)
+
+
+def flatten_tokens(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, N, width]`` as ``[B*N, width]``: linear layers on 2-D rows export as ``Gemm`` with its bias.
+
+    On 3-D input they export as ``MatMul`` + ``Add``, which onnxruntime cannot fuse
+    when the token count is dynamic; the separate bias pass (and ``BiasGelu``
+    instead of ``Gelu`` after ``fc1``) cost more than the sampling itself.
+    """
+    return reshape_tail(x, 0, -1, width)

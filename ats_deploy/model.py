@@ -179,12 +179,18 @@ def head(vit: VisionTransformer, x: torch.Tensor, valid: torch.Tensor | None) ->
 
 def _qkv(attn: Attention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head ``q, k, v`` as ``[B, H, N, dh]``, with timm's q/k norms applied."""
-    return _heads(attn, attn.qkv(h))
+    return _heads(attn, _qkv_tokens(attn, h))
+
+
+def _qkv_tokens(attn: Attention, h: torch.Tensor) -> torch.Tensor:
+    """The qkv projection of ``h [B, N, C]`` as ``[B, N, 3, H, dh]``."""
+    qkv = attn.qkv(ats.flatten_tokens(h, attn.qkv.in_features))
+    return ats.reshape_like(qkv, h, 2, 3, attn.num_heads, attn.head_dim)
 
 
 def _heads(attn: Attention, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split the ``[B, N, 3D]`` qkv projection into normed per-head ``q, k, v``."""
-    q, k, v = ats.reshape_tail(qkv, 2, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    """Split the ``[B, N, 3, H, dh]`` qkv projection into normed per-head ``q, k, v``."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     return attn.q_norm(q), attn.k_norm(k), v
 
 
@@ -199,14 +205,15 @@ def _attend(
 
 
 def _finish(block: Block, x_rows: torch.Tensor, h_rows: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    """Output projection, residual and MLP of a block for the rows ``x_rows``."""
+    """Output projection, residual and MLP of a block for the rows ``x_rows`` (all on 2-D token rows)."""
     attn = block.attn
-    o = ats.reshape_tail(o.transpose(1, 2), 2, -1)
-    o = attn.norm(o)
+    o = attn.norm(ats.reshape_tail(o.transpose(1, 2), 0, -1, attn.num_heads * attn.head_dim))
     if getattr(attn, "gate", None) is not None:
-        o = o * attn.gate(h_rows).sigmoid()
-    y = x_rows + block.ls1(attn.proj(o))
-    return y + block.ls2(block.mlp(block.norm2(y)))
+        o = o * attn.gate(ats.flatten_tokens(h_rows, attn.gate.in_features)).sigmoid()
+    width = attn.proj.out_features
+    y = ats.flatten_tokens(x_rows, width) + block.ls1(attn.proj(o))
+    y = y + block.ls2(block.mlp(block.norm2(y)))
+    return ats.reshape_like(y, x_rows, 2, width)
 
 
 def dense_block(block: Block, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -235,21 +242,20 @@ def ats_block(
     """
     attn = block.attn
     h = block.norm1(x)
-    qkv = attn.qkv(h)
+    qkv = _qkv_tokens(attn, h)
     q, k, v = _heads(attn, qkv)
     k_t = k.transpose(-2, -1)  # shared by the class-token row and the kept rows
     cls_logits = (q[:, :, :1] * attn.scale) @ k_t
     if bias is not None:
         cls_logits = cls_logits + bias
-    width = attn.num_heads * attn.head_dim  # a constant, not a traced shape
-    scores = ats.significance(cls_logits.softmax(dim=-1), qkv[:, :, 2 * width :])[:, 1:]
+    scores = ats.significance(cls_logits.softmax(dim=-1), v)[:, 1:]
     last = ats.from_last_valid(valid, x.shape[1], x.device)
     if probes is not None:
         probes.append(ats.tie_margin(scores, last, u))
     index, valid, n_kept = sampler(scores, last, u, quantile_count)
     rows = index.unsqueeze(-1)
-    q_rows = ats.reshape_tail(ats.gather_rows(qkv, rows)[:, :, :width], 2, attn.num_heads, attn.head_dim)
-    o = _attend(attn.q_norm(q_rows.transpose(1, 2)), k_t, v, attn.scale, bias)
+    q_rows = attn.q_norm(ats.gather_rows(qkv, rows)[:, :, 0].transpose(1, 2))
+    o = _attend(q_rows, k_t, v, attn.scale, bias)
     h_rows = ats.gather_rows(h, rows) if getattr(attn, "gate", None) is not None else h
     return _finish(block, ats.gather_rows(x, rows), h_rows, o), valid, index, n_kept
 
