@@ -98,6 +98,17 @@ def test_graph_is_tensorrt_friendly(dynamic_onnx):
     assert not check_model(model, "dla").ok, "a dynamic export must not pass the static DLA check"
 
 
+def test_linear_layers_export_as_gemm_with_their_bias(dynamic_onnx, tiny):
+    """On 3-D dynamic-length input a linear layer would be MatMul + Add, which onnxruntime
+    cannot fuse; every block's qkv, proj, fc1 and fc2 must be one Gemm carrying its bias."""
+    graph = onnx.load(str(dynamic_onnx)).graph
+    weights = {init.name for init in graph.initializer}
+    gemms = [n for n in graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 4 * len(tiny.vit.blocks) + 1  # and the classifier head
+    assert all(len(n.input) == 3 and n.input[2] in weights for n in gemms)
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+
 def test_weights_are_stored_once(dynamic_onnx, random_deit_tiny, tmp_path):
     dense = export(build(random_deit_tiny, "deit_tiny", stages=[]), tmp_path / "dense.onnx", ExportOptions())
     assert dynamic_onnx.stat().st_size <= 1.01 * dense.stat().st_size

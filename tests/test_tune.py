@@ -166,7 +166,9 @@ def test_a_rerun_resumes_from_the_log_and_measures_nothing(there, no_measuring):
     assert "0 measured now" in plain(result.output)
 
 
-def test_an_impossible_latency_budget_names_the_closest_setting(there, no_measuring):
+def test_an_impossible_latency_budget_names_the_closest_setting(there):
+    # Measuring is allowed: which neighbours the latency search visits depends on timing noise,
+    # so the max-drop run's log need not hold them all.
     log = Path("profiles/cpu-tuned.log.jsonl")
     result = invoke("tune", *TUNE, "--latency-ms", "0.001", "--log", log, "-o", "fast.yaml")
     assert result.exit_code == 1
