@@ -138,6 +138,7 @@ class ATSVisionTransformer(nn.Module):
         positions = torch.arange(self.n0, device=x.device).unsqueeze(0).expand(batch, -1)
         k = ats.budget(keep.to(x.device), self.n0)
         u = ats.quantiles(k, self.n0 - 1)
+        drawn = (k - 1.0).to(torch.int64)
         valid: torch.Tensor | None = None
         bias: torch.Tensor | None = None
         tokens, kept_positions, margins, tie_tokens = [], [], [], []
@@ -146,10 +147,15 @@ class ATSVisionTransformer(nn.Module):
                 x = dense_block(block, x, bias)
                 continue
             s = self.stages.index(i)
-            length = None if self.static_budget is None else min(self.static_budget[s], x.shape[1])
+            if self.static_budget is None:
+                length, u_s = None, ats.drawn_quantiles(u[s], drawn[s : s + 1])
+            else:
+                length, u_s = min(self.static_budget[s], x.shape[1]), u[s, : self.static_budget[s] - 1]
             sampler = functools.partial(self.samplers[s], length=length)
             probes: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if probe else None
-            x, valid, index, n_kept = ats_block(block, x, bias, valid, u[s], k[s] - 1.0, sampler, probes)
+            x, valid, index, n_kept = ats_block(
+                block, x, bias, valid, u_s, k[s] - 1.0, sampler, probes, all_rows=s > 0
+            )
             if probes:
                 margin, position = probes[0]
                 margins.append(margin)
@@ -194,20 +200,34 @@ def _heads(attn: Attention, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return attn.q_norm(q), attn.k_norm(k), v
 
 
-def _attend(
-    q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """Softmax attention of the query rows ``q`` over all keys (``k_t`` is ``K^T``), padded keys masked."""
+def _attention(q: torch.Tensor, k_t: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """Attention probabilities of the query rows ``q`` over all keys (``k_t`` is ``K^T``), padded keys masked."""
     logits = (q * scale) @ k_t
     if bias is not None:
         logits = logits + bias
-    return logits.softmax(dim=-1) @ v
+    return logits.softmax(dim=-1)
+
+
+def _attend(
+    q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Softmax attention of the query rows ``q`` over all keys, padded keys masked."""
+    return _attention(q, k_t, scale, bias) @ v
+
+
+def _merge_heads(attn: Attention, o: torch.Tensor, lead: int) -> torch.Tensor:
+    """``[B, H, N, dh]`` attention output as ``[B*N, C]`` (``lead=0``) or ``[B, N, C]`` (``lead=2``)."""
+    tail = (-1, attn.num_heads * attn.head_dim) if lead == 0 else (attn.num_heads * attn.head_dim,)
+    return ats.reshape_tail(o.transpose(1, 2), lead, *tail)
 
 
 def _finish(block: Block, x_rows: torch.Tensor, h_rows: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    """Output projection, residual and MLP of a block for the rows ``x_rows`` (all on 2-D token rows)."""
+    """Output projection, residual and MLP of a block for the rows ``x_rows`` (all on 2-D token rows).
+
+    ``o`` is the attention output of those rows with the heads merged, ``[B*m, C]``.
+    """
     attn = block.attn
-    o = attn.norm(ats.reshape_tail(o.transpose(1, 2), 0, -1, attn.num_heads * attn.head_dim))
+    o = attn.norm(o)
     if getattr(attn, "gate", None) is not None:
         o = o * attn.gate(ats.flatten_tokens(h_rows, attn.gate.in_features)).sigmoid()
     width = attn.proj.out_features
@@ -220,7 +240,8 @@ def dense_block(block: Block, x: torch.Tensor, bias: torch.Tensor | None) -> tor
     """A standard transformer block whose attention ignores padded keys."""
     h = block.norm1(x)
     q, k, v = _qkv(block.attn, h)
-    return _finish(block, x, h, _attend(q, k.transpose(-2, -1), v, block.attn.scale, bias))
+    o = _attend(q, k.transpose(-2, -1), v, block.attn.scale, bias)
+    return _finish(block, x, h, _merge_heads(block.attn, o, 0))
 
 
 def ats_block(
@@ -232,30 +253,39 @@ def ats_block(
     quantile_count: torch.Tensor,
     sampler: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     probes: list | None = None,
+    all_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One ATS stage (spec section 1). Returns ``(tokens, valid, index, n_kept)``.
 
     ``probes``, when a list, receives :func:`ats.tie_margin` of this stage.
 
-    The attention rows are computed only for the kept tokens (class token first),
-    which is what makes the cost follow the budget.
+    Only the kept tokens' attention rows are needed (class token first). With
+    ``all_rows=False`` only they are computed: the class token's row first, for
+    the scores, then the kept rows. That is what makes the cost follow the
+    budget when a stage drops many of its tokens. A stage whose input was
+    already cut to about its budget by an earlier stage drops few; there
+    ``all_rows=True`` computes every row once and gathers the kept rows' outputs,
+    which costs a few more FLOPs and saves the separate class-token row and the
+    gather of the query rows.
     """
     attn = block.attn
     h = block.norm1(x)
     qkv = _qkv_tokens(attn, h)
     q, k, v = _heads(attn, qkv)
     k_t = k.transpose(-2, -1)  # shared by the class-token row and the kept rows
-    cls_logits = (q[:, :, :1] * attn.scale) @ k_t
-    if bias is not None:
-        cls_logits = cls_logits + bias
-    scores = ats.significance(cls_logits.softmax(dim=-1), v)[:, 1:]
+    probs = _attention(q if all_rows else q[:, :, :1], k_t, attn.scale, bias)
+    scores = ats.significance(probs[:, :, :1], v)[:, 1:]
     last = ats.from_last_valid(valid, x.shape[1], x.device)
     if probes is not None:
         probes.append(ats.tie_margin(scores, last, u))
     index, valid, n_kept = sampler(scores, last, u, quantile_count)
     rows = index.unsqueeze(-1)
-    q_rows = attn.q_norm(ats.gather_rows(qkv, rows)[:, :, 0].transpose(1, 2))
-    o = _attend(q_rows, k_t, v, attn.scale, bias)
+    width = attn.num_heads * attn.head_dim
+    if all_rows:
+        o = ats.flatten_tokens(ats.gather_rows(_merge_heads(attn, probs @ v, 2), rows), width)
+    else:
+        q_rows = attn.q_norm(ats.gather_rows(qkv, rows)[:, :, 0].transpose(1, 2))
+        o = _merge_heads(attn, _attend(q_rows, k_t, v, attn.scale, bias), 0)
     h_rows = ats.gather_rows(h, rows) if getattr(attn, "gate", None) is not None else h
     return _finish(block, ats.gather_rows(x, rows), h_rows, o), valid, index, n_kept
 

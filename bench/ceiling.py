@@ -36,7 +36,16 @@ from ats_deploy.exporters.onnx_export import ExportOptions, export
 from ats_deploy.exporters.validate import session
 from ats_deploy.flops import CostModel
 from ats_deploy.images import data_config, preprocess, random_images, sample_images
-from ats_deploy.model import ATSVisionTransformer, _attend, _finish, _qkv, build, dense_block, head
+from ats_deploy.model import (
+    ATSVisionTransformer,
+    _attend,
+    _finish,
+    _merge_heads,
+    _qkv,
+    build,
+    dense_block,
+    head,
+)
 
 
 class Ceiling(nn.Module):
@@ -58,7 +67,7 @@ class Ceiling(nn.Module):
             h = block.norm1(x)
             q, k, v = _qkv(block.attn, h)
             o = _attend(q[:, :, :m], k.transpose(-2, -1), v, block.attn.scale, None)
-            x = _finish(block, x[:, :m], h[:, :m], o)
+            x = _finish(block, x[:, :m], h[:, :m], _merge_heads(block.attn, o, 0))
         return head(vit, vit.norm(x), None)
 
 
