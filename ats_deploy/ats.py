@@ -184,30 +184,51 @@ def dynamic_length(length: torch.Tensor, upper: int) -> torch.Tensor | int:
     return value
 
 
-def compact(kept: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class _Positions(torch.autograd.Function):
+    """``arange(N)`` for ``x [B, N]``, exported as a ``Slice`` of a constant ``arange(upper)``.
+
+    ``upper`` bounds ``N`` when the graph is built; the slice takes one node where
+    ``Range`` over a traced length takes four (``Shape``, ``Gather``, ``Cast``, ``Range``).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, upper: int) -> torch.Tensor:
+        return torch.arange(x.shape[1], device=x.device)
+
+    @staticmethod
+    def symbolic(g, x, upper: int):
+        zero = g.op("Constant", value_t=torch.tensor([0]))
+        length = g.op("Shape", x, start_i=1, end_i=2)
+        return g.op("Slice", g.op("Constant", value_t=torch.arange(upper)), zero, length, zero)
+
+
+def compact(
+    kept: torch.Tensor, upper: int, length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Section 1, step 7 and section 3: indices of the kept tokens, ascending, padded.
 
-    ``kept``: bool ``[B, N]``. Returns ``(index [B, m], valid [B, m], n_kept [B])``
+    ``kept``: bool ``[B, N]``; ``upper >= N``, a bound fixed when the graph is built
+    (the model's token count). Returns ``(index [B, m], valid [B, m], n_kept [B])``
     where ``m`` is the largest number of kept tokens in the batch (or the static
     ``length``).
-    A kept token ``p`` sorts by ``p``, a dropped one by ``p + N``: the ``m`` smallest
-    keys are the kept tokens in order, then (in padded slots) some dropped ones.
+    A kept token ``p`` sorts by ``p``, a dropped one by ``p + upper``: the ``m``
+    smallest keys are the kept tokens in order, then (in padded slots) some dropped ones.
     """
-    # A static export knows every length: bake it rather than trace a Shape op.
-    n = kept.shape[1] if length is None else int(kept.shape[1])
-    positions = torch.arange(n, device=kept.device)
-    key = torch.where(kept, positions, positions + n)
+    if torch.jit.is_tracing() and length is None:
+        positions = _Positions.apply(kept, upper)
+    else:  # eager, torch.export, or a static export whose every length is known
+        positions = torch.arange(int(kept.shape[1]) if length is not None else kept.shape[1], device=kept.device)
+    key = torch.where(kept, positions, positions + upper)
     n_kept = kept.sum(dim=1)
     if length is None:
-        length = dynamic_length(n_kept.max(), n)
+        length = dynamic_length(n_kept.max(), upper)
     order, index = torch.topk(key, length, dim=1, largest=False, sorted=True)
-    return index, order < n, n_kept
+    return index, order < upper, n_kept
 
 
 def key_bias(valid: torch.Tensor) -> torch.Tensor:
     """Section 3: additive ``[B, 1, 1, m]`` attention bias, ``-inf`` on padded keys."""
-    bias = torch.where(valid, 0.0, float("-inf"))
-    return bias[:, None, None, :]
+    return reshape_tail(torch.where(valid, 0.0, float("-inf")), 1, 1, 1, -1)
 
 
 class _GatherRows(torch.autograd.Function):

@@ -52,6 +52,10 @@ class TokenSampler(nn.Module):
     with one ``ats_deploy::AdaptiveTokenSampler`` node.
     """
 
+    def __init__(self, n0: int) -> None:
+        super().__init__()
+        self.n0 = n0
+
     def forward(
         self,
         scores: torch.Tensor,
@@ -60,7 +64,7 @@ class TokenSampler(nn.Module):
         quantile_count: torch.Tensor,
         length: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return ats.compact(ats.sample(scores, last, u, quantile_count), length)
+        return ats.compact(ats.sample(scores, last, u, quantile_count), self.n0, length)
 
 
 def check_supported(vit: nn.Module) -> None:
@@ -108,8 +112,8 @@ class ATSVisionTransformer(nn.Module):
         self.vit = vit.eval()
         self.arch = arch
         self.stages = stages
-        self.samplers = nn.ModuleList(TokenSampler() for _ in stages)
         self.n0 = vit.patch_embed.num_patches + 1
+        self.samplers = nn.ModuleList(TokenSampler(self.n0) for _ in stages)
         keep = list(default_keep) if default_keep is not None else [1.0] * len(stages)
         self.default_keep = validate_keep(keep, len(stages))
         # Set by static exports: the budget of every stage as a Python int, so every
@@ -138,7 +142,8 @@ class ATSVisionTransformer(nn.Module):
         positions = torch.arange(self.n0, device=x.device).unsqueeze(0).expand(batch, -1)
         k = ats.budget(keep.to(x.device), self.n0)
         u = ats.quantiles(k, self.n0 - 1)
-        drawn = (k - 1.0).to(torch.int64)
+        quantile_counts = k - 1.0
+        drawn = quantile_counts.to(torch.int64)
         valid: torch.Tensor | None = None
         bias: torch.Tensor | None = None
         tokens, kept_positions, margins, tie_tokens = [], [], [], []
@@ -154,7 +159,7 @@ class ATSVisionTransformer(nn.Module):
             sampler = functools.partial(self.samplers[s], length=length)
             probes: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if probe else None
             x, valid, index, n_kept = ats_block(
-                block, x, bias, valid, u_s, k[s] - 1.0, sampler, probes, all_rows=s > 0
+                block, x, bias, valid, u_s, quantile_counts[s], sampler, probes, all_rows=s > 0
             )
             if probes:
                 margin, position = probes[0]

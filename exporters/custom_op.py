@@ -71,7 +71,8 @@ def sample_tokens(
     scores: torch.Tensor, last: torch.Tensor, u: torch.Tensor, quantile_count: torch.Tensor, length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What one ``AdaptiveTokenSampler`` node computes: the reference's ``TokenSampler``."""
-    return ats.compact(ats.sample(scores, last, u, quantile_count), None if length < 0 else length)
+    kept = ats.sample(scores, last, u, quantile_count)
+    return ats.compact(kept, kept.shape[1], None if length < 0 else length)
 
 
 # --------------------------------------------------------------------------- graph surgery
