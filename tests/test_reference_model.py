@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import timm
@@ -11,7 +13,15 @@ import yardstick
 from ats_deploy import ats
 from ats_deploy.errors import UserError
 from ats_deploy.images import data_config, preprocess, random_images
-from ats_deploy.model import ATSVisionTransformer, ats_block, build, dense_block, parse_stages, validate_keep
+from ats_deploy.model import (
+    ATSVisionTransformer,
+    TokenSampler,
+    ats_block,
+    build,
+    dense_block,
+    parse_stages,
+    validate_keep,
+)
 
 SPEC_KEEPS = (1.0, 0.87, 0.72, 0.5, 50.0, 120.0)
 
@@ -92,7 +102,8 @@ def test_no_stages_equals_timm(random_deit_tiny):
     assert tokens.shape == (2, 0)
 
 
-def test_a_stage_that_keeps_every_token_equals_the_dense_block(random_deit_tiny):
+@pytest.mark.parametrize("all_rows", [False, True])
+def test_a_stage_that_keeps_every_token_equals_the_dense_block(random_deit_tiny, all_rows):
     block = random_deit_tiny.blocks[5]
     x = torch.randn(2, 197, 192)
 
@@ -102,9 +113,28 @@ def test_a_stage_that_keeps_every_token_equals_the_dense_block(random_deit_tiny)
 
     with torch.no_grad():
         dense = dense_block(block, x, None)
-        sampled, valid, _, _ = ats_block(block, x, None, None, torch.zeros(196), torch.tensor(196.0), keep_all)
+        sampled, valid, _, _ = ats_block(
+            block, x, None, None, torch.zeros(196), torch.tensor(196.0), keep_all, all_rows=all_rows
+        )
     assert valid.all()
     torch.testing.assert_close(sampled, dense, atol=1e-5, rtol=0)
+
+
+def test_both_ways_of_computing_the_kept_rows_agree_on_a_padded_batch(random_deit_tiny):
+    """``all_rows`` (every attention row, then gather) is an optimisation: same tokens, same outputs."""
+    torch.manual_seed(0)
+    block = random_deit_tiny.blocks[6]
+    x = torch.randn(2, 40, 192)
+    valid = torch.arange(40).expand(2, -1) < torch.tensor([[40], [31]])  # image 1 padded after 31 tokens
+    k = ats.budget(torch.tensor([20.0]), 197)
+    u = ats.quantiles(k, 196)[0]
+    sampler = functools.partial(TokenSampler(197), length=None)
+    with torch.no_grad():
+        rows = ats_block(block, x, ats.key_bias(valid), valid, u, k[0] - 1.0, sampler, all_rows=False)
+        every = ats_block(block, x, ats.key_bias(valid), valid, u, k[0] - 1.0, sampler, all_rows=True)
+    assert torch.equal(rows[1], every[1]) and torch.equal(rows[2], every[2]) and torch.equal(rows[3], every[3])
+    assert rows[3].tolist() != [40, 31] and (rows[3] > 1).all()  # sampling dropped tokens, kept some
+    torch.testing.assert_close(rows[0][rows[1]], every[0][every[1]], atol=1e-5, rtol=0)
 
 
 def test_keep_one_without_duplicates_equals_dense_model(monkeypatch):
