@@ -78,8 +78,13 @@ class _Leading(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, length):
-        zero = g.op("Constant", value_t=torch.tensor([0]))
-        return g.op("Slice", x, zero, length, zero)
+        return _slice_leading(g, x, length)
+
+
+def _slice_leading(g, x, length):
+    """ONNX ``Slice(x, [0], length, [0])``: the first ``length`` entries of ``x``'s dim 0."""
+    zero = g.op("Constant", value_t=torch.tensor([0]))
+    return g.op("Slice", x, zero, length, zero)
 
 
 def drawn_quantiles(u: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -197,9 +202,8 @@ class _Positions(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, upper: int):
-        zero = g.op("Constant", value_t=torch.tensor([0]))
         length = g.op("Shape", x, start_i=1, end_i=2)
-        return g.op("Slice", g.op("Constant", value_t=torch.arange(upper)), zero, length, zero)
+        return _slice_leading(g, g.op("Constant", value_t=torch.arange(upper)), length)
 
 
 def compact(
@@ -214,10 +218,10 @@ def compact(
     A kept token ``p`` sorts by ``p``, a dropped one by ``p + upper``: the ``m``
     smallest keys are the kept tokens in order, then (in padded slots) some dropped ones.
     """
-    if torch.jit.is_tracing() and length is None:
+    if length is None:
         positions = _Positions.apply(kept, upper)
-    else:  # eager, torch.export, or a static export whose every length is known
-        positions = torch.arange(int(kept.shape[1]) if length is not None else kept.shape[1], device=kept.device)
+    else:  # a static export knows every length: bake it rather than trace a Shape op
+        positions = torch.arange(int(kept.shape[1]), device=kept.device)
     key = torch.where(kept, positions, positions + upper)
     n_kept = kept.sum(dim=1)
     if length is None:

@@ -285,9 +285,8 @@ def ats_block(
         probes.append(ats.tie_margin(scores, last, u))
     index, valid, n_kept = sampler(scores, last, u, quantile_count)
     rows = index.unsqueeze(-1)
-    width = attn.num_heads * attn.head_dim
     if all_rows:
-        o = ats.flatten_tokens(ats.gather_rows(_merge_heads(attn, probs @ v, 2), rows), width)
+        o = ats.flatten_tokens(ats.gather_rows(_merge_heads(attn, probs @ v, 2), rows), attn.num_heads * attn.head_dim)
     else:
         q_rows = attn.q_norm(ats.gather_rows(qkv, rows)[:, :, 0].transpose(1, 2))
         o = _merge_heads(attn, _attend(q_rows, k_t, v, attn.scale, bias), 0)
