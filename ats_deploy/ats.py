@@ -40,16 +40,21 @@ def budget(keep: torch.Tensor, n0: int) -> torch.Tensor:
     return torch.where(keep <= 1.0, fraction, absolute)
 
 
-def from_last_valid(valid: torch.Tensor | None, n: int, device: torch.device | None = None) -> torch.Tensor:
-    """Bool ``[B, n-1]`` over tokens ``1..n-1``: true from the last valid token on.
+def clamp_bias(mask: torch.Tensor | None, n: int, device: torch.device | None = None) -> torch.Tensor:
+    """Float ``[B or 1, n-1, 1]`` over tokens ``1..n-1``: ``-inf`` from the last valid token on, else 0.
 
-    Position ``p`` (token ``p+1``) is there iff token ``p+2`` is padding or past the
-    end. ``valid`` is ``None`` while nothing is padded: then only the last token.
+    :func:`cdf` subtracts it, so the cdf is ``+inf`` there and every quantile is
+    counted by the last valid token: step 5's clamp ``min(t_i, n-2)``. Position
+    ``p`` (token ``p+1``) is the last valid token or later iff token ``p+2`` is
+    padding or past the end: the stage's key mask (from :func:`compact`) shifted
+    left by two and padded with ``-inf``, one ``Pad``. ``mask`` is ``None`` while nothing
+    is padded (``n`` is then the model's constant token count): only the last token.
     """
-    if valid is None:  # nothing padded yet: n is the model's constant token count
-        n = int(n)
-        return (torch.arange(n - 1, device=device) >= n - 2).unsqueeze(0)
-    return F.pad(valid[:, 2:].to(torch.float32), (0, 1)) == 0.0
+    if mask is None:
+        clamp = torch.zeros(1, int(n) - 1, 1, device=device)
+        clamp[:, -1] = float("-inf")
+        return clamp
+    return F.pad(mask, (0, 0, -2, 1), value=float("-inf"))
 
 
 def budget_int(keep: float, n0: int) -> int:
@@ -131,46 +136,54 @@ def sum_squares(x: torch.Tensor) -> torch.Tensor:
     return _SumSquares.apply(x)
 
 
-def cdf(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Section 1, step 3: normalised scores, cumulated in token order (float32) along ``dim``."""
+def cdf(scores: torch.Tensor, clamp: torch.Tensor | None = None, dim: int = -1) -> torch.Tensor:
+    """Section 1, step 3: normalised scores cumulated in token order (float32) along ``dim``.
+
+    With ``clamp`` (:func:`clamp_bias`) subtracted before cumulating, the cdf is
+    ``+inf`` from the last valid token on and unchanged before it.
+    """
     total = scores.sum(dim=dim, keepdim=True).clamp_min(TINY)
-    return torch.cumsum(scores / total, dim=dim)
+    normalised = scores / total
+    if clamp is not None:
+        normalised = normalised - clamp
+    return torch.cumsum(normalised, dim=dim)
 
 
-def tie_margin(scores: torch.Tensor, last: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tie_margin(scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """How close each image came to a float tie: ``min |u_i - cdf_p|`` and its ``p``.
 
     A runtime that rounds differently can flip the sample at such a tie (spec
     section 5); validation uses this to tell a flip from a bug. Positions from the
-    last valid token on are skipped: the clamp sends both sides of a tie there.
-    Returns ``(margin [B], position [B])``.
+    last valid token on are skipped (their clamped cdf is ``+inf``): the clamp
+    sends both sides of a tie there. Returns ``(margin [B], position [B])``.
     """
-    distance = (u - cdf(scores.unsqueeze(-1), dim=1)).abs().amin(dim=-1)
-    distance = torch.where(last, float("inf"), distance)
+    distance = (u - cdf(scores.unsqueeze(-1), clamp, dim=1)).abs().amin(dim=-1)
     margin, position = distance.min(dim=-1)
     return margin, position
 
 
-def sample(
-    scores: torch.Tensor, last: torch.Tensor, u: torch.Tensor, quantile_count: torch.Tensor
-) -> torch.Tensor:
+def sample(scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Section 1, steps 3-6: which tokens the inverse-transform sampling keeps.
 
     ``scores``: ``[B, N-1]`` significance of tokens ``1..N-1`` (zero at padding).
-    ``last``: bool ``[B, N-1]``, true from the last valid token on (padding included).
-    ``u``: ``[G]`` quantiles of this stage (:func:`quantiles`); ``quantile_count``: ``K-1``.
-    Returns a bool mask ``[B, N]`` over all tokens; the class token is always kept.
+    ``clamp``: ``[1 or B, N-1, 1]``, ``-inf`` from the last valid token on (:func:`clamp_bias`).
+    ``u``: ``[K-1]`` quantiles of this stage (:func:`drawn_quantiles`; slots holding
+    ``+inf`` never count). Returns a bool mask ``[B, N, 1]`` over all tokens (tokens
+    on dim 1, as :func:`compact` and :func:`gather_rows` want them); the class
+    token is always kept.
 
     Token at position ``p`` (token ``p+1``) is the sample of quantile ``u_i`` iff
     ``cdf_{p-1} < u_i <= cdf_p`` (``searchsorted_left``), so with
-    ``c_p = #{i : u_i <= cdf_p}`` it is kept iff ``c_p > c_{p-1}``. The clamp of
-    step 5 sends every quantile above ``cdf_{n-3}`` to the last valid token, which
-    is ``c_p = K-1`` from position ``n-2`` on.
+    ``c_p = #{i : u_i <= cdf_p}`` it is kept iff ``c_p > c_{p-1}`` (``c_{-1} = 0``).
+    The clamp of step 5 sends every quantile above ``cdf_{n-3}`` to the last valid
+    token: its clamped cdf is ``+inf``, so ``c_{n-2} = K-1``. Both sides of the
+    comparison are the counts shifted by one ``Pad`` each; the class token compares
+    ``1 > 0``.
     """
-    counts = (u <= cdf(scores.unsqueeze(-1), dim=1)).to(torch.float32).sum(dim=-1)
-    counts = F.pad(torch.where(last, quantile_count, counts), (1, 0), value=0.0)
-    previous = F.pad(counts[:, :-1], (1, 0), value=-1.0)
-    return counts > previous
+    counts = (u <= cdf(scores.unsqueeze(-1), clamp, dim=1)).to(torch.float32).sum(dim=-1, keepdim=True)
+    current = F.pad(counts, (0, 0, 1, 0), value=1.0)
+    previous = F.pad(counts, (0, 0, 2, -1), value=0.0)
+    return current > previous
 
 
 def dynamic_length(length: torch.Tensor, upper: int) -> torch.Tensor | int:
@@ -189,8 +202,8 @@ def dynamic_length(length: torch.Tensor, upper: int) -> torch.Tensor | int:
     return value
 
 
-class _Positions(torch.autograd.Function):
-    """``arange(N)`` for ``x [B, N]``, exported as a ``Slice`` of a constant ``arange(upper)``.
+class _Ranks(torch.autograd.Function):
+    """``upper - arange(N)`` as float ``[N, 1]`` for ``x [B, N, 1]``: a ``Slice`` of that constant for ``N = upper``.
 
     ``upper`` bounds ``N`` when the graph is built; the slice takes one node where
     ``Range`` over a traced length takes four (``Shape``, ``Gather``, ``Cast``, ``Range``).
@@ -198,12 +211,31 @@ class _Positions(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, upper: int) -> torch.Tensor:
-        return torch.arange(x.shape[1], device=x.device)
+        return _ranks(upper, x.shape[1], x.device)
 
     @staticmethod
     def symbolic(g, x, upper: int):
         length = g.op("Shape", x, start_i=1, end_i=2)
-        return _slice_leading(g, g.op("Constant", value_t=torch.arange(upper)), length)
+        return _slice_leading(g, g.op("Constant", value_t=_ranks(upper, upper)), length)
+
+
+def _ranks(upper: int, n: int, device: torch.device | None = None) -> torch.Tensor:
+    return (upper - torch.arange(n, device=device, dtype=torch.float32)).unsqueeze(1)
+
+
+class _TopK(torch.autograd.Function):
+    """``torch.topk`` along dim 1 with ``k`` a run-time int64 ``[1]`` tensor: one ``TopK`` node.
+
+    The exporter's own ``topk`` reshapes a tensor ``k`` to ``[1]`` first, one more node.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.topk(x, int(k[0]), dim=1, largest=True, sorted=True)
+
+    @staticmethod
+    def symbolic(g, x, k):
+        return g.op("TopK", x, k, axis_i=1, largest_i=1, sorted_i=1, outputs=2)
 
 
 def compact(
@@ -211,28 +243,31 @@ def compact(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Section 1, step 7 and section 3: indices of the kept tokens, ascending, padded.
 
-    ``kept``: bool ``[B, N]``; ``upper >= N``, a bound fixed when the graph is built
-    (the model's token count). Returns ``(index [B, m], valid [B, m], n_kept [B])``
+    ``kept``: bool ``[B, N, 1]``; ``upper >= N``, a bound fixed when the graph is built
+    (the model's token count). Returns ``(index [B, m, 1], mask [B, m, 1], n_kept [B, 1])``
     where ``m`` is the largest number of kept tokens in the batch (or the static
-    ``length``).
-    A kept token ``p`` sorts by ``p``, a dropped one by ``p + upper``: the ``m``
-    smallest keys are the kept tokens in order, then (in padded slots) some dropped ones.
+    ``length``) and ``mask`` the key mask of the result: 0 at kept tokens, ``-inf``
+    in padded slots (``mask == 0`` is the valid flag).
+    A kept token ``p`` ranks ``upper - p > 0``, a dropped one ``-inf``: the ``m``
+    largest ranks are the kept tokens in order, then (in padded slots) some dropped
+    ones, so the key mask is ``min(rank, 0)``.
     """
-    if length is None:
-        positions = _Positions.apply(kept, upper)
-    else:  # a static export knows every length: bake it rather than trace a Shape op
-        positions = torch.arange(int(kept.shape[1]), device=kept.device)
-    key = torch.where(kept, positions, positions + upper)
+    # A static export knows every length: it bakes the ranks rather than trace a Shape op.
+    ranks = _Ranks.apply(kept, upper) if length is None else _ranks(upper, int(kept.shape[1]), kept.device)
+    key = torch.where(kept, ranks, float("-inf"))
     n_kept = kept.sum(dim=1)
-    if length is None:
-        length = dynamic_length(n_kept.max(), upper)
-    order, index = torch.topk(key, length, dim=1, largest=False, sorted=True)
-    return index, order < upper, n_kept
+    if length is not None:
+        rank, index = torch.topk(key, length, dim=1, largest=True, sorted=True)
+    elif torch.jit.is_tracing():
+        rank, index = _TopK.apply(key, n_kept.amax(dim=0))
+    else:
+        rank, index = torch.topk(key, dynamic_length(n_kept.max(), upper), dim=1, largest=True, sorted=True)
+    return index, rank.clamp_max(0.0), n_kept
 
 
-def key_bias(valid: torch.Tensor) -> torch.Tensor:
-    """Section 3: additive ``[B, 1, 1, m]`` attention bias, ``-inf`` on padded keys."""
-    return reshape_tail(torch.where(valid, 0.0, float("-inf")), 1, 1, 1, -1)
+def key_bias(mask: torch.Tensor) -> torch.Tensor:
+    """Section 3: the key mask ``[B, m, 1]`` of :func:`compact` as the additive ``[B, 1, 1, m]`` attention bias."""
+    return reshape_tail(mask, 1, 1, 1, -1)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -283,28 +318,32 @@ def reshape_tail(x: torch.Tensor, lead: int, *tail: int) -> torch.Tensor:
     return _ReshapeTail.apply(x, lead, tail)
 
 
-class _ReshapeLike(torch.autograd.Function):
-    """Reshape ``y`` to the first ``lead`` dims of ``like`` followed by ``tail``.
+class _ReshapeRows(torch.autograd.Function):
+    """Token rows ``y [B*n, ...]`` as ``[B, n, *tail]``, the batch size ``B`` read from ``batch``.
 
-    Exported as ``Reshape(y, Concat(Shape(like, end=lead), tail))``: the way back
-    from the 2-D rows a ``Gemm`` works on to the batch and token dims, whatever
-    their run-time sizes.
+    Exported as ``Reshape(y, Concat(Shape(batch, end=1), [-1, *tail]))``: the way
+    back from the 2-D rows a ``Gemm`` works on. When every block passes the same
+    ``batch`` tensor, onnxruntime merges all those ``Shape`` and ``Concat`` nodes
+    into one of each per ``tail``.
     """
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, like: torch.Tensor, lead: int, tail: tuple[int, ...]) -> torch.Tensor:
-        return y.reshape(*like.shape[:lead], *tail)
+    def forward(ctx, y: torch.Tensor, batch: torch.Tensor, tail: tuple[int, ...]) -> torch.Tensor:
+        return y.reshape(batch.shape[0], -1, *tail)
 
     @staticmethod
-    def symbolic(g, y, like, lead: int, tail: tuple[int, ...]):
-        dims = g.op("Shape", like, end_i=lead)
-        shape = g.op("Concat", dims, g.op("Constant", value_t=torch.tensor(tail, dtype=torch.int64)), axis_i=0)
-        return g.op("Reshape", y, shape)
+    def symbolic(g, y, batch, tail: tuple[int, ...]):
+        rest = torch.tensor([-1, *tail], dtype=torch.int64)
+        size = batch.type().varyingSizes()[0]
+        if size is not None:  # a static export: the whole shape is a constant
+            return g.op("Reshape", y, g.op("Constant", value_t=torch.cat([torch.tensor([size]), rest])))
+        dims = g.op("Shape", batch, end_i=1)
+        return g.op("Reshape", y, g.op("Concat", dims, g.op("Constant", value_t=rest), axis_i=0))
 
 
-def reshape_like(y: torch.Tensor, like: torch.Tensor, lead: int, *tail: int) -> torch.Tensor:
-    """``y`` reshaped to ``[*like.shape[:lead], *tail]``."""
-    return _ReshapeLike.apply(y, like, lead, tail)
+def reshape_rows(y: torch.Tensor, batch: torch.Tensor, *tail: int) -> torch.Tensor:
+    """``y [B*n, ...]`` as ``[B, n, *tail]``, ``B = batch.shape[0]`` (pass one tensor everywhere)."""
+    return _ReshapeRows.apply(y, batch, tail)
 
 
 def flatten_tokens(x: torch.Tensor, width: int) -> torch.Tensor:

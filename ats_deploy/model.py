@@ -57,14 +57,9 @@ class TokenSampler(nn.Module):
         self.n0 = n0
 
     def forward(
-        self,
-        scores: torch.Tensor,
-        last: torch.Tensor,
-        u: torch.Tensor,
-        quantile_count: torch.Tensor,
-        length: int | None = None,
+        self, scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor, length: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return ats.compact(ats.sample(scores, last, u, quantile_count), self.n0, length)
+        return ats.compact(ats.sample(scores, clamp, u), self.n0, length)
 
 
 def check_supported(vit: nn.Module) -> None:
@@ -138,18 +133,18 @@ class ATSVisionTransformer(nn.Module):
     def forward_details(self, images: torch.Tensor, keep: torch.Tensor, probe: bool = False) -> ATSOutput:
         vit = self.vit
         x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
-        batch = x.shape[0]
-        positions = torch.arange(self.n0, device=x.device).unsqueeze(0).expand(batch, -1)
+        images_in = x.shape[0]
+        positions = torch.arange(self.n0, device=x.device).unsqueeze(0).expand(images_in, -1)
         k = ats.budget(keep.to(x.device), self.n0)
         u = ats.quantiles(k, self.n0 - 1)
-        quantile_counts = k - 1.0
-        drawn = quantile_counts.to(torch.int64)
-        valid: torch.Tensor | None = None
+        drawn = (k - 1.0).to(torch.int64)
+        mask: torch.Tensor | None = None
         bias: torch.Tensor | None = None
-        tokens, kept_positions, margins, tie_tokens = [], [], [], []
+        kept, kept_positions, margins, tie_tokens = [], [], [], []
+        batch = x  # every block reads the batch size from this one tensor (see ats.reshape_rows)
         for i, block in enumerate(vit.blocks):
             if i not in self.stages:
-                x = dense_block(block, x, bias)
+                x = dense_block(block, x, bias, batch)
                 continue
             s = self.stages.index(i)
             if self.static_budget is None:
@@ -158,22 +153,21 @@ class ATSVisionTransformer(nn.Module):
                 length, u_s = min(self.static_budget[s], x.shape[1]), u[s, : self.static_budget[s] - 1]
             sampler = functools.partial(self.samplers[s], length=length)
             probes: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if probe else None
-            x, valid, index, n_kept = ats_block(
-                block, x, bias, valid, u_s, quantile_counts[s], sampler, probes, all_rows=s > 0
-            )
+            clamp = ats.clamp_bias(mask, x.shape[1], x.device)
+            x, mask, index, n_kept = ats_block(block, x, bias, clamp, u_s, sampler, batch, probes, all_rows=s > 0)
             if probes:
                 margin, position = probes[0]
                 margins.append(margin)
                 tie_tokens.append(torch.gather(positions, 1, position.unsqueeze(1) + 1)[:, 0])
-            bias = ats.key_bias(valid)
-            tokens.append(n_kept - 1)
-            positions = torch.where(valid, torch.gather(positions, 1, index), -1)
+            bias = ats.key_bias(mask)
+            kept.append(n_kept)
+            positions = torch.where(mask[..., 0] == 0, torch.gather(positions, 1, index[..., 0]), -1)
             kept_positions.append(positions)
-        logits = head(vit, vit.norm(x), valid)
-        if tokens:
-            token_counts = torch.stack(tokens, dim=1)
+        logits = head(vit, vit.norm(x), None if mask is None else mask[..., 0] == 0)
+        if kept:
+            token_counts = torch.cat(kept, dim=1) - 1  # K' excludes the class token
         else:
-            token_counts = torch.zeros((batch, 0), dtype=torch.int64, device=x.device)
+            token_counts = torch.zeros((images_in, 0), dtype=torch.int64, device=x.device)
         return ATSOutput(logits, token_counts, kept_positions, margins, tie_tokens)
 
 
@@ -188,15 +182,15 @@ def head(vit: VisionTransformer, x: torch.Tensor, valid: torch.Tensor | None) ->
     return vit.head(vit.head_drop(vit.fc_norm(pooled)))
 
 
-def _qkv(attn: Attention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _qkv(attn: Attention, h: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head ``q, k, v`` as ``[B, H, N, dh]``, with timm's q/k norms applied."""
-    return _heads(attn, _qkv_tokens(attn, h))
+    return _heads(attn, _qkv_tokens(attn, h, batch))
 
 
-def _qkv_tokens(attn: Attention, h: torch.Tensor) -> torch.Tensor:
-    """The qkv projection of ``h [B, N, C]`` as ``[B, N, 3, H, dh]``."""
+def _qkv_tokens(attn: Attention, h: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """The qkv projection of ``h [B, N, C]`` as ``[B, N, 3, H, dh]``; ``batch``: see :func:`ats.reshape_rows`."""
     qkv = attn.qkv(ats.flatten_tokens(h, attn.qkv.in_features))
-    return ats.reshape_like(qkv, h, 2, 3, attn.num_heads, attn.head_dim)
+    return ats.reshape_rows(qkv, batch, 3, attn.num_heads, attn.head_dim)
 
 
 def _heads(attn: Attention, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -226,10 +220,13 @@ def _merge_heads(attn: Attention, o: torch.Tensor, lead: int) -> torch.Tensor:
     return ats.reshape_tail(o.transpose(1, 2), lead, *tail)
 
 
-def _finish(block: Block, x_rows: torch.Tensor, h_rows: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+def _finish(
+    block: Block, x_rows: torch.Tensor, h_rows: torch.Tensor, o: torch.Tensor, batch: torch.Tensor
+) -> torch.Tensor:
     """Output projection, residual and MLP of a block for the rows ``x_rows`` (all on 2-D token rows).
 
-    ``o`` is the attention output of those rows with the heads merged, ``[B*m, C]``.
+    ``o`` is the attention output of those rows with the heads merged, ``[B*m, C]``;
+    ``batch`` gives the batch size for the way back to ``[B, m, C]`` (:func:`ats.reshape_rows`).
     """
     attn = block.attn
     o = attn.norm(o)
@@ -238,31 +235,37 @@ def _finish(block: Block, x_rows: torch.Tensor, h_rows: torch.Tensor, o: torch.T
     width = attn.proj.out_features
     y = ats.flatten_tokens(x_rows, width) + block.ls1(attn.proj(o))
     y = y + block.ls2(block.mlp(block.norm2(y)))
-    return ats.reshape_like(y, x_rows, 2, width)
+    return ats.reshape_rows(y, batch, width)
 
 
-def dense_block(block: Block, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A standard transformer block whose attention ignores padded keys."""
+def dense_block(block: Block, x: torch.Tensor, bias: torch.Tensor | None, batch: torch.Tensor) -> torch.Tensor:
+    """A standard transformer block whose attention ignores padded keys.
+
+    ``batch``: any tensor whose first dim is the batch size, the same for every
+    block (:func:`ats.reshape_rows`).
+    """
     h = block.norm1(x)
-    q, k, v = _qkv(block.attn, h)
+    q, k, v = _qkv(block.attn, h, batch)
     o = _attend(q, k.transpose(-2, -1), v, block.attn.scale, bias)
-    return _finish(block, x, h, _merge_heads(block.attn, o, 0))
+    return _finish(block, x, h, _merge_heads(block.attn, o, 0), batch)
 
 
 def ats_block(
     block: Block,
     x: torch.Tensor,
     bias: torch.Tensor | None,
-    valid: torch.Tensor | None,
+    clamp: torch.Tensor,
     u: torch.Tensor,
-    quantile_count: torch.Tensor,
     sampler: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    batch: torch.Tensor,
     probes: list | None = None,
     all_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One ATS stage (spec section 1). Returns ``(tokens, valid, index, n_kept)``.
+    """One ATS stage (spec section 1). Returns ``(tokens, mask, index, n_kept)`` (see :func:`ats.compact`).
 
-    ``probes``, when a list, receives :func:`ats.tie_margin` of this stage.
+    ``bias``: the key bias of the input's padding (:func:`ats.key_bias`), ``clamp``
+    its :func:`ats.clamp_bias`, ``u`` the stage's drawn quantiles, ``batch`` as in
+    :func:`dense_block`. ``probes``, when a list, receives :func:`ats.tie_margin`.
 
     Only the kept tokens' attention rows are needed (class token first). With
     ``all_rows=False`` only they are computed: the class token's row first, for
@@ -275,23 +278,21 @@ def ats_block(
     """
     attn = block.attn
     h = block.norm1(x)
-    qkv = _qkv_tokens(attn, h)
+    qkv = _qkv_tokens(attn, h, batch)
     q, k, v = _heads(attn, qkv)
     k_t = k.transpose(-2, -1)  # shared by the class-token row and the kept rows
     probs = _attention(q if all_rows else q[:, :, :1], k_t, attn.scale, bias)
     scores = ats.significance(probs[:, :, :1], v)[:, 1:]
-    last = ats.from_last_valid(valid, x.shape[1], x.device)
     if probes is not None:
-        probes.append(ats.tie_margin(scores, last, u))
-    index, valid, n_kept = sampler(scores, last, u, quantile_count)
-    rows = index.unsqueeze(-1)
+        probes.append(ats.tie_margin(scores, clamp, u))
+    rows, mask, n_kept = sampler(scores, clamp, u)
     if all_rows:
         o = ats.flatten_tokens(ats.gather_rows(_merge_heads(attn, probs @ v, 2), rows), attn.num_heads * attn.head_dim)
     else:
         q_rows = attn.q_norm(ats.gather_rows(qkv, rows)[:, :, 0].transpose(1, 2))
         o = _merge_heads(attn, _attend(q_rows, k_t, v, attn.scale, bias), 0)
     h_rows = ats.gather_rows(h, rows) if getattr(attn, "gate", None) is not None else h
-    return _finish(block, ats.gather_rows(x, rows), h_rows, o), valid, index, n_kept
+    return _finish(block, ats.gather_rows(x, rows), h_rows, o, batch), mask, rows, n_kept
 
 
 def validate_keep(keep: Sequence[float], stages: int) -> list[float]:

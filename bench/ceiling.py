@@ -59,15 +59,16 @@ class Ceiling(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         vit = self.model.vit
         x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+        batch = x
         for i, block in enumerate(vit.blocks):
             if i not in self.model.stages:
-                x = dense_block(block, x, None)
+                x = dense_block(block, x, None, batch)
                 continue
             m = self.lengths[self.model.stages.index(i)]
             h = block.norm1(x)
-            q, k, v = _qkv(block.attn, h)
+            q, k, v = _qkv(block.attn, h, batch)
             o = _attend(q[:, :, :m], k.transpose(-2, -1), v, block.attn.scale, None)
-            x = _finish(block, x[:, :m], h[:, :m], _merge_heads(block.attn, o, 0))
+            x = _finish(block, x[:, :m], h[:, :m], _merge_heads(block.attn, o, 0), batch)
         return head(vit, vit.norm(x), None)
 
 

@@ -6,16 +6,15 @@ as ``/samplers.<s>/...`` (``/model/samplers.<s>/...`` in static exports).
 can run the sampling as one kernel (TensorRT: :mod:`.trt_plugin`; onnxruntime:
 :func:`register`, a Python op of onnxruntime-extensions).
 
-The node (domain ``ats_deploy``, version 1):
+The node (domain ``ats_deploy``, version 2):
 
 =========  ==============================  =================================================
-inputs     ``scores`` float32 [B, N-1]     significance of tokens 1..N-1
-           ``last`` bool [1 or B, N-1]     true from the last valid token on
-           ``u`` float32 [G]               quantiles, ``+inf`` past K-1
-           ``quantile_count`` float32 []   K-1
-outputs    ``index`` int64 [B, m]          kept tokens, class token first, padded
-           ``valid`` bool [B, m]           false in padded slots
-           ``n_kept`` int64 [B]            tokens each image kept (K' + 1)
+inputs     ``scores`` float32 [B, N-1]         significance of tokens 1..N-1
+           ``clamp`` float32 [1 or B, N-1, 1]  ``-inf`` from the last valid token on, else 0
+           ``u`` float32 [G]                   the stage's quantiles (``+inf`` slots never count)
+outputs    ``index`` int64 [B, m, 1]           kept tokens, class token first, padded
+           ``mask`` float32 [B, m, 1]          key mask: 0 at kept tokens, ``-inf`` in padded slots
+           ``n_kept`` int64 [B, 1]             tokens each image kept (K' + 1)
            ``length`` int32 []             m, the plugin's size tensor in TensorRT
 attribute  ``length`` int                  static m, or -1: m = most tokens kept in the batch
 =========  ==============================  =================================================
@@ -47,7 +46,7 @@ from ats_deploy.errors import BackendUnavailable, UserError
 
 DOMAIN = "ats_deploy"
 OP_TYPE = "AdaptiveTokenSampler"
-OP_VERSION = 1
+OP_VERSION = 2  # 1: (scores, last, u, quantile_count) -> (index, valid, n_kept), tokens on the last dim
 ATS_OPS = ("subgraph", "custom")
 DYNAMIC = -1
 
@@ -56,22 +55,21 @@ _SCOPE = re.compile(r"(?:^|/)samplers\.(\d+)/")
 # (name, dtype, rank) of the sampler's inputs and outputs, in the node's order.
 _INPUTS = (
     ("scores", np.dtype(np.float32), 2),
-    ("last", np.dtype(np.bool_), 2),
+    ("clamp", np.dtype(np.float32), 3),
     ("u", np.dtype(np.float32), 1),
-    ("quantile_count", np.dtype(np.float32), 0),
 )
 _OUTPUTS = (
-    ("index", np.dtype(np.int64), 2),
-    ("valid", np.dtype(np.bool_), 2),
-    ("n_kept", np.dtype(np.int64), 1),
+    ("index", np.dtype(np.int64), 3),
+    ("mask", np.dtype(np.float32), 3),
+    ("n_kept", np.dtype(np.int64), 2),
 )
 
 
 def sample_tokens(
-    scores: torch.Tensor, last: torch.Tensor, u: torch.Tensor, quantile_count: torch.Tensor, length: int
+    scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor, length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What one ``AdaptiveTokenSampler`` node computes: the reference's ``TokenSampler``."""
-    kept = ats.sample(scores, last, u, quantile_count)
+    kept = ats.sample(scores, clamp, u)
     return ats.compact(kept, kept.shape[1], None if length < 0 else length)
 
 
@@ -172,12 +170,12 @@ def _signature(tensor) -> tuple[np.dtype | None, int | None]:
 
 
 def _is_parameter(tensor, stage: _Stage) -> bool:
-    """A constant of the subgraph itself (axes, pads, ``tiny``), not one of its four inputs.
+    """A constant of the subgraph itself (axes, pads, ``tiny``), not one of its three inputs.
 
     The sampler's own constants are named inside its scope; the exporter's shared
-    initializers (``onnx::ReduceSum_507``) are integer axes. In static exports the
-    inputs ``u``, ``quantile_count`` and ``last`` are constants too, folded outside
-    the scope, so they keep names from outside it and float/bool types.
+    initializers (``onnx::ReduceSum_507``) are integer axes. The first stage's
+    ``clamp`` and, in static exports, ``u`` are constants too, folded outside the
+    scope, so they keep names from outside it and float types.
     """
     if not isinstance(tensor, gs.Constant):
         return False
@@ -201,7 +199,7 @@ def _by_signature(tensors: list, wanted: tuple, complete: bool = True) -> list |
 def _interface(graph, stage: _Stage) -> tuple[list, list]:
     """The stage's inputs and outputs in the node's order, or a UserError naming what differs.
 
-    An output nothing reads is None (the last stage's ``valid`` when the head pools
+    An output nothing reads is None (the last stage's ``mask`` when the head pools
     the class token): the node still produces it, into a fresh tensor.
     """
     inputs, outputs = _boundary(graph, stage)
@@ -239,7 +237,7 @@ def _replace(graph, stage: _Stage) -> None:
         node.outputs.clear()
     batch = inputs[0].shape[0] if inputs[0].shape else "batch"
     kept = length if length >= 0 else f"ats_tokens_{stage.index}"
-    shapes = {"index": [batch, kept], "valid": [batch, kept], "n_kept": [batch]}
+    shapes = {"index": [batch, kept, 1], "mask": [batch, kept, 1], "n_kept": [batch, 1]}
     for i, (name, dtype, _) in enumerate(_OUTPUTS):
         if outputs[i] is None:
             outputs[i] = gs.Variable(f"{stage.prefix}{OP_TYPE}_{name}")
@@ -313,16 +311,16 @@ def _declare_onnxruntime_op(extensions) -> None:
     types = extensions.PyCustomOpDef
     extensions.onnx_op(
         op_type=f"{DOMAIN}::{OP_TYPE}",
-        inputs=[types.dt_float, types.dt_bool, types.dt_float, types.dt_float],
-        outputs=[types.dt_int64, types.dt_bool, types.dt_int64, types.dt_int32],
+        inputs=[types.dt_float, types.dt_float, types.dt_float],
+        outputs=[types.dt_int64, types.dt_float, types.dt_int64, types.dt_int32],
         attrs={"length": types.dt_int64},
     )(_onnxruntime_kernel)
 
 
 def _onnxruntime_kernel(
-    scores: np.ndarray, last: np.ndarray, u: np.ndarray, quantile_count: np.ndarray, length: int = DYNAMIC
+    scores: np.ndarray, clamp: np.ndarray, u: np.ndarray, length: int = DYNAMIC
 ) -> tuple[np.ndarray, ...]:
     """The PyOp body: onnxruntime passes numpy arrays and the attributes as keywords."""
-    arrays = (scores, last, u, quantile_count)
-    index, valid, n_kept = sample_tokens(*(torch.from_numpy(a) for a in arrays), length)
-    return index.numpy(), valid.numpy(), n_kept.numpy(), np.array(index.shape[1], dtype=np.int32)
+    arrays = (scores, clamp, u)
+    index, mask, n_kept = sample_tokens(*(torch.from_numpy(a) for a in arrays), length)
+    return index.numpy(), mask.numpy(), n_kept.numpy(), np.array(index.shape[1], dtype=np.int32)

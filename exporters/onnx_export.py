@@ -153,6 +153,26 @@ def clean(model: onnx.ModelProto) -> onnx.ModelProto:
     return cleaned
 
 
+def declare_outputs(graph: onnx.ModelProto, model: ATSVisionTransformer, options: ExportOptions) -> onnx.ModelProto:
+    """Declare the output shapes of spec section 4: ``logits [batch, classes]``, ``tokens [batch, S]``.
+
+    The tracer's own shape inference loses the static ``S`` where the token
+    counts pass through reductions over run-time axes.
+    """
+    batch: str | int = "batch" if options.dynamic else options.batch
+    dims = {"logits": (batch, model.num_classes), "tokens": (batch, len(model.stages))}
+    for output in graph.graph.output:
+        shape = output.type.tensor_type.shape
+        del shape.dim[:]
+        for size in dims[output.name]:
+            dim = shape.dim.add()
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = size
+    return graph
+
+
 def finalize(model: onnx.ModelProto, props: dict[str, str]) -> onnx.ModelProto:
     """Attach metadata and check the graph (checker + strict full shape inference)."""
     del model.metadata_props[:]
@@ -178,7 +198,7 @@ def export(model: ATSVisionTransformer, output: Path, options: ExportOptions) ->
     try:
         with atomic_output(output) as tmp:
             _trace(model, options, tmp)
-            graph = clean(onnx.load(str(tmp)))
+            graph = declare_outputs(clean(onnx.load(str(tmp))), model, options)
             graph = finalize(graph, metadata(model, options))
             graph = apply_ats_op(graph, options.ats_op)
             onnx.save(graph, str(tmp))

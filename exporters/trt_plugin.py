@@ -105,9 +105,8 @@ def _define(trt, trtp, torch) -> None:
     @trtp.register(PLUGIN_ID)
     def _shapes(
         scores: trtp.TensorDesc,
-        last: trtp.TensorDesc,
+        clamp: trtp.TensorDesc,
         u: trtp.TensorDesc,
-        quantile_count: trtp.TensorDesc,
         length: int,
     ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
         batch = scores.shape_expr[0]
@@ -119,19 +118,19 @@ def _define(trt, trtp, torch) -> None:
         else:
             size = trtp.size_tensor(tokens, tokens)
             kept = size.expr()
-        index = trtp.from_shape_expr((batch, kept), dtype=trt.int64)
-        valid = trtp.from_shape_expr((batch, kept), dtype=trt.bool)
-        n_kept = trtp.from_shape_expr((batch,), dtype=trt.int64)
-        return index, valid, n_kept, size
+        index = trtp.from_shape_expr((batch, kept, 1), dtype=trt.int64)
+        mask = trtp.from_shape_expr((batch, kept, 1), dtype=trt.float32)
+        n_kept = trtp.from_shape_expr((batch, 1), dtype=trt.int64)
+        return index, mask, n_kept, size
 
     @trtp.impl(PLUGIN_ID)
-    def _run(scores, last, u, quantile_count, length: int, outputs, stream) -> None:
+    def _run(scores, clamp, u, length: int, outputs, stream) -> None:
         def view(tensor, shape=None):
             shape = tuple(tensor.shape) if shape is None else tuple(shape)
             return _device_tensor(torch, tensor.data_ptr, shape, trt.nptype(tensor.dtype))
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            results = sample_tokens(view(scores), view(last), view(u), view(quantile_count), length)
+            results = sample_tokens(view(scores), view(clamp), view(u), length)
             for output, result in zip(outputs[:-1], results, strict=True):
                 view(output, result.shape).copy_(result)
             view(outputs[-1], ()).fill_(results[0].shape[1])

@@ -15,6 +15,7 @@ import torch
 from onnx import TensorProto, helper
 from timm.models.vision_transformer import VisionTransformer
 
+from ats_deploy import ats
 from ats_deploy.errors import BackendUnavailable, UserError
 from ats_deploy.exporters import custom_op, trt_plugin
 from ats_deploy.exporters.onnx_export import ExportOptions, export, read_metadata
@@ -128,9 +129,9 @@ def test_custom_export_passes_the_checker_and_shape_inference(exports, name):
     for node in sampler_nodes(rewritten):
         declared = [(types[name].elem_type, len(types[name].shape.dim)) for name in node.output]
         assert declared == [
+            (TensorProto.INT64, 3),
+            (TensorProto.FLOAT, 3),
             (TensorProto.INT64, 2),
-            (TensorProto.BOOL, 2),
-            (TensorProto.INT64, 1),
             (TensorProto.INT32, 0),
         ]
     logits = {o.name: o.type.tensor_type for o in inferred.graph.output}["logits"]
@@ -184,18 +185,15 @@ def test_static_custom_op_matches_reference(model, sessions, images):
 
 
 def test_kernel_is_the_reference_sampler():
-    """The op on its own: the padded, broadcast ``last`` of a first stage and a static length."""
+    """The op on its own: the broadcast ``clamp`` of a first stage, a padded image and a static length."""
     generator = torch.Generator().manual_seed(0)
     scores = torch.rand(3, 9, generator=generator)
     scores[1, 6:] = 0.0  # padding scores zero
-    last = (torch.arange(9) >= 8).unsqueeze(0)
+    clamp = ats.clamp_bias(None, 10)
     u = torch.tensor([0.25, 0.5, 0.75, float("inf")])
-    quantile_count = torch.tensor(3.0)
     for length in (custom_op.DYNAMIC, 5):
-        *results, size = custom_op._onnxruntime_kernel(
-            scores.numpy(), last.numpy(), u.numpy(), quantile_count.numpy(), length=length
-        )
-        reference = custom_op.sample_tokens(scores, last, u, quantile_count, length)
+        *results, size = custom_op._onnxruntime_kernel(scores.numpy(), clamp.numpy(), u.numpy(), length=length)
+        reference = custom_op.sample_tokens(scores, clamp, u, length)
         for result, expected in zip(results, reference, strict=True):
             np.testing.assert_array_equal(result, expected.numpy())
         assert size.dtype == np.int32 and size.shape == () and int(size) == results[0].shape[1]
@@ -252,7 +250,7 @@ def test_a_scope_with_another_boundary_is_refused(exports):
     graph.graph.node.append(helper.make_node("Identity", [cdf], ["cdf_copy"], name="/probe/Identity"))
     graph.graph.output.append(helper.make_tensor_value_info("cdf_copy", TensorProto.FLOAT, None))
     with pytest.raises(
-        UserError, match=r"/samplers.0/ reads 4 tensors: .* hands on 4 tensors: .*CumSum_output_0 \(float32, rank 3\)"
+        UserError, match=r"/samplers.0/ reads 3 tensors: .* hands on 4 tensors: .*CumSum_output_0 \(float32, rank 3\)"
     ):
         custom_op.replace_samplers(graph)
 

@@ -109,6 +109,17 @@ def test_linear_layers_export_as_gemm_with_their_bias(dynamic_onnx, tiny):
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
 
 
+def test_every_reshape_reads_the_batch_size_from_one_tensor(dynamic_onnx):
+    """The way back from 2-D token rows takes the batch size from one tensor (``ats.reshape_rows``),
+    so that onnxruntime merges every block's ``Shape`` + ``Concat`` into one of each."""
+    graph = onnx.load(str(dynamic_onnx)).graph
+    leading = [
+        n for n in graph.node
+        if n.op_type == "Shape" and {a.name: a.i for a in n.attribute} == {"end": 1}
+    ]
+    assert len(leading) > 1 and len({n.input[0] for n in leading}) == 1
+
+
 def test_weights_are_stored_once(dynamic_onnx, random_deit_tiny, tmp_path):
     dense = export(build(random_deit_tiny, "deit_tiny", stages=[]), tmp_path / "dense.onnx", ExportOptions())
     assert dynamic_onnx.stat().st_size <= 1.01 * dense.stat().st_size

@@ -107,16 +107,15 @@ def test_a_stage_that_keeps_every_token_equals_the_dense_block(random_deit_tiny,
     block = random_deit_tiny.blocks[5]
     x = torch.randn(2, 197, 192)
 
-    def keep_all(scores, last, u, count):
-        index = torch.arange(197).expand(2, -1)
-        return index, torch.ones(2, 197, dtype=torch.bool), torch.full((2,), 197)
+    def keep_all(scores, clamp, u):
+        index = torch.arange(197).expand(2, -1).unsqueeze(-1)
+        return index, torch.zeros(2, 197, 1), torch.full((2, 1), 197)
 
     with torch.no_grad():
-        dense = dense_block(block, x, None)
-        sampled, valid, _, _ = ats_block(
-            block, x, None, None, torch.zeros(196), torch.tensor(196.0), keep_all, all_rows=all_rows
-        )
-    assert valid.all()
+        dense = dense_block(block, x, None, x)
+        clamp = ats.clamp_bias(None, 197)
+        sampled, mask, _, _ = ats_block(block, x, None, clamp, torch.zeros(196), keep_all, x, all_rows=all_rows)
+    assert (mask == 0).all()
     torch.testing.assert_close(sampled, dense, atol=1e-5, rtol=0)
 
 
@@ -127,14 +126,39 @@ def test_both_ways_of_computing_the_kept_rows_agree_on_a_padded_batch(random_dei
     x = torch.randn(2, 40, 192)
     valid = torch.arange(40).expand(2, -1) < torch.tensor([[40], [31]])  # image 1 padded after 31 tokens
     k = ats.budget(torch.tensor([20.0]), 197)
-    u = ats.quantiles(k, 196)[0]
-    sampler = functools.partial(TokenSampler(197), length=None)
+    u = ats.quantiles(k, 196)[0, : int(k[0]) - 1]
+    mask = torch.where(valid, 0.0, float("-inf")).unsqueeze(-1)
+    stage = (ats.key_bias(mask), ats.clamp_bias(mask, 40), u, functools.partial(TokenSampler(197), length=None), x)
     with torch.no_grad():
-        rows = ats_block(block, x, ats.key_bias(valid), valid, u, k[0] - 1.0, sampler, all_rows=False)
-        every = ats_block(block, x, ats.key_bias(valid), valid, u, k[0] - 1.0, sampler, all_rows=True)
+        rows = ats_block(block, x, *stage, all_rows=False)
+        every = ats_block(block, x, *stage, all_rows=True)
     assert torch.equal(rows[1], every[1]) and torch.equal(rows[2], every[2]) and torch.equal(rows[3], every[3])
-    assert rows[3].tolist() != [40, 31] and (rows[3] > 1).all()  # sampling dropped tokens, kept some
-    torch.testing.assert_close(rows[0][rows[1]], every[0][every[1]], atol=1e-5, rtol=0)
+    assert rows[3].tolist() != [[40], [31]] and (rows[3] > 1).all()  # sampling dropped tokens, kept some
+    kept = rows[1][..., 0] == 0
+    torch.testing.assert_close(rows[0][kept], every[0][every[1][..., 0] == 0], atol=1e-5, rtol=0)
+
+
+def test_sampling_a_padded_batch_is_clamped_searchsorted_then_unique():
+    """Spec steps 4-7 per image from the same float32 cdf: the clamp (``ats.clamp_bias`` makes the
+    cdf ``+inf`` from the last valid token on), the count's adjacent difference and the compaction."""
+    lengths = [40, 23, 9, 2]  # tokens of each image, class token included; padding after
+    n = max(lengths)
+    valid = torch.arange(n) < torch.tensor(lengths)[:, None]
+    scores = torch.rand(len(lengths), n - 1, generator=torch.Generator().manual_seed(1)) ** 4  # skewed: repeats
+    scores = torch.where(valid[:, 1:], scores, 0.0)
+    clamp = ats.clamp_bias(torch.where(valid, 0.0, float("-inf")).unsqueeze(-1), n)
+    cdf = ats.cdf(scores).numpy()
+    clamped = 0
+    for k in (3, 8, 30, 197):
+        u = ats.quantiles(torch.tensor([float(k)]), 196)[0, : k - 1]
+        index, mask, n_kept = ats.compact(ats.sample(scores, clamp, u), 197)
+        for b, length in enumerate(lengths):
+            t = np.searchsorted(cdf[b, : length - 1], u.numpy(), side="left")
+            clamped += int((t > length - 2).any())
+            expected = [0, *np.unique(np.minimum(t, length - 2) + 1).tolist()]
+            assert index[b, :, 0][mask[b, :, 0] == 0].tolist() == expected, (k, b)
+            assert n_kept[b, 0] == len(expected) and (mask[b, len(expected) :] == float("-inf")).all()
+    assert clamped  # some image's float cdf ends below u = 1, so the clamp decided its last token
 
 
 def test_keep_one_without_duplicates_equals_dense_model(monkeypatch):
