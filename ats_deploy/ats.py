@@ -10,8 +10,10 @@ ONNX that TensorRT's parser accepts:
   those counts (token ``p`` is sampled iff the count grows at ``p``);
 * compaction of the kept tokens is a ``TopK`` over keys that sort kept tokens first,
   in order, so no ``NonZero``, ``Unique`` or scatter is needed;
-* the only data-dependent size, ``max K' + 1``, reaches the graph through
-  :func:`dynamic_length`, which each exporter sees in the form it can trace.
+* the data-dependent sizes (``K-1`` quantiles drawn, ``max K' + 1`` tokens kept)
+  reach the graph in the form each exporter can trace: as run-time inputs of one
+  ``Slice`` or ``TopK`` node under TorchScript tracing (``_Leading``, ``_TopK``),
+  as bounded unbacked integers under torch.export (:func:`dynamic_length`).
 
 Section numbers below refer to ``ATS_SPEC.md``.
 """
@@ -186,16 +188,13 @@ def sample(scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor) -> torch.
     return current > previous
 
 
-def dynamic_length(length: torch.Tensor, upper: int) -> torch.Tensor | int:
-    """A data-dependent length (a 0-d integer tensor) as each exporter can trace it.
+def dynamic_length(length: torch.Tensor, upper: int) -> int:
+    """A data-dependent length (a 0-d integer tensor) as an int, outside TorchScript tracing.
 
-    The TorchScript tracer records a tensor passed as ``arange``'s end or ``topk``'s
-    ``k`` as a graph input of that op; ``.item()`` would freeze it into a constant.
-    torch.export needs an unbacked integer bounded with ``torch._check`` instead.
-    Eager mode takes either.
+    torch.export needs an unbacked integer bounded with ``torch._check``; eager mode
+    just reads it. (The tracer would freeze ``.item()`` into a constant, so traced
+    code passes the tensor itself to ``_Leading`` or ``_TopK`` instead.)
     """
-    if torch.jit.is_tracing():
-        return length
     value = int(length.item())
     torch._check(value >= 1)
     torch._check(value <= upper)

@@ -8,16 +8,16 @@ can run the sampling as one kernel (TensorRT: :mod:`.trt_plugin`; onnxruntime:
 
 The node (domain ``ats_deploy``, version 2):
 
-=========  ==============================  =================================================
+=========  ==================================  =================================================
 inputs     ``scores`` float32 [B, N-1]         significance of tokens 1..N-1
            ``clamp`` float32 [1 or B, N-1, 1]  ``-inf`` from the last valid token on, else 0
            ``u`` float32 [G]                   the stage's quantiles (``+inf`` slots never count)
 outputs    ``index`` int64 [B, m, 1]           kept tokens, class token first, padded
            ``mask`` float32 [B, m, 1]          key mask: 0 at kept tokens, ``-inf`` in padded slots
            ``n_kept`` int64 [B, 1]             tokens each image kept (K' + 1)
-           ``length`` int32 []             m, the plugin's size tensor in TensorRT
-attribute  ``length`` int                  static m, or -1: m = most tokens kept in the batch
-=========  ==============================  =================================================
+           ``length`` int32 []                 m, the plugin's size tensor in TensorRT
+attribute  ``length`` int                      static m, or -1: m = most tokens kept in the batch
+=========  ==================================  =================================================
 
 Its semantics are :func:`sample_tokens`, i.e. ``ats.compact(ats.sample(...))``. The
 last output exists because TensorRT requires a plugin's size tensors (here m, a
