@@ -77,65 +77,54 @@ def quantiles(k: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 class _Leading(torch.autograd.Function):
-    """``x[:length]`` along dim 0 with ``length`` a run-time ``[1]`` int64 tensor: one ``Slice``."""
+    """``x[:, :length]`` with ``length`` a run-time ``[1]`` int64 tensor: one ``Slice`` on axis 1."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        return x[: int(length[0])]
+        return x[:, : int(length[0])]
 
     @staticmethod
     def symbolic(g, x, length):
-        return _slice_leading(g, x, length)
-
-
-def _slice_leading(g, x, length):
-    """ONNX ``Slice(x, [0], length, [0])``: the first ``length`` entries of ``x``'s dim 0."""
-    zero = g.op("Constant", value_t=torch.tensor([0]))
-    return g.op("Slice", x, zero, length, zero)
+        zero, one = g.op("Constant", value_t=torch.tensor([0])), g.op("Constant", value_t=torch.tensor([1]))
+        return g.op("Slice", x, zero, length, one)
 
 
 def drawn_quantiles(u: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """A stage's row of :func:`quantiles` cut to the ``K-1`` it draws (``count``: int64 ``[1]``).
+    """A stage's row ``[1, G]`` of :func:`quantiles` cut to the ``K-1`` it draws (``count``: int64 ``[1]``).
 
     The slots past ``K-1`` hold ``+inf`` and never count; cutting them off shrinks
-    the ``[B, N-1, G]`` comparison of :func:`sample` to ``[B, N-1, K-1]``.
+    the ``[B, N-1, G]`` comparison of :func:`sample` to ``[B, N-1, K-1]``. The row
+    stays 2-D (``u[s : s + 1]``): onnxruntime turns the rows of all stages into one
+    ``Split``, and the row broadcasts against the cdf ``[B, N-1, 1]`` as it is.
     """
     if torch.jit.is_tracing():
         return _Leading.apply(u, count)
-    return u[: dynamic_length(count[0], u.shape[0])]
+    return u[:, : dynamic_length(count[0], u.shape[1])]
 
 
-def significance(cls_attention: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def significance(cls_attention: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Section 1, step 2: ``s_j = (sum_h A[h, 0, j]) * ||V_j||_2`` for every token ``j``.
 
     ``cls_attention``: ``[B, H, 1, N]``, the class token's attention row per head
-    (zero at padded keys). ``values``: ``[B, H, N, dh]``; the norm runs over all
-    heads concatenated. Returns ``[B, N]`` (token 0, the class token, included;
-    callers drop it).
+    (zero at padded keys). ``tokens``: the values ``[B, N, C]`` with all heads
+    concatenated, as the qkv projection lays them out (before the split into
+    heads), so the norm reduces a contiguous last axis, fast in onnxruntime. Returns
+    ``[B, N, 1]`` (tokens on dim 1, as :func:`sample` wants them; token 0, the
+    class token, included: callers drop it).
     """
-    return cls_attention.sum(dim=(1, 2)) * sum_squares(values).sum(dim=1).sqrt()
+    heads = reshape_tail(cls_attention.sum(dim=1), 1, -1, 1)
+    return heads * l2_norm(tokens)
 
 
-class _SumSquares(torch.autograd.Function):
-    """``x [..., d]`` -> ``sum(x**2)`` over the last dim, exported as ``ReduceSumSquare``.
+def l2_norm(x: torch.Tensor) -> torch.Tensor:
+    """``||x||_2`` over the last dim, kept as a dim of size 1.
 
-    onnxruntime reduces a contiguous last dim several times faster than the
-    heads and head dims together (``ReduceL2`` over axes 1 and 3: 22 us vs 10 us
-    for DeiT-S's 197 tokens); the sum over heads is then a small second step.
+    Written as ``Mul``, ``ReduceSum`` and ``Sqrt``: onnxruntime's ``ReduceSum`` over a
+    contiguous last axis has a fast kernel that ``ReduceL2`` and ``ReduceSumSquare``
+    lack (DeiT-S's 197 x 384 values: 11 us vs 32 us with one thread, 14 us vs 20 us
+    with two).
     """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return (x * x).sum(dim=-1)
-
-    @staticmethod
-    def symbolic(g, x):
-        return g.op("ReduceSumSquare", x, g.op("Constant", value_t=torch.tensor([-1])), keepdims_i=0)
-
-
-def sum_squares(x: torch.Tensor) -> torch.Tensor:
-    """``sum(x**2)`` over the last dim."""
-    return _SumSquares.apply(x)
+    return (x * x).sum(dim=-1, keepdim=True).sqrt()
 
 
 def cdf(scores: torch.Tensor, clamp: torch.Tensor | None = None, dim: int = -1) -> torch.Tensor:
@@ -157,35 +146,43 @@ def tie_margin(scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor) -> tu
     A runtime that rounds differently can flip the sample at such a tie (spec
     section 5); validation uses this to tell a flip from a bug. Positions from the
     last valid token on are skipped (their clamped cdf is ``+inf``): the clamp
-    sends both sides of a tie there. Returns ``(margin [B], position [B])``.
+    sends both sides of a tie there. Arguments as in :func:`sample`. Returns
+    ``(margin [B], position [B])``.
     """
-    distance = (u - cdf(scores.unsqueeze(-1), clamp, dim=1)).abs().amin(dim=-1)
+    distance = (u - cdf(scores, clamp, dim=1)).abs().amin(dim=-1)
     margin, position = distance.min(dim=-1)
     return margin, position
 
 
-def sample(scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+# The class token's count in :func:`sample`: above the ``c_{-1} = 0`` it is compared
+# with, and below every count of a kept patch token (>= 1), so that the counts of
+# the kept tokens, class token included, strictly increase with the position.
+CLASS_TOKEN_COUNT = 0.5
+
+
+def sample(scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Section 1, steps 3-6: which tokens the inverse-transform sampling keeps.
 
-    ``scores``: ``[B, N-1]`` significance of tokens ``1..N-1`` (zero at padding).
+    ``scores``: ``[B, N-1, 1]`` significance of tokens ``1..N-1`` (zero at padding).
     ``clamp``: ``[1 or B, N-1, 1]``, ``-inf`` from the last valid token on (:func:`clamp_bias`).
-    ``u``: ``[K-1]`` quantiles of this stage (:func:`drawn_quantiles`; slots holding
-    ``+inf`` never count). Returns a bool mask ``[B, N, 1]`` over all tokens (tokens
-    on dim 1, as :func:`compact` and :func:`gather_rows` want them); the class
-    token is always kept.
+    ``u``: ``[1, K-1]`` quantiles of this stage (:func:`drawn_quantiles`; slots holding
+    ``+inf`` never count). Returns ``(kept, count)``, both ``[B, N, 1]`` over all
+    tokens (tokens on dim 1, as :func:`compact` and :func:`gather_rows` want them):
+    ``kept`` the bool mask (the class token is always kept) and ``count`` the
+    number of quantiles at or below each token's cdf, which strictly increases
+    along the kept tokens (:data:`CLASS_TOKEN_COUNT` for the class token).
 
     Token at position ``p`` (token ``p+1``) is the sample of quantile ``u_i`` iff
     ``cdf_{p-1} < u_i <= cdf_p`` (``searchsorted_left``), so with
     ``c_p = #{i : u_i <= cdf_p}`` it is kept iff ``c_p > c_{p-1}`` (``c_{-1} = 0``).
     The clamp of step 5 sends every quantile above ``cdf_{n-3}`` to the last valid
     token: its clamped cdf is ``+inf``, so ``c_{n-2} = K-1``. Both sides of the
-    comparison are the counts shifted by one ``Pad`` each; the class token compares
-    ``1 > 0``.
+    comparison are the counts shifted by one ``Pad`` each.
     """
-    counts = (u <= cdf(scores.unsqueeze(-1), clamp, dim=1)).to(torch.float32).sum(dim=-1, keepdim=True)
-    current = F.pad(counts, (0, 0, 1, 0), value=1.0)
+    counts = (u <= cdf(scores, clamp, dim=1)).to(torch.float32).sum(dim=-1, keepdim=True)
+    current = F.pad(counts, (0, 0, 1, 0), value=CLASS_TOKEN_COUNT)
     previous = F.pad(counts, (0, 0, 2, -1), value=0.0)
-    return current > previous
+    return current > previous, current
 
 
 def dynamic_length(length: torch.Tensor, upper: int) -> int:
@@ -199,27 +196,6 @@ def dynamic_length(length: torch.Tensor, upper: int) -> int:
     torch._check(value >= 1)
     torch._check(value <= upper)
     return value
-
-
-class _Ranks(torch.autograd.Function):
-    """``upper - arange(N)`` as float ``[N, 1]`` for ``x [B, N, 1]``: a ``Slice`` of that constant for ``N = upper``.
-
-    ``upper`` bounds ``N`` when the graph is built; the slice takes one node where
-    ``Range`` over a traced length takes four (``Shape``, ``Gather``, ``Cast``, ``Range``).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, upper: int) -> torch.Tensor:
-        return _ranks(upper, x.shape[1], x.device)
-
-    @staticmethod
-    def symbolic(g, x, upper: int):
-        length = g.op("Shape", x, start_i=1, end_i=2)
-        return _slice_leading(g, g.op("Constant", value_t=_ranks(upper, upper)), length)
-
-
-def _ranks(upper: int, n: int, device: torch.device | None = None) -> torch.Tensor:
-    return (upper - torch.arange(n, device=device, dtype=torch.float32)).unsqueeze(1)
 
 
 class _TopK(torch.autograd.Function):
@@ -238,29 +214,28 @@ class _TopK(torch.autograd.Function):
 
 
 def compact(
-    kept: torch.Tensor, upper: int, length: int | None = None
+    kept: torch.Tensor, count: torch.Tensor, upper: int, length: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Section 1, step 7 and section 3: indices of the kept tokens, ascending, padded.
 
-    ``kept``: bool ``[B, N, 1]``; ``upper >= N``, a bound fixed when the graph is built
-    (the model's token count). Returns ``(index [B, m, 1], mask [B, m, 1], n_kept [B, 1])``
-    where ``m`` is the largest number of kept tokens in the batch (or the static
-    ``length``) and ``mask`` the key mask of the result: 0 at kept tokens, ``-inf``
-    in padded slots (``mask == 0`` is the valid flag).
-    A kept token ``p`` ranks ``upper - p > 0``, a dropped one ``-inf``: the ``m``
-    largest ranks are the kept tokens in order, then (in padded slots) some dropped
-    ones, so the key mask is ``min(rank, 0)``.
+    ``kept``, ``count``: ``[B, N, 1]`` from :func:`sample`; ``upper`` exceeds every
+    count (the model's token count, ``n0 >= K``), fixed when the graph is built.
+    Returns ``(index [B, m, 1], mask [B, m, 1], n_kept [B, 1])`` where ``m`` is the
+    largest number of kept tokens in the batch (or the static ``length``) and
+    ``mask`` the key mask of the result: 0 at kept tokens, ``-inf`` in padded slots
+    (``mask == 0`` is the valid flag).
+    A kept token ranks ``upper - count > 0``, strictly decreasing with its position,
+    a dropped one ``-inf``: the ``m`` largest ranks are the kept tokens in order,
+    then (in padded slots) some dropped ones, so the key mask is ``min(rank, 0)``.
     """
-    # A static export knows every length: it bakes the ranks rather than trace a Shape op.
-    ranks = _Ranks.apply(kept, upper) if length is None else _ranks(upper, int(kept.shape[1]), kept.device)
-    key = torch.where(kept, ranks, float("-inf"))
+    key = torch.where(kept, upper - count, float("-inf"))
     n_kept = kept.sum(dim=1)
     if length is not None:
         rank, index = torch.topk(key, length, dim=1, largest=True, sorted=True)
     elif torch.jit.is_tracing():
         rank, index = _TopK.apply(key, n_kept.amax(dim=0))
     else:
-        rank, index = torch.topk(key, dynamic_length(n_kept.max(), upper), dim=1, largest=True, sorted=True)
+        rank, index = torch.topk(key, dynamic_length(n_kept.max(), kept.shape[1]), dim=1, largest=True, sorted=True)
     return index, rank.clamp_max(0.0), n_kept
 
 

@@ -59,7 +59,8 @@ class TokenSampler(nn.Module):
     def forward(
         self, scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor, length: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return ats.compact(ats.sample(scores, clamp, u), self.n0, length)
+        kept, count = ats.sample(scores, clamp, u)
+        return ats.compact(kept, count, self.n0, length)
 
 
 def check_supported(vit: nn.Module) -> None:
@@ -148,9 +149,9 @@ class ATSVisionTransformer(nn.Module):
                 continue
             s = self.stages.index(i)
             if self.static_budget is None:
-                length, u_s = None, ats.drawn_quantiles(u[s], drawn[s : s + 1])
+                length, u_s = None, ats.drawn_quantiles(u[s : s + 1], drawn[s : s + 1])
             else:
-                length, u_s = min(self.static_budget[s], x.shape[1]), u[s, : self.static_budget[s] - 1]
+                length, u_s = min(self.static_budget[s], x.shape[1]), u[s : s + 1, : self.static_budget[s] - 1]
             sampler = functools.partial(self.samplers[s], length=length)
             probes: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if probe else None
             clamp = ats.clamp_bias(mask, x.shape[1], x.device)
@@ -184,19 +185,26 @@ def head(vit: VisionTransformer, x: torch.Tensor, valid: torch.Tensor | None) ->
 
 def _qkv(attn: Attention, h: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head ``q, k, v`` as ``[B, H, N, dh]``, with timm's q/k norms applied."""
-    return _heads(attn, _qkv_tokens(attn, h, batch))
+    q, k, v = _qkv_tokens(attn, h, batch)
+    return attn.q_norm(_per_head(attn, q)), attn.k_norm(_per_head(attn, k)), _per_head(attn, v)
 
 
-def _qkv_tokens(attn: Attention, h: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """The qkv projection of ``h [B, N, C]`` as ``[B, N, 3, H, dh]``; ``batch``: see :func:`ats.reshape_rows`."""
-    qkv = attn.qkv(ats.flatten_tokens(h, attn.qkv.in_features))
-    return ats.reshape_rows(qkv, batch, 3, attn.num_heads, attn.head_dim)
+def _qkv_tokens(
+    attn: Attention, h: torch.Tensor, batch: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The qkv projection of ``h [B, N, C]`` as ``q, k, v``, each ``[B, N, C]`` (heads concatenated).
+
+    ``batch``: see :func:`ats.reshape_rows`. One ``Split`` along the last axis; an
+    ATS stage reads the value norms and the query rows it needs in this layout.
+    """
+    width = attn.num_heads * attn.head_dim
+    qkv = ats.reshape_rows(attn.qkv(ats.flatten_tokens(h, attn.qkv.in_features)), batch, 3 * width)
+    return qkv.split(width, dim=-1)
 
 
-def _heads(attn: Attention, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split the ``[B, N, 3, H, dh]`` qkv projection into normed per-head ``q, k, v``."""
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
+def _per_head(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    """``[B, N, C]`` as ``[B, H, N, dh]``."""
+    return ats.reshape_tail(x, 2, attn.num_heads, attn.head_dim).transpose(1, 2)
 
 
 def _attention(q: torch.Tensor, k_t: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
@@ -278,18 +286,19 @@ def ats_block(
     """
     attn = block.attn
     h = block.norm1(x)
-    qkv = _qkv_tokens(attn, h, batch)
-    q, k, v = _heads(attn, qkv)
-    k_t = k.transpose(-2, -1)  # shared by the class-token row and the kept rows
-    probs = _attention(q if all_rows else q[:, :, :1], k_t, attn.scale, bias)
-    scores = ats.significance(probs[:, :, :1], v)[:, 1:]
+    q_tokens, k_tokens, v_tokens = _qkv_tokens(attn, h, batch)
+    k_t = attn.k_norm(_per_head(attn, k_tokens)).transpose(-2, -1)  # shared by the class-token row and the kept rows
+    v = _per_head(attn, v_tokens)
+    queries = q_tokens if all_rows else q_tokens[:, :1]
+    probs = _attention(attn.q_norm(_per_head(attn, queries)), k_t, attn.scale, bias)
+    scores = ats.significance(probs[:, :, :1] if all_rows else probs, v_tokens)[:, 1:]
     if probes is not None:
         probes.append(ats.tie_margin(scores, clamp, u))
     rows, mask, n_kept = sampler(scores, clamp, u)
     if all_rows:
         o = ats.flatten_tokens(ats.gather_rows(_merge_heads(attn, probs @ v, 2), rows), attn.num_heads * attn.head_dim)
     else:
-        q_rows = attn.q_norm(ats.gather_rows(qkv, rows)[:, :, 0].transpose(1, 2))
+        q_rows = attn.q_norm(_per_head(attn, ats.gather_rows(q_tokens, rows)))
         o = _merge_heads(attn, _attend(q_rows, k_t, v, attn.scale, bias), 0)
     h_rows = ats.gather_rows(h, rows) if getattr(attn, "gate", None) is not None else h
     return _finish(block, ats.gather_rows(x, rows), h_rows, o, batch), mask, rows, n_kept

@@ -41,7 +41,8 @@ from ats_deploy.model import (
     _attend,
     _finish,
     _merge_heads,
-    _qkv,
+    _per_head,
+    _qkv_tokens,
     build,
     dense_block,
     head,
@@ -65,9 +66,10 @@ class Ceiling(nn.Module):
                 x = dense_block(block, x, None, batch)
                 continue
             m = self.lengths[self.model.stages.index(i)]
-            h = block.norm1(x)
-            q, k, v = _qkv(block.attn, h, batch)
-            o = _attend(q[:, :, :m], k.transpose(-2, -1), v, block.attn.scale, None)
+            attn, h = block.attn, block.norm1(x)
+            q, k, v = _qkv_tokens(attn, h, batch)  # split into heads as the ATS stage does: the queries it needs only
+            q, k, v = attn.q_norm(_per_head(attn, q[:, :m])), attn.k_norm(_per_head(attn, k)), _per_head(attn, v)
+            o = _attend(q, k.transpose(-2, -1), v, attn.scale, None)
             x = _finish(block, x[:, :m], h[:, :m], _merge_heads(block.attn, o, 0), batch)
         return head(vit, vit.norm(x), None)
 

@@ -6,12 +6,12 @@ as ``/samplers.<s>/...`` (``/model/samplers.<s>/...`` in static exports).
 can run the sampling as one kernel (TensorRT: :mod:`.trt_plugin`; onnxruntime:
 :func:`register`, a Python op of onnxruntime-extensions).
 
-The node (domain ``ats_deploy``, version 2):
+The node (domain ``ats_deploy``, version 3):
 
 =========  ==================================  =================================================
-inputs     ``scores`` float32 [B, N-1]         significance of tokens 1..N-1
+inputs     ``scores`` float32 [B, N-1, 1]      significance of tokens 1..N-1
            ``clamp`` float32 [1 or B, N-1, 1]  ``-inf`` from the last valid token on, else 0
-           ``u`` float32 [G]                   the stage's quantiles (``+inf`` slots never count)
+           ``u`` float32 [1, G]                the stage's quantiles (``+inf`` slots never count)
 outputs    ``index`` int64 [B, m, 1]           kept tokens, class token first, padded
            ``mask`` float32 [B, m, 1]          key mask: 0 at kept tokens, ``-inf`` in padded slots
            ``n_kept`` int64 [B, 1]             tokens each image kept (K' + 1)
@@ -46,17 +46,21 @@ from ats_deploy.errors import BackendUnavailable, UserError
 
 DOMAIN = "ats_deploy"
 OP_TYPE = "AdaptiveTokenSampler"
-OP_VERSION = 2  # 1: (scores, last, u, quantile_count) -> (index, valid, n_kept), tokens on the last dim
+# 1: (scores, last, u, quantile_count) -> (index, valid, n_kept), tokens on the last dim;
+# 2: scores [B, N-1] and u [G]; 3: scores [B, N-1, 1] and u [1, G], as the reference's sampler takes them.
+OP_VERSION = 3
 ATS_OPS = ("subgraph", "custom")
 DYNAMIC = -1
 
 # ``/samplers.3/TopK`` or ``/model/samplers.3/TopK``: group 1 is the stage.
 _SCOPE = re.compile(r"(?:^|/)samplers\.(\d+)/")
-# (name, dtype, rank) of the sampler's inputs and outputs, in the node's order.
+# (name, dtype, rank) of the sampler's inputs and outputs, in the node's order. The inputs
+# are also the order in which the sampler's nodes first read them (scores and clamp share
+# a signature): scores by the total, clamp by the cdf, u by the count.
 _INPUTS = (
-    ("scores", np.dtype(np.float32), 2),
+    ("scores", np.dtype(np.float32), 3),
     ("clamp", np.dtype(np.float32), 3),
-    ("u", np.dtype(np.float32), 1),
+    ("u", np.dtype(np.float32), 2),
 )
 _OUTPUTS = (
     ("index", np.dtype(np.int64), 3),
@@ -69,8 +73,9 @@ def sample_tokens(
     scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor, length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What one ``AdaptiveTokenSampler`` node computes: the reference's ``TokenSampler``."""
-    kept = ats.sample(scores, clamp, u)
-    return ats.compact(kept, kept.shape[1], None if length < 0 else length)
+    kept, count = ats.sample(scores, clamp, u)
+    # Counts never exceed the K-1 quantiles drawn: K bounds them as the model's n0 does.
+    return ats.compact(kept, count, u.shape[-1] + 1, None if length < 0 else length)
 
 
 # --------------------------------------------------------------------------- graph surgery
@@ -184,16 +189,21 @@ def _is_parameter(tensor, stage: _Stage) -> bool:
     )
 
 
-def _by_signature(tensors: list, wanted: tuple, complete: bool = True) -> list | None:
+def _by_signature(tensors: list, wanted: tuple) -> list | None:
     """``tensors`` in the order of ``wanted`` (name, dtype, rank), None where one is missing.
 
-    Returns None unless each tensor matches its own entry of ``wanted`` and, if
-    ``complete``, every entry is matched.
+    Returns None unless each tensor matches its own entry of ``wanted``.
     """
     found = {_signature(t): t for t in tensors}
     ordered = [found.get((dtype, rank)) for _, dtype, rank in wanted]
-    matched = sum(t is not None for t in ordered)
-    return ordered if matched == len(tensors) and (matched == len(wanted) or not complete) else None
+    return ordered if sum(t is not None for t in ordered) == len(tensors) else None
+
+
+def _in_reading_order(tensors: list, stage: _Stage) -> list | None:
+    """``tensors`` ordered by the first node of the stage that reads them, if they match :data:`_INPUTS`."""
+    first = {id(t): min(i for i, node in enumerate(stage.nodes) if any(x is t for x in node.inputs)) for t in tensors}
+    ordered = sorted(tensors, key=lambda t: first[id(t)])
+    return ordered if [_signature(t) for t in ordered] == [(dtype, rank) for _, dtype, rank in _INPUTS] else None
 
 
 def _interface(graph, stage: _Stage) -> tuple[list, list]:
@@ -204,7 +214,7 @@ def _interface(graph, stage: _Stage) -> tuple[list, list]:
     """
     inputs, outputs = _boundary(graph, stage)
     data = [t for t in inputs if not _is_parameter(t, stage)]
-    ordered_inputs, ordered_outputs = _by_signature(data, _INPUTS), _by_signature(outputs, _OUTPUTS, complete=False)
+    ordered_inputs, ordered_outputs = _in_reading_order(data, stage), _by_signature(outputs, _OUTPUTS)
     if ordered_inputs is None or ordered_outputs is None:
         raise UserError(
             f"the sampler scope {stage.prefix} reads {_list(data)} and hands on {_list(outputs)}; "

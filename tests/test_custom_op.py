@@ -187,10 +187,10 @@ def test_static_custom_op_matches_reference(model, sessions, images):
 def test_kernel_is_the_reference_sampler():
     """The op on its own: the broadcast ``clamp`` of a first stage, a padded image and a static length."""
     generator = torch.Generator().manual_seed(0)
-    scores = torch.rand(3, 9, generator=generator)
+    scores = torch.rand(3, 9, 1, generator=generator)
     scores[1, 6:] = 0.0  # padding scores zero
     clamp = ats.clamp_bias(None, 10)
-    u = torch.tensor([0.25, 0.5, 0.75, float("inf")])
+    u = torch.tensor([[0.25, 0.5, 0.75, float("inf")]])
     for length in (custom_op.DYNAMIC, 5):
         *results, size = custom_op._onnxruntime_kernel(scores.numpy(), clamp.numpy(), u.numpy(), length=length)
         reference = custom_op.sample_tokens(scores, clamp, u, length)

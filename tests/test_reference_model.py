@@ -114,7 +114,7 @@ def test_a_stage_that_keeps_every_token_equals_the_dense_block(random_deit_tiny,
     with torch.no_grad():
         dense = dense_block(block, x, None, x)
         clamp = ats.clamp_bias(None, 197)
-        sampled, mask, _, _ = ats_block(block, x, None, clamp, torch.zeros(196), keep_all, x, all_rows=all_rows)
+        sampled, mask, _, _ = ats_block(block, x, None, clamp, torch.zeros(1, 196), keep_all, x, all_rows=all_rows)
     assert (mask == 0).all()
     torch.testing.assert_close(sampled, dense, atol=1e-5, rtol=0)
 
@@ -126,7 +126,7 @@ def test_both_ways_of_computing_the_kept_rows_agree_on_a_padded_batch(random_dei
     x = torch.randn(2, 40, 192)
     valid = torch.arange(40).expand(2, -1) < torch.tensor([[40], [31]])  # image 1 padded after 31 tokens
     k = ats.budget(torch.tensor([20.0]), 197)
-    u = ats.quantiles(k, 196)[0, : int(k[0]) - 1]
+    u = ats.quantiles(k, 196)[:, : int(k[0]) - 1]
     mask = torch.where(valid, 0.0, float("-inf")).unsqueeze(-1)
     stage = (ats.key_bias(mask), ats.clamp_bias(mask, 40), u, functools.partial(TokenSampler(197), length=None), x)
     with torch.no_grad():
@@ -144,16 +144,16 @@ def test_sampling_a_padded_batch_is_clamped_searchsorted_then_unique():
     lengths = [40, 23, 9, 2]  # tokens of each image, class token included; padding after
     n = max(lengths)
     valid = torch.arange(n) < torch.tensor(lengths)[:, None]
-    scores = torch.rand(len(lengths), n - 1, generator=torch.Generator().manual_seed(1)) ** 4  # skewed: repeats
-    scores = torch.where(valid[:, 1:], scores, 0.0)
+    scores = torch.rand(len(lengths), n - 1, 1, generator=torch.Generator().manual_seed(1)) ** 4  # skewed: repeats
+    scores = torch.where(valid[:, 1:, None], scores, 0.0)
     clamp = ats.clamp_bias(torch.where(valid, 0.0, float("-inf")).unsqueeze(-1), n)
-    cdf = ats.cdf(scores).numpy()
+    cdf = ats.cdf(scores, dim=1)[..., 0].numpy()
     clamped = 0
     for k in (3, 8, 30, 197):
-        u = ats.quantiles(torch.tensor([float(k)]), 196)[0, : k - 1]
-        index, mask, n_kept = ats.compact(ats.sample(scores, clamp, u), 197)
+        u = ats.quantiles(torch.tensor([float(k)]), 196)[:, : k - 1]
+        index, mask, n_kept = ats.compact(*ats.sample(scores, clamp, u), 197)
         for b, length in enumerate(lengths):
-            t = np.searchsorted(cdf[b, : length - 1], u.numpy(), side="left")
+            t = np.searchsorted(cdf[b, : length - 1], u[0].numpy(), side="left")
             clamped += int((t > length - 2).any())
             expected = [0, *np.unique(np.minimum(t, length - 2) + 1).tolist()]
             assert index[b, :, 0][mask[b, :, 0] == 0].tolist() == expected, (k, b)
@@ -171,7 +171,7 @@ def test_keep_one_without_duplicates_equals_dense_model(monkeypatch):
     vit = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=128).eval()
     images = random_images(2, data_config(vit))
     model, dense = build(vit, "deit_tiny", stages=[3, 7, 11]), build(vit, "deit_tiny", stages=[])
-    monkeypatch.setattr(ats, "significance", lambda attention, values: torch.ones(values.shape[0], values.shape[2]))
+    monkeypatch.setattr(ats, "significance", lambda attention, values: torch.ones(values.shape[0], values.shape[1], 1))
     with torch.no_grad():
         logits, tokens = model(images, torch.ones(3))
         torch.testing.assert_close(logits, dense(images, torch.zeros(0))[0], atol=1e-5, rtol=0)
