@@ -185,8 +185,7 @@ def head(vit: VisionTransformer, x: torch.Tensor, valid: torch.Tensor | None) ->
 
 def _qkv(attn: Attention, h: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-head ``q, k, v`` as ``[B, H, N, dh]``, with timm's q/k norms applied."""
-    q, k, v = _qkv_tokens(attn, h, batch)
-    return attn.q_norm(_per_head(attn, q)), attn.k_norm(_per_head(attn, k)), _per_head(attn, v)
+    return _heads(attn, *_qkv_tokens(attn, h, batch))
 
 
 def _qkv_tokens(
@@ -200,6 +199,13 @@ def _qkv_tokens(
     width = attn.num_heads * attn.head_dim
     qkv = ats.reshape_rows(attn.qkv(ats.flatten_tokens(h, attn.qkv.in_features)), batch, 3 * width)
     return qkv.split(width, dim=-1)
+
+
+def _heads(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q, k, v`` from :func:`_qkv_tokens` (``q`` may hold only the rows needed) as normed per-head tensors."""
+    return attn.q_norm(_per_head(attn, q)), attn.k_norm(_per_head(attn, k)), _per_head(attn, v)
 
 
 def _per_head(attn: Attention, x: torch.Tensor) -> torch.Tensor:
@@ -287,10 +293,9 @@ def ats_block(
     attn = block.attn
     h = block.norm1(x)
     q_tokens, k_tokens, v_tokens = _qkv_tokens(attn, h, batch)
-    k_t = attn.k_norm(_per_head(attn, k_tokens)).transpose(-2, -1)  # shared by the class-token row and the kept rows
-    v = _per_head(attn, v_tokens)
-    queries = q_tokens if all_rows else q_tokens[:, :1]
-    probs = _attention(attn.q_norm(_per_head(attn, queries)), k_t, attn.scale, bias)
+    q, k, v = _heads(attn, q_tokens if all_rows else q_tokens[:, :1], k_tokens, v_tokens)
+    k_t = k.transpose(-2, -1)  # shared by the class-token row and the kept rows
+    probs = _attention(q, k_t, attn.scale, bias)
     scores = ats.significance(probs[:, :, :1] if all_rows else probs, v_tokens)[:, 1:]
     if probes is not None:
         probes.append(ats.tie_margin(scores, clamp, u))

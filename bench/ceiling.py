@@ -40,8 +40,8 @@ from ats_deploy.model import (
     ATSVisionTransformer,
     _attend,
     _finish,
+    _heads,
     _merge_heads,
-    _per_head,
     _qkv_tokens,
     build,
     dense_block,
@@ -67,10 +67,10 @@ class Ceiling(nn.Module):
                 continue
             m = self.lengths[self.model.stages.index(i)]
             attn, h = block.attn, block.norm1(x)
-            q, k, v = _qkv_tokens(attn, h, batch)  # split into heads as the ATS stage does: the queries it needs only
-            q, k, v = attn.q_norm(_per_head(attn, q[:, :m])), attn.k_norm(_per_head(attn, k)), _per_head(attn, v)
+            q, k, v = _qkv_tokens(attn, h, batch)
+            q, k, v = _heads(attn, q[:, :m], k, v)  # as the ATS stage does: only the query rows it needs
             o = _attend(q, k.transpose(-2, -1), v, attn.scale, None)
-            x = _finish(block, x[:, :m], h[:, :m], _merge_heads(block.attn, o, 0), batch)
+            x = _finish(block, x[:, :m], h[:, :m], _merge_heads(attn, o, 0), batch)
         return head(vit, vit.norm(x), None)
 
 
