@@ -228,10 +228,9 @@ def _attend(
     return _attention(q, k_t, scale, bias) @ v
 
 
-def _merge_heads(attn: Attention, o: torch.Tensor, lead: int) -> torch.Tensor:
-    """``[B, H, N, dh]`` attention output as ``[B*N, C]`` (``lead=0``) or ``[B, N, C]`` (``lead=2``)."""
-    tail = (-1, attn.num_heads * attn.head_dim) if lead == 0 else (attn.num_heads * attn.head_dim,)
-    return ats.reshape_tail(o.transpose(1, 2), lead, *tail)
+def _merge_heads(attn: Attention, o: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N, dh]`` attention output as 2-D token rows ``[B*N, C]``."""
+    return ats.reshape_tail(o.transpose(1, 2), 0, -1, attn.num_heads * attn.head_dim)
 
 
 def _finish(
@@ -242,14 +241,22 @@ def _finish(
     ``o`` is the attention output of those rows with the heads merged, ``[B*m, C]``;
     ``batch`` gives the batch size for the way back to ``[B, m, C]`` (:func:`ats.reshape_rows`).
     """
+    return _mlp(block, _attention_residual(block, x_rows, h_rows, o), batch)
+
+
+def _attention_residual(block: Block, x: torch.Tensor, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """``x + proj(o)`` as 2-D token rows ``[B*m, C]`` (``x``, ``h``: ``[B, m, C]``; ``o``: ``[B*m, C]``)."""
     attn = block.attn
     o = attn.norm(o)
     if getattr(attn, "gate", None) is not None:
-        o = o * attn.gate(ats.flatten_tokens(h_rows, attn.gate.in_features)).sigmoid()
-    width = attn.proj.out_features
-    y = ats.flatten_tokens(x_rows, width) + block.ls1(attn.proj(o))
+        o = o * attn.gate(ats.flatten_tokens(h, attn.gate.in_features)).sigmoid()
+    return ats.flatten_tokens(x, attn.proj.out_features) + block.ls1(attn.proj(o))
+
+
+def _mlp(block: Block, y: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """The MLP half of a block on 2-D token rows ``y [B*m, C]``, returned as ``[B, m, C]``."""
     y = y + block.ls2(block.mlp(block.norm2(y)))
-    return ats.reshape_rows(y, batch, width)
+    return ats.reshape_rows(y, batch, block.attn.proj.out_features)
 
 
 def dense_block(block: Block, x: torch.Tensor, bias: torch.Tensor | None, batch: torch.Tensor) -> torch.Tensor:
@@ -261,7 +268,7 @@ def dense_block(block: Block, x: torch.Tensor, bias: torch.Tensor | None, batch:
     h = block.norm1(x)
     q, k, v = _qkv(block.attn, h, batch)
     o = _attend(q, k.transpose(-2, -1), v, block.attn.scale, bias)
-    return _finish(block, x, h, _merge_heads(block.attn, o, 0), batch)
+    return _finish(block, x, h, _merge_heads(block.attn, o), batch)
 
 
 def ats_block(
@@ -286,9 +293,10 @@ def ats_block(
     the scores, then the kept rows. That is what makes the cost follow the
     budget when a stage drops many of its tokens. A stage whose input was
     already cut to about its budget by an earlier stage drops few; there
-    ``all_rows=True`` computes every row once and gathers the kept rows' outputs,
-    which costs a few more FLOPs and saves the separate class-token row and the
-    gather of the query rows.
+    ``all_rows=True`` computes every row's attention, output projection and
+    residual, then gathers the kept rows once, for the MLP: a few more FLOPs, but
+    no separate class-token row and one gather instead of three (query rows,
+    input rows, attention outputs), each a copy that costs more than those FLOPs.
     """
     attn = block.attn
     h = block.norm1(x)
@@ -301,10 +309,12 @@ def ats_block(
         probes.append(ats.tie_margin(scores, clamp, u))
     rows, mask, n_kept = sampler(scores, clamp, u)
     if all_rows:
-        o = ats.flatten_tokens(ats.gather_rows(_merge_heads(attn, probs @ v, 2), rows), attn.num_heads * attn.head_dim)
-    else:
-        q_rows = attn.q_norm(_per_head(attn, ats.gather_rows(q_tokens, rows)))
-        o = _merge_heads(attn, _attend(q_rows, k_t, v, attn.scale, bias), 0)
+        y = _attention_residual(block, x, h, _merge_heads(attn, probs @ v))
+        width = attn.proj.out_features
+        y = ats.flatten_tokens(ats.gather_rows(ats.reshape_rows(y, batch, width), rows), width)
+        return _mlp(block, y, batch), mask, rows, n_kept
+    q_rows = attn.q_norm(_per_head(attn, ats.gather_rows(q_tokens, rows)))
+    o = _merge_heads(attn, _attend(q_rows, k_t, v, attn.scale, bias))
     h_rows = ats.gather_rows(h, rows) if getattr(attn, "gate", None) is not None else h
     return _finish(block, ats.gather_rows(x, rows), h_rows, o, batch), mask, rows, n_kept
 

@@ -70,7 +70,7 @@ class Ceiling(nn.Module):
             q, k, v = _qkv_tokens(attn, h, batch)
             q, k, v = _heads(attn, q[:, :m], k, v)  # as the ATS stage does: only the query rows it needs
             o = _attend(q, k.transpose(-2, -1), v, attn.scale, None)
-            x = _finish(block, x[:, :m], h[:, :m], _merge_heads(attn, o, 0), batch)
+            x = _finish(block, x[:, :m], h[:, :m], _merge_heads(attn, o), batch)
         return head(vit, vit.norm(x), None)
 
 
