@@ -79,3 +79,16 @@ def interleaved(
         if on_round is not None:
             on_round()
     return {name: Latency(values, batch) for name, values in samples.items()}
+
+
+def paired_ratio(numerator: Latency, denominator: Latency) -> float:
+    """Median over the timed rounds of ``numerator / denominator``, each round's two calls paired.
+
+    Both must come from the same :func:`interleaved` run. The machine's speed
+    drifts between rounds (by a third on a shared VM) but hardly within one, so
+    the ratio of two calls of the same round cancels the drift that the ratio of
+    two separate medians keeps.
+    """
+    if len(numerator.samples_ms) != len(denominator.samples_ms):
+        raise ValueError("paired latencies need the same rounds")
+    return float(np.median(np.divide(numerator.samples_ms, denominator.samples_ms)))

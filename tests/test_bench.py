@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from ats_deploy.bench.data import image_folder, read_class_map
 from ats_deploy.bench.source import Exported, check_static, engine_for, open_model, reference
-from ats_deploy.bench.timing import interleaved
+from ats_deploy.bench.timing import Latency, interleaved, paired_ratio
 from ats_deploy.checkpoints import load_model, save_checkpoint
 from ats_deploy.cli import app
 from ats_deploy.errors import UserError
@@ -272,6 +272,18 @@ def test_latency_rounds_are_interleaved_and_warmup_excluded():
     assert len(calls) == 15
     assert {name: len(lat.samples_ms) for name, lat in latencies.items()} == {"a": 3, "b": 3, "c": 3}
     assert latencies["a"].batch == 2
+
+
+def test_a_paired_ratio_cancels_drift_between_rounds():
+    """b takes 1.25x a in every round but two, +-10%, while the machine halves its speed after two
+    rounds: the paired ratio is 1.25; the ratio of the medians, 1.125, lands on a noisy round."""
+    drift = [1.0, 1.0, 2.0, 2.0, 2.0]
+    a = Latency([10.0 * d for d in drift], 1)
+    b = Latency([12.5 * d * e for d, e in zip(drift, [1.0, 1.0, 1.1, 0.9, 1.0], strict=True)], 1)
+    assert paired_ratio(b, a) == pytest.approx(1.25)
+    assert b.p50 / a.p50 == pytest.approx(1.125)
+    with pytest.raises(ValueError, match="same rounds"):
+        paired_ratio(b, Latency([1.0], 1))
 
 
 def test_profiles_lists_builtins_and_local_files(here):
