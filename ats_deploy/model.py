@@ -143,9 +143,10 @@ class ATSVisionTransformer(nn.Module):
         bias: torch.Tensor | None = None
         kept, kept_positions, margins, tie_tokens = [], [], [], []
         batch = x  # every block reads the batch size from this one tensor (see ats.reshape_rows)
+        last = len(vit.blocks) - 1 if vit.global_pool == "token" else None  # the head reads one token
         for i, block in enumerate(vit.blocks):
             if i not in self.stages:
-                x = dense_block(block, x, bias, batch)
+                x = dense_block(block, x, bias, batch, class_only=i == last)
                 continue
             s = self.stages.index(i)
             if self.static_budget is None:
@@ -155,7 +156,9 @@ class ATSVisionTransformer(nn.Module):
             sampler = functools.partial(self.samplers[s], length=length)
             probes: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if probe else None
             clamp = ats.clamp_bias(mask, x.shape[1], x.device)
-            x, mask, index, n_kept = ats_block(block, x, bias, clamp, u_s, sampler, batch, probes, all_rows=s > 0)
+            x, mask, index, n_kept = ats_block(
+                block, x, bias, clamp, u_s, sampler, batch, probes, all_rows=s > 0, class_only=i == last
+            )
             if probes:
                 margin, position = probes[0]
                 margins.append(margin)
@@ -181,11 +184,6 @@ def head(vit: VisionTransformer, x: torch.Tensor, valid: torch.Tensor | None) ->
     else:
         pooled = x[:, 0]
     return vit.head(vit.head_drop(vit.fc_norm(pooled)))
-
-
-def _qkv(attn: Attention, h: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-head ``q, k, v`` as ``[B, H, N, dh]``, with timm's q/k norms applied."""
-    return _heads(attn, *_qkv_tokens(attn, h, batch))
 
 
 def _qkv_tokens(
@@ -259,14 +257,20 @@ def _mlp(block: Block, y: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     return ats.reshape_rows(y, batch, block.attn.proj.out_features)
 
 
-def dense_block(block: Block, x: torch.Tensor, bias: torch.Tensor | None, batch: torch.Tensor) -> torch.Tensor:
+def dense_block(
+    block: Block, x: torch.Tensor, bias: torch.Tensor | None, batch: torch.Tensor, class_only: bool = False
+) -> torch.Tensor:
     """A standard transformer block whose attention ignores padded keys.
 
     ``batch``: any tensor whose first dim is the batch size, the same for every
-    block (:func:`ats.reshape_rows`).
+    block (:func:`ats.reshape_rows`). ``class_only``: compute only the class
+    token's output row (the last block when the head reads just that token).
     """
     h = block.norm1(x)
-    q, k, v = _qkv(block.attn, h, batch)
+    q, k, v = _qkv_tokens(block.attn, h, batch)
+    if class_only:
+        q, x, h = q[:, :1], x[:, :1], h[:, :1]
+    q, k, v = _heads(block.attn, q, k, v)
     o = _attend(q, k.transpose(-2, -1), v, block.attn.scale, bias)
     return _finish(block, x, h, _merge_heads(block.attn, o), batch)
 
@@ -281,6 +285,7 @@ def ats_block(
     batch: torch.Tensor,
     probes: list | None = None,
     all_rows: bool = False,
+    class_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One ATS stage (spec section 1). Returns ``(tokens, mask, index, n_kept)`` (see :func:`ats.compact`).
 
@@ -297,17 +302,22 @@ def ats_block(
     residual, then gathers the kept rows once, for the MLP: a few more FLOPs, but
     no separate class-token row and one gather instead of three (query rows,
     input rows, attention outputs), each a copy that costs more than those FLOPs.
+    ``class_only`` (the last block when the head reads just the class token)
+    samples as usual, for the token counts, but outputs only the class token's row.
     """
     attn = block.attn
     h = block.norm1(x)
     q_tokens, k_tokens, v_tokens = _qkv_tokens(attn, h, batch)
-    q, k, v = _heads(attn, q_tokens if all_rows else q_tokens[:, :1], k_tokens, v_tokens)
+    class_row = class_only or not all_rows  # the attention computes just the class token's row
+    q, k, v = _heads(attn, q_tokens[:, :1] if class_row else q_tokens, k_tokens, v_tokens)
     k_t = k.transpose(-2, -1)  # shared by the class-token row and the kept rows
     probs = _attention(q, k_t, attn.scale, bias)
-    scores = ats.significance(probs[:, :, :1] if all_rows else probs, v_tokens)[:, 1:]
+    scores = ats.significance(probs if class_row else probs[:, :, :1], v_tokens)[:, 1:]
     if probes is not None:
         probes.append(ats.tie_margin(scores, clamp, u))
     rows, mask, n_kept = sampler(scores, clamp, u)
+    if class_only:
+        return _finish(block, x[:, :1], h[:, :1], _merge_heads(attn, probs @ v), batch), mask, rows, n_kept
     if all_rows:
         y = _attention_residual(block, x, h, _merge_heads(attn, probs @ v))
         width = attn.proj.out_features

@@ -6,7 +6,8 @@ not depend on them) three ways and times them in onnxruntime on the CPU:
 * dense: no token sampling;
 * ATS: the ``--dynamic`` export, one file for every ``keep``;
 * ceiling: a static model that processes exactly the per-block token counts the
-  ATS run produced, by truncation, with no scoring, sampling or compaction.
+  ATS run produced, by truncation, with no scoring, sampling or compaction (and,
+  like both others, only the class token's row in the last block).
 
 For each target cost (GFLOPs per image) it picks ``keep`` by bisection, then
 reports the speedups over dense and ``efficiency = ATS speedup / ceiling
@@ -64,11 +65,12 @@ class Ceiling(nn.Module):
         vit = self.model.vit
         x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
         batch = x
+        last = len(vit.blocks) - 1 if vit.global_pool == "token" else None  # as the ATS model: one row there
         for i, block in enumerate(vit.blocks):
             if i not in self.model.stages:
-                x = dense_block(block, x, None, batch)
+                x = dense_block(block, x, None, batch, class_only=i == last)
                 continue
-            m = self.lengths[self.model.stages.index(i)]
+            m = 1 if i == last else self.lengths[self.model.stages.index(i)]
             attn, h = block.attn, block.norm1(x)
             q, k, v = _qkv_tokens(attn, h, batch)
             q, k, v = _heads(attn, q[:, :m], k, v)  # as the ATS stage does: only the query rows it needs

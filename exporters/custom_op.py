@@ -113,8 +113,9 @@ def replace_samplers(model: onnx.ModelProto) -> onnx.ModelProto:
     _check_stage_count(stages, props, graph)
     if not stages:
         return model
+    previous = None
     for stage in stages:
-        _replace(graph, stage)
+        previous = _replace(graph, stage, previous)
     graph.cleanup().toposort()
     return _finish(gs.export_onnx(graph), model)
 
@@ -209,7 +210,7 @@ def _in_reading_order(tensors: list, stage: _Stage) -> list | None:
 def _interface(graph, stage: _Stage) -> tuple[list, list]:
     """The stage's inputs and outputs in the node's order, or a UserError naming what differs.
 
-    An output nothing reads is None (the last stage's ``mask`` when the head pools
+    An output nothing reads is None (the last stage's ``index`` and ``mask`` when the head pools
     the class token): the node still produces it, into a fresh tensor.
     """
     inputs, outputs = _boundary(graph, stage)
@@ -231,17 +232,30 @@ def _list(items) -> str:
     return f"{len(shown)} tensors: " + ", ".join(shown)
 
 
-def _static_length(stage: _Stage) -> int:
-    """The stage's static token count (the k of its TopK when constant), else :data:`DYNAMIC`."""
+def _static_length(stage: _Stage, u, previous: int | None) -> int:
+    """The stage's static token count, else :data:`DYNAMIC`.
+
+    The k of its TopK when constant. A static export's last stage has no TopK when
+    the head pools the class token (the last block computes only that token's row,
+    so nothing is compacted); there it is ``min(K, tokens reaching the stage)``, as
+    the static reference pads to: ``K - 1`` is the static length of its quantile
+    row ``u``, the tokens reaching it the static length of the stage before
+    (``previous``; None for the first stage, which the model's ``n0 >= K`` feeds).
+    """
     for node in stage.nodes:
         if node.op == "TopK" and isinstance(node.inputs[1], gs.Constant):
             return int(node.inputs[1].values.reshape(-1)[0])
-    return DYNAMIC
+    shape = u.values.shape if isinstance(u, gs.Constant) else u.shape
+    drawn = shape[-1] if shape else None
+    if not isinstance(drawn, int) or previous == DYNAMIC:
+        return DYNAMIC
+    return drawn + 1 if previous is None else min(drawn + 1, previous)
 
 
-def _replace(graph, stage: _Stage) -> None:
+def _replace(graph, stage: _Stage, previous: int | None) -> int:
+    """Swap the stage's subgraph for one node; returns its static length (or :data:`DYNAMIC`)."""
     inputs, outputs = _interface(graph, stage)
-    length = _static_length(stage)
+    length = _static_length(stage, inputs[2], previous)
     for node in stage.nodes:  # detach the subgraph; cleanup() then drops it
         node.inputs.clear()
         node.outputs.clear()
@@ -263,6 +277,7 @@ def _replace(graph, stage: _Stage) -> None:
             outputs=[*outputs, size],
         )
     )
+    return length
 
 
 def _finish(rewritten: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:

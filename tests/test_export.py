@@ -90,7 +90,9 @@ def test_graph_is_tensorrt_friendly(dynamic_onnx):
     model = onnx.load(str(dynamic_onnx))
     ops = Counter(node.op_type for node in model.graph.node)
     assert not {"Unique", "NonZero", "Loop", "If", "ScatterND", "ScatterElements"} & set(ops)
-    assert ops["TopK"] == 9 and ops["CumSum"] == 9
+    # Every stage samples (a CumSum each); the last compacts nothing (no TopK): the head reads
+    # the class token alone, so the last block computes only its row and just counts the kept tokens.
+    assert ops["TopK"] == 8 and ops["CumSum"] == 9
     onnx.checker.check_model(model, full_check=True)
     for target in ("tensorrt-10", "onnxruntime"):
         report = check_model(model, target)

@@ -161,6 +161,26 @@ def test_sampling_a_padded_batch_is_clamped_searchsorted_then_unique():
     assert clamped  # some image's float cdf ends below u = 1, so the clamp decided its last token
 
 
+@pytest.mark.parametrize("pool", ["token", "avg"])
+@pytest.mark.parametrize("stages", ["3-11", "3,7"])  # the last block an ATS stage, or dense
+def test_the_last_block_computes_only_the_rows_the_head_reads(pool, stages):
+    """A head that pools the class token reads one row of the last block, so that block
+    computes one row an image; average pooling reads them all. Same logits as the yardstick."""
+    torch.manual_seed(0)
+    vit = timm.create_model("deit_tiny_patch16_224", pretrained=False, global_pool=pool).eval()
+    model = build(vit, "deit_tiny", stages=parse_stages(stages, 12))
+    rows: list[int] = []
+    vit.blocks[-1].mlp.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    images, keep = random_images(2, data_config(vit), seed=3), [0.5] * len(model.stages)
+    with torch.no_grad():
+        logits, tokens = model(images, torch.tensor(keep))
+    assert rows == [2] if pool == "token" else rows[0] > 2 * 50
+    for b in range(2):
+        expected = yardstick.run(vit, images[b], keep, model.stages)
+        assert tokens[b].tolist() == expected.tokens
+        np.testing.assert_allclose(logits[b].numpy(), expected.logits, atol=1e-4, rtol=0)
+
+
 def test_keep_one_without_duplicates_equals_dense_model(monkeypatch):
     """Spec section 5: when no stage draws a duplicate, keep = 1.0 is the dense model.
 
