@@ -223,17 +223,19 @@ def compact(
     Returns ``(index [B, m, 1], mask [B, m, 1], n_kept [B, 1])`` where ``m`` is the
     largest number of kept tokens in the batch (or the static ``length``) and
     ``mask`` the key mask of the result: 0 at kept tokens, ``-inf`` in padded slots
-    (``mask == 0`` is the valid flag).
+    (``mask == 0`` is the valid flag). ``n_kept`` is float32, whole numbers: the
+    count and its maximum over the batch are reductions, which TensorRT 8.6 runs
+    only on floats (an int64 sum would be a node its parser lacks).
     A kept token ranks ``upper - count > 0``, strictly decreasing with its position,
     a dropped one ``-inf``: the ``m`` largest ranks are the kept tokens in order,
     then (in padded slots) some dropped ones, so the key mask is ``min(rank, 0)``.
     """
     key = torch.where(kept, upper - count, float("-inf"))
-    n_kept = kept.sum(dim=1)
+    n_kept = kept.to(torch.float32).sum(dim=1)
     if length is not None:
         rank, index = torch.topk(key, length, dim=1, largest=True, sorted=True)
     elif torch.jit.is_tracing():
-        rank, index = _TopK.apply(key, n_kept.amax(dim=0))
+        rank, index = _TopK.apply(key, n_kept.amax(dim=0).to(torch.int64))
     else:
         rank, index = torch.topk(key, dynamic_length(n_kept.max(), kept.shape[1]), dim=1, largest=True, sorted=True)
     return index, rank.clamp_max(0.0), n_kept

@@ -169,7 +169,7 @@ class ATSVisionTransformer(nn.Module):
             kept_positions.append(positions)
         logits = head(vit, vit.norm(x), None if mask is None else mask[..., 0] == 0)
         if kept:
-            token_counts = torch.cat(kept, dim=1) - 1  # K' excludes the class token
+            token_counts = (torch.cat(kept, dim=1) - 1).to(torch.int64)  # K' excludes the class token
         else:
             token_counts = torch.zeros((images_in, 0), dtype=torch.int64, device=x.device)
         return ATSOutput(logits, token_counts, kept_positions, margins, tie_tokens)

@@ -6,7 +6,7 @@ as ``/samplers.<s>/...`` (``/model/samplers.<s>/...`` in static exports).
 can run the sampling as one kernel (TensorRT: :mod:`.trt_plugin`; onnxruntime:
 :func:`register`, a Python op of onnxruntime-extensions).
 
-The node (domain ``ats_deploy``, version 3):
+The node (domain ``ats_deploy``, version 4):
 
 =========  ==================================  =================================================
 inputs     ``scores`` float32 [B, N-1, 1]      significance of tokens 1..N-1
@@ -14,7 +14,7 @@ inputs     ``scores`` float32 [B, N-1, 1]      significance of tokens 1..N-1
            ``u`` float32 [1, G]                the stage's quantiles (``+inf`` slots never count)
 outputs    ``index`` int64 [B, m, 1]           kept tokens, class token first, padded
            ``mask`` float32 [B, m, 1]          key mask: 0 at kept tokens, ``-inf`` in padded slots
-           ``n_kept`` int64 [B, 1]             tokens each image kept (K' + 1)
+           ``n_kept`` float32 [B, 1]           tokens each image kept (K' + 1), whole numbers
            ``length`` int32 []                 m, the plugin's size tensor in TensorRT
 attribute  ``length`` int                      static m, or -1: m = most tokens kept in the batch
 =========  ==================================  =================================================
@@ -47,8 +47,9 @@ from ats_deploy.errors import BackendUnavailable, UserError
 DOMAIN = "ats_deploy"
 OP_TYPE = "AdaptiveTokenSampler"
 # 1: (scores, last, u, quantile_count) -> (index, valid, n_kept), tokens on the last dim;
-# 2: scores [B, N-1] and u [G]; 3: scores [B, N-1, 1] and u [1, G], as the reference's sampler takes them.
-OP_VERSION = 3
+# 2: scores [B, N-1] and u [G]; 3: scores [B, N-1, 1] and u [1, G], as the reference's sampler takes them;
+# 4: n_kept float32 (TensorRT 8.6 reduces only floats, so the subgraph counts in float32).
+OP_VERSION = 4
 ATS_OPS = ("subgraph", "custom")
 DYNAMIC = -1
 
@@ -65,7 +66,7 @@ _INPUTS = (
 _OUTPUTS = (
     ("index", np.dtype(np.int64), 3),
     ("mask", np.dtype(np.float32), 3),
-    ("n_kept", np.dtype(np.int64), 2),
+    ("n_kept", np.dtype(np.float32), 2),
 )
 
 
@@ -337,7 +338,7 @@ def _declare_onnxruntime_op(extensions) -> None:
     extensions.onnx_op(
         op_type=f"{DOMAIN}::{OP_TYPE}",
         inputs=[types.dt_float, types.dt_float, types.dt_float],
-        outputs=[types.dt_int64, types.dt_float, types.dt_int64, types.dt_int32],
+        outputs=[types.dt_int64, types.dt_float, types.dt_float, types.dt_int32],
         attrs={"length": types.dt_int64},
     )(_onnxruntime_kernel)
 

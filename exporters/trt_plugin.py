@@ -120,7 +120,7 @@ def _define(trt, trtp, torch) -> None:
             kept = size.expr()
         index = trtp.from_shape_expr((batch, kept, 1), dtype=trt.int64)
         mask = trtp.from_shape_expr((batch, kept, 1), dtype=trt.float32)
-        n_kept = trtp.from_shape_expr((batch, 1), dtype=trt.int64)
+        n_kept = trtp.from_shape_expr((batch, 1), dtype=trt.float32)
         return index, mask, n_kept, size
 
     @trtp.impl(PLUGIN_ID)

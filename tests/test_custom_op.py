@@ -131,7 +131,7 @@ def test_custom_export_passes_the_checker_and_shape_inference(exports, name):
         assert declared == [
             (TensorProto.INT64, 3),
             (TensorProto.FLOAT, 3),
-            (TensorProto.INT64, 2),
+            (TensorProto.FLOAT, 2),
             (TensorProto.INT32, 0),
         ]
     logits = {o.name: o.type.tensor_type for o in inferred.graph.output}["logits"]
