@@ -127,17 +127,17 @@ def l2_norm(x: torch.Tensor) -> torch.Tensor:
     return (x * x).sum(dim=-1, keepdim=True).sqrt()
 
 
-def cdf(scores: torch.Tensor, clamp: torch.Tensor | None = None, dim: int = -1) -> torch.Tensor:
-    """Section 1, step 3: normalised scores cumulated in token order (float32) along ``dim``.
+def cdf(scores: torch.Tensor, clamp: torch.Tensor | None = None) -> torch.Tensor:
+    """Section 1, step 3: normalised scores ``[B, N-1, 1]`` cumulated in token order (float32, dim 1).
 
     With ``clamp`` (:func:`clamp_bias`) subtracted before cumulating, the cdf is
     ``+inf`` from the last valid token on and unchanged before it.
     """
-    total = scores.sum(dim=dim, keepdim=True).clamp_min(TINY)
+    total = scores.sum(dim=1, keepdim=True).clamp_min(TINY)
     normalised = scores / total
     if clamp is not None:
         normalised = normalised - clamp
-    return torch.cumsum(normalised, dim=dim)
+    return torch.cumsum(normalised, dim=1)
 
 
 def tie_margin(scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +149,7 @@ def tie_margin(scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor) -> tu
     sends both sides of a tie there. Arguments as in :func:`sample`. Returns
     ``(margin [B], position [B])``.
     """
-    distance = (u - cdf(scores, clamp, dim=1)).abs().amin(dim=-1)
+    distance = (u - cdf(scores, clamp)).abs().amin(dim=-1)
     margin, position = distance.min(dim=-1)
     return margin, position
 
@@ -179,7 +179,7 @@ def sample(scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor) -> tuple[
     token: its clamped cdf is ``+inf``, so ``c_{n-2} = K-1``. Both sides of the
     comparison are the counts shifted by one ``Pad`` each.
     """
-    counts = (u <= cdf(scores, clamp, dim=1)).to(torch.float32).sum(dim=-1, keepdim=True)
+    counts = (u <= cdf(scores, clamp)).to(torch.float32).sum(dim=-1, keepdim=True)
     current = F.pad(counts, (0, 0, 1, 0), value=CLASS_TOKEN_COUNT)
     previous = F.pad(counts, (0, 0, 2, -1), value=0.0)
     return current > previous, current

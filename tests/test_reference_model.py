@@ -147,7 +147,7 @@ def test_sampling_a_padded_batch_is_clamped_searchsorted_then_unique():
     scores = torch.rand(len(lengths), n - 1, 1, generator=torch.Generator().manual_seed(1)) ** 4  # skewed: repeats
     scores = torch.where(valid[:, 1:, None], scores, 0.0)
     clamp = ats.clamp_bias(torch.where(valid, 0.0, float("-inf")).unsqueeze(-1), n)
-    cdf = ats.cdf(scores, dim=1)[..., 0].numpy()
+    cdf = ats.cdf(scores)[..., 0].numpy()
     clamped = 0
     for k in (3, 8, 30, 197):
         u = ats.quantiles(torch.tensor([float(k)]), 196)[:, : k - 1]
