@@ -11,7 +11,7 @@ from ats_deploy.exporters.validate import Case
 from ats_deploy.model import format_keep
 from ats_deploy.profiles import Profile
 
-from .timing import Latency
+from .timing import Latency, paired_ratio
 from .variants import EXPORTED_DENSE, PYTORCH_DENSE, TITLES
 
 
@@ -43,8 +43,12 @@ class VariantResult:
             "gflops": self.gflops,
             "mean_tokens_per_stage": self.mean_tokens,
             "latency": self.latency.summary(),
-            "speedup": baseline.latency.p50 / self.latency.p50,
+            "speedup": self.speedup(baseline),
         }
+
+    def speedup(self, baseline: VariantResult) -> float:
+        """``baseline``'s time over this variant's, round by round (:func:`.timing.paired_ratio`), so drift cancels."""
+        return paired_ratio(baseline.latency, self.latency)
 
 
 @dataclass

@@ -281,7 +281,8 @@ def test_paired_difference_and_its_standard_error():
 
 def fake(keep: tuple[float, ...], accuracy: float, p50: float) -> Measurement:
     correct = np.array([True] * round(100 * accuracy) + [False] * (100 - round(100 * accuracy)))
-    return Measurement(keep, correct, gflops=sum(keep), p50_ms=p50, dense_p50_ms=10.0, tokens=[197 * k for k in keep])
+    return Measurement(keep, correct, gflops=sum(keep), p50_ms=p50, dense_p50_ms=10.0, tokens=[197 * k for k in keep],
+                       speedup=10.0 / p50)
 
 
 def test_the_search_refines_stage_by_stage_within_its_bound():
@@ -304,8 +305,9 @@ def test_the_search_never_moves_to_a_neighbour_that_keeps_the_same_tokens():
     # Stage 1 cannot keep more tokens than stage 0 passes on; timing noise makes a larger keep there look faster.
     def measure(keep):
         tokens = [197 * keep[0], 197 * min(keep)]
-        return Measurement(keep, np.ones(4, dtype=bool), gflops=sum(tokens), p50_ms=sum(tokens) - keep[1],
-                           dense_p50_ms=1000.0, tokens=tokens)
+        p50 = sum(tokens) - keep[1]
+        return Measurement(keep, np.ones(4, dtype=bool), gflops=sum(tokens), p50_ms=p50, dense_p50_ms=1000.0,
+                           tokens=tokens, speedup=1000.0 / p50)
 
     objective = Objective(max_drop=1.0, latency_ms=None, dense_accuracy=1.0)
     # From 0.3 everywhere, each round lowers stage 0 one step; stage 1's neighbours compute the same as it does.
@@ -323,6 +325,15 @@ def test_objectives_rank_feasible_settings_first():
     assert min([slow_ok, closer], key=budget.rank) is closer  # neither meets 5 ms: the nearer one wins
 
 
+def test_a_setting_keeps_its_paired_speedup_and_older_logs_fall_back():
+    """The speedup is measured round by round; a log line written before that had only the two medians."""
+    setting = Measurement((0.5,), np.array([True]), gflops=1.0, p50_ms=2.0, dense_p50_ms=3.0, tokens=[], speedup=1.4)
+    record = setting.to_record(197)
+    assert Measurement.from_record(record).speedup == 1.4
+    del record["speedup"]
+    assert Measurement.from_record(record).speedup == 1.5
+
+
 def test_an_unfinished_last_log_line_is_dropped(tmp_path):
     header = {"kind": "header", "version": tune.LOG_VERSION, "conditions": {"images": 2}}
     dense = {"kind": "dense", "correct": "10", "gflops": 1.0, "skipped": []}
@@ -331,6 +342,7 @@ def test_an_unfinished_last_log_line_is_dropped(tmp_path):
     log = Log.open(path, header, n0=197, fresh=False)
     assert log.dense is not None and log.dense.accuracy == 0.5 and not log.settings
     assert path.read_text().endswith("}\n") and len(read_log(path)) == 2
-    log.add(Measurement((0.5, 0.5), np.array([True, True]), gflops=1.0, p50_ms=2.0, dense_p50_ms=3.0, tokens=[]))
+    log.add(Measurement((0.5, 0.5), np.array([True, True]), gflops=1.0, p50_ms=2.0, dense_p50_ms=3.0, tokens=[],
+                        speedup=1.4))
     assert len(read_log(path)) == 3
     assert Log.open(path, header, n0=197, fresh=False).settings.keys() == {(99, 99)}
