@@ -247,7 +247,7 @@ def key_bias(mask: torch.Tensor) -> torch.Tensor:
 
 
 class _GatherRows(torch.autograd.Function):
-    """``x [B, N, ...]`` rows ``index [B, m, 1]`` -> ``[B, m, ...]``.
+    """``x [B, N, C]`` rows ``index [B, m, 1]`` -> ``[B, m, C]``.
 
     Exported by the TorchScript exporter as ``GatherND(batch_dims=1)``, which copies
     whole rows; ``torch.gather`` would export as ``GatherElements`` with an index
@@ -256,9 +256,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        trailing = x.shape[2:]
-        index = index.reshape(*index.shape[:2], *[1] * len(trailing)).expand(-1, -1, *trailing)
-        return torch.gather(x, 1, index)
+        return torch.gather(x, 1, index.expand(-1, -1, x.shape[-1]))
 
     @staticmethod
     def symbolic(g, x, index):
@@ -266,7 +264,7 @@ class _GatherRows(torch.autograd.Function):
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x [B, N, ...]`` restricted to the token rows ``index [B, m, 1]``."""
+    """``x [B, N, C]`` restricted to the token rows ``index [B, m, 1]``."""
     return _GatherRows.apply(x, index)
 
 

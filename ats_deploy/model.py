@@ -143,7 +143,7 @@ class ATSVisionTransformer(nn.Module):
         bias: torch.Tensor | None = None
         kept, kept_positions, margins, tie_tokens = [], [], [], []
         batch = x  # every block reads the batch size from this one tensor (see ats.reshape_rows)
-        last = len(vit.blocks) - 1 if vit.global_pool == "token" else None  # the head reads one token
+        last = class_only_block(vit)
         for i, block in enumerate(vit.blocks):
             if i not in self.stages:
                 x = dense_block(block, x, bias, batch, class_only=i == last)
@@ -173,6 +173,11 @@ class ATSVisionTransformer(nn.Module):
         else:
             token_counts = torch.zeros((images_in, 0), dtype=torch.int64, device=x.device)
         return ATSOutput(logits, token_counts, kept_positions, margins, tie_tokens)
+
+
+def class_only_block(vit: VisionTransformer) -> int | None:
+    """The block that computes only the class token's row: the last, when the head reads just that token."""
+    return len(vit.blocks) - 1 if vit.global_pool == "token" else None
 
 
 def head(vit: VisionTransformer, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

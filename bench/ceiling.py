@@ -48,6 +48,7 @@ from ats_deploy.model import (
     _merge_heads,
     _qkv_tokens,
     build,
+    class_only_block,
     dense_block,
     head,
 )
@@ -65,7 +66,7 @@ class Ceiling(nn.Module):
         vit = self.model.vit
         x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
         batch = x
-        last = len(vit.blocks) - 1 if vit.global_pool == "token" else None  # as the ATS model: one row there
+        last = class_only_block(vit)  # as in the ATS model
         for i, block in enumerate(vit.blocks):
             if i not in self.model.stages:
                 x = dense_block(block, x, None, batch, class_only=i == last)
