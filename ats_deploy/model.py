@@ -146,7 +146,7 @@ class ATSVisionTransformer(nn.Module):
         last = class_only_block(vit)
         for i, block in enumerate(vit.blocks):
             if i not in self.stages:
-                x = dense_block(block, x, bias, batch, class_only=i == last)
+                x = dense_block(block, x, bias, batch, rows=1 if i == last else None)
                 continue
             s = self.stages.index(i)
             if self.static_budget is None:
@@ -263,18 +263,19 @@ def _mlp(block: Block, y: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
 
 
 def dense_block(
-    block: Block, x: torch.Tensor, bias: torch.Tensor | None, batch: torch.Tensor, class_only: bool = False
+    block: Block, x: torch.Tensor, bias: torch.Tensor | None, batch: torch.Tensor, rows: int | None = None
 ) -> torch.Tensor:
     """A standard transformer block whose attention ignores padded keys.
 
     ``batch``: any tensor whose first dim is the batch size, the same for every
-    block (:func:`ats.reshape_rows`). ``class_only``: compute only the class
-    token's output row (the last block when the head reads just that token).
+    block (:func:`ats.reshape_rows`). ``rows``: compute only the first ``rows``
+    output rows, over all keys (1: the class token's, in the last block when the
+    head reads just that token; the ceiling bench truncates ATS stages this way).
     """
     h = block.norm1(x)
     q, k, v = _qkv_tokens(block.attn, h, batch)
-    if class_only:
-        q, x, h = q[:, :1], x[:, :1], h[:, :1]
+    if rows is not None:
+        q, x, h = q[:, :rows], x[:, :rows], h[:, :rows]
     q, k, v = _heads(block.attn, q, k, v)
     o = _attend(q, k.transpose(-2, -1), v, block.attn.scale, bias)
     return _finish(block, x, h, _merge_heads(block.attn, o), batch)

@@ -40,18 +40,7 @@ from ats_deploy.exporters.onnx_export import ExportOptions, export
 from ats_deploy.exporters.validate import session
 from ats_deploy.flops import CostModel
 from ats_deploy.images import data_config, preprocess, random_images, sample_images
-from ats_deploy.model import (
-    ATSVisionTransformer,
-    _attend,
-    _finish,
-    _heads,
-    _merge_heads,
-    _qkv_tokens,
-    build,
-    class_only_block,
-    dense_block,
-    head,
-)
+from ats_deploy.model import ATSVisionTransformer, build, class_only_block, dense_block, head
 
 
 class Ceiling(nn.Module):
@@ -68,15 +57,13 @@ class Ceiling(nn.Module):
         batch = x
         last = class_only_block(vit)  # as in the ATS model
         for i, block in enumerate(vit.blocks):
-            if i not in self.model.stages:
-                x = dense_block(block, x, None, batch, class_only=i == last)
-                continue
-            m = 1 if i == last else self.lengths[self.model.stages.index(i)]
-            attn, h = block.attn, block.norm1(x)
-            q, k, v = _qkv_tokens(attn, h, batch)
-            q, k, v = _heads(attn, q[:, :m], k, v)  # as the ATS stage does: only the query rows it needs
-            o = _attend(q, k.transpose(-2, -1), v, attn.scale, None)
-            x = _finish(block, x[:, :m], h[:, :m], _merge_heads(attn, o), batch)
+            if i == last:
+                rows = 1
+            elif i in self.model.stages:  # the stage's output tokens, by truncation
+                rows = self.lengths[self.model.stages.index(i)]
+            else:
+                rows = None
+            x = dense_block(block, x, None, batch, rows=rows)
         return head(vit, vit.norm(x), None)
 
 
