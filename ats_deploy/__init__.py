@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 try:
     __version__ = version("ats-deploy")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-from .model import ATSOutput, ATSVisionTransformer
+if TYPE_CHECKING:
+    from .model import ATSOutput, ATSVisionTransformer
 
 __all__ = ["ATSOutput", "ATSVisionTransformer", "__version__", "load_model"]
+
+# Loaded on first use: importing torch takes seconds, and `ats-deploy --help` needs none of it.
+_LAZY = frozenset({"ATSOutput", "ATSVisionTransformer"})
+
+
+def __getattr__(name: str) -> object:
+    """``ats_deploy.ATSVisionTransformer`` and ``ats_deploy.ATSOutput``, imported from ``.model`` when asked for."""
+    if name in _LAZY:
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_model(checkpoint, arch=None, stages=None, keep=None, trust_code: bool = False) -> ATSVisionTransformer:

@@ -35,8 +35,15 @@ def budget(keep: torch.Tensor, n0: int) -> torch.Tensor:
     ``keep`` is float32 ``[S]``; values in ``(0, 1]`` are fractions of ``n0``,
     values above 1 absolute counts. Every step is float32, as in an exported graph.
     Returns float32 ``[S]`` holding whole numbers in ``[2, n0]``.
+
+    Every float has a defined budget, so a bad value from a caller never reaches
+    the sampler: values <= 0 (and ``-inf``) get the fraction floor, ``+inf`` the
+    full ``n0``, and NaN counts as 1.0 (the full budget: a bad value costs speed,
+    never accuracy). ``keep == keep`` is the NaN test both exporters and TensorRT's
+    parser know (``Equal`` + ``Where``).
     """
     keep = keep.to(torch.float32)
+    keep = torch.where(keep == keep, keep, torch.ones_like(keep))
     fraction = torch.floor(keep * float(n0) + 0.5).clamp(MIN_FRACTION_BUDGET, n0)
     absolute = torch.floor(keep).clamp(MIN_ABSOLUTE_BUDGET, n0)
     return torch.where(keep <= 1.0, fraction, absolute)
@@ -138,20 +145,6 @@ def cdf(scores: torch.Tensor, clamp: torch.Tensor | None = None) -> torch.Tensor
     if clamp is not None:
         normalised = normalised - clamp
     return torch.cumsum(normalised, dim=1)
-
-
-def tie_margin(scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """How close each image came to a float tie: ``min |u_i - cdf_p|`` and its ``p``.
-
-    A runtime that rounds differently can flip the sample at such a tie (spec
-    section 5); validation uses this to tell a flip from a bug. Positions from the
-    last valid token on are skipped (their clamped cdf is ``+inf``): the clamp
-    sends both sides of a tie there. Arguments as in :func:`sample`. Returns
-    ``(margin [B], position [B])``.
-    """
-    distance = (u - cdf(scores, clamp)).abs().amin(dim=-1)
-    margin, position = distance.min(dim=-1)
-    return margin, position
 
 
 # The class token's count in :func:`sample`: above the ``c_{-1} = 0`` it is compared

@@ -10,11 +10,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .errors import UserError
@@ -32,8 +34,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# No emoji codes: user text such as "skimage:coffee: ..." must print as written, never as an emoji.
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 CheckpointArg = Annotated[
     str,
@@ -76,14 +79,13 @@ def command(*args, **kwargs) -> Callable:
         def wrapper(*a, **k):
             try:
                 return fn(*a, **k)
-            except UserError as err:
-                err_console.print(f"[bold red]error:[/] {err.message}", highlight=False)
+            except UserError as err:  # messages quote user text (paths, names): never markup
+                err_console.print(f"[bold red]error:[/] {escape(err.message)}", highlight=False)
                 if err.hint:
-                    err_console.print(err.hint, highlight=False)
+                    err_console.print(Text(err.hint), highlight=False)
                 raise typer.Exit(err.exit_code) from None
-            except KeyboardInterrupt:
-                err_console.print("[yellow]interrupted[/]")
-                raise typer.Exit(130) from None
+            except KeyboardInterrupt:  # inside a command click would print "Aborted!" and exit 1
+                _interrupted()
 
         return app.command(*args, **kwargs)(wrapper)
 
@@ -136,7 +138,7 @@ def inspect(
 
     model = _load(checkpoint, arch, stages, None, trust_checkpoint)
     cost = CostModel.of(model)
-    table = Table(title=f"{checkpoint}", show_header=False)
+    table = Table(title=Text(checkpoint), show_header=False)
     rows = [
         ("architecture", model.arch),
         ("checkpoint format", getattr(model, "checkpoint_format", "random")),
@@ -170,14 +172,39 @@ def convert(
     model = _load(checkpoint, arch, stages, keep, trust_checkpoint)
     path = save_checkpoint(model, output)
     console.print(
-        f"wrote [bold]{path}[/]: {model.arch}, stages {','.join(map(str, model.stages)) or 'none'}, "
+        f"wrote [bold]{escape(str(path))}[/]: {model.arch}, stages {','.join(map(str, model.stages)) or 'none'}, "
         f"keep {format_keep(model.default_keep)}"
     )
 
 
+def _predictor(checkpoint: str, keep: str | None, arch: str | None, stages: str | None, trust: bool):
+    """What predict runs, and the keep to run it with.
+
+    An exported file runs through :mod:`ats_deploy.runtime`; a checkpoint runs as its PyTorch reference, whose
+    default keep is then ``--keep``.
+    """
+    from . import runtime
+
+    if not runtime.is_exported_model(checkpoint):
+        return runtime.ReferenceModel(_load(checkpoint, arch, stages, keep, trust)), None
+    given = [flag for flag, value in (("--arch", arch), ("--stages", stages), ("--trust-checkpoint", trust)) if value]
+    if given:
+        flags = " and ".join(given)
+        raise UserError(f"{flags} apply only to checkpoints; {checkpoint} records its own model: drop {flags}.")
+    model = runtime.open(checkpoint)
+    return model, model.keep_for(parse_keep(keep))
+
+
 @command()
 def predict(
-    checkpoint: CheckpointArg,
+    checkpoint: Annotated[
+        str,
+        typer.Argument(
+            help="Checkpoint (.pth/.pt/.safetensors, or random:SEED with --arch), or a model exported by ats-deploy: "
+            "an ONNX file (.onnx) or a TensorRT engine (.plan/.engine).",
+            show_default=False,
+        ),
+    ],
     images: Annotated[
         list[str],
         typer.Argument(help="Image files, or skimage:NAME for a photo shipped with scikit-image (chelsea, ...)."),
@@ -188,14 +215,13 @@ def predict(
     top: Annotated[int, typer.Option("--top", min=1, help="How many classes to show.")] = 5,
     trust_checkpoint: TrustOpt = False,
 ) -> None:
-    """Classify images with the PyTorch ATS model: top classes, kept tokens per stage, GFLOPs."""
-    import torch
+    """Classify images with the PyTorch ATS model or an exported one: top classes, kept tokens per stage, GFLOPs.
 
-    from .flops import CostModel
-    from .imagenet import class_name
-    from .images import data_config, load_image, preprocess, sample_images
+    An exported model runs as `ats_deploy.runtime` runs it, with the pre-processing its metadata records.
+    """
+    from .images import load_image, sample_images
 
-    model = _load(checkpoint, arch, stages, keep, trust_checkpoint)
+    model, keep_values = _predictor(checkpoint, keep, arch, stages, trust_checkpoint)
     pil = []
     for item in images:
         if item.startswith("skimage:"):
@@ -206,23 +232,20 @@ def predict(
                 raise UserError(f"scikit-image has no photo '{name}'; try skimage:chelsea or skimage:coffee.") from None
         else:
             pil.append(load_image(item))
-    batch = preprocess(pil, data_config(model.vit))
-    with torch.no_grad():
-        logits, tokens = model(batch, model.default_keep_tensor())
-    probs = logits.softmax(-1)
-    gflops = CostModel.of(model).gflops(tokens)
+    result = model.predict(pil, keep=keep_values, top=top)
+    gflops = model.gflops(result.tokens)
     for i, item in enumerate(images):
-        table = Table(title=f"{item}  ({gflops[i]:.2f} GFLOPs)", title_justify="left")
+        table = Table(title=Text(f"{item}  ({gflops[i]:.2f} GFLOPs)"), title_justify="left")  # names: not markup
         table.add_column("rank", justify="right")
         table.add_column("class", justify="right")
         table.add_column("probability", justify="right")
         table.add_column("name")
-        values, indices = probs[i].topk(min(top, probs.shape[1]))
-        for rank, (p, c) in enumerate(zip(values.tolist(), indices.tolist(), strict=True), 1):
-            table.add_row(str(rank), str(c), f"{p:.3f}", class_name(c, model.num_classes))
+        ranked = zip(result.probabilities[i].tolist(), result.classes[i].tolist(), result.labels[i], strict=True)
+        for rank, (p, c, name) in enumerate(ranked, 1):
+            table.add_row(str(rank), str(c), f"{p:.3f}", Text(name))
         console.print(table)
         if model.stages:
-            kept = ", ".join(f"{s}:{t}" for s, t in zip(model.stages, tokens[i].tolist(), strict=True))
+            kept = ", ".join(f"{s}:{t}" for s, t in zip(model.stages, result.tokens[i].tolist(), strict=True))
             console.print(f"kept tokens per stage (block:K'): {kept}")
 
 
@@ -244,16 +267,30 @@ def _source_of(model, checkpoint: str) -> tuple[str, str]:
     return str(path), sha256_file(path)
 
 
-def _default_onnx_name(checkpoint: str, arch: str) -> Path:
+def _default_onnx_name(checkpoint: str, arch: str, dynamic: bool, ats_op: str, batch: int, keep: list[float]) -> Path:
+    """One name per export kind, so a static or custom-op export never replaces the dynamic one.
+
+    ``deit_s_ats.onnx`` (dynamic), ``deit_s_ats.custom-op.onnx``, ``deit_s_ats.static-b1-k0.7.onnx``.
+    """
+    from .model import format_keep
+
     stem = f"{arch}_ats" if checkpoint.startswith("random:") else Path(checkpoint).stem
-    return Path(f"{stem}.onnx")
+    kind = "" if dynamic else f".static-b{batch}-k{format_keep(keep)}"
+    op = ".custom-op" if ats_op == "custom" else ""
+    return Path(f"{stem}{kind}{op}.onnx")
 
 
 @command()
 def export(
     checkpoint: CheckpointArg,
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="ONNX file to write (default: the checkpoint's stem + .onnx).")
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="ONNX file to write. Default: the checkpoint's stem + .onnx for --dynamic, "
+            "+ .static-b<batch>-k<keep>.onnx for a static export, + .custom-op before .onnx with --ats-op custom.",
+        ),
     ] = None,
     dynamic: Annotated[
         bool,
@@ -289,6 +326,10 @@ def export(
         bool, typer.Option("--validate/--no-validate", help="Compare with the PyTorch reference after export.")
     ] = True,
     atol: Annotated[float, typer.Option("--atol", help="Largest accepted |logit difference|.")] = 1e-3,
+    opset: Annotated[
+        int,
+        typer.Option("--opset", min=17, max=18, help="ONNX opset: 18 (default) or 17 (TensorRT 8.6's parser)."),
+    ] = 18,
     trust_checkpoint: TrustOpt = False,
 ) -> None:
     """Export to ONNX and validate against the PyTorch reference.
@@ -301,7 +342,7 @@ def export(
     from .exporters.custom_op import ATS_OPS
     from .exporters.onnx_export import EXPORTERS, ExportOptions, check_output_path
     from .exporters.onnx_export import export as run_export
-    from .model import validate_keep, with_input_size
+    from .model import keep_warnings, validate_keep, with_input_size
 
     if exporter not in EXPORTERS:
         raise UserError(f"unknown --exporter '{exporter}'; choose one of: {', '.join(EXPORTERS)}.")
@@ -325,21 +366,26 @@ def export(
     keep_values = validate_keep(keep_values or model.default_keep, len(model.stages))
     if batch is None:
         batch = prof.batch if prof is not None and not dynamic else 1
-    output = check_output_path(output or _default_onnx_name(checkpoint, model.arch))
+    output = check_output_path(
+        output or _default_onnx_name(checkpoint, model.arch, dynamic, ats_op, batch, keep_values)
+    )
+    for note in keep_warnings(keep_values, model.n0):
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     source, sha = _source_of(model, checkpoint)
     options = ExportOptions(
         dynamic=dynamic, exporter=exporter, batch=batch, keep=keep_values, source=source, source_sha256=sha,
-        ats_op=ats_op,
+        ats_op=ats_op, opset=opset,
     )
     start = time.perf_counter()
     with console.status(f"exporting {model.arch} with the {exporter} exporter"):
         path = run_export(model, output, options)
     kind = "dynamic (batch and keep are inputs)" if dynamic else f"static (batch {batch}, keep baked in)"
     console.print(
-        f"exported [bold]{path}[/] ({path.stat().st_size / 1e6:.1f} MB, {kind}) in {time.perf_counter() - start:.1f} s"
+        f"exported [bold]{escape(str(path))}[/] ({path.stat().st_size / 1e6:.1f} MB, {kind}) "
+        f"in {time.perf_counter() - start:.1f} s"
     )
     if validate_:
-        _validate(path, model, keep_values if not dynamic else None, prof, atol)
+        _validate(path, model, prof, atol)
 
 
 def _profile(name: str):
@@ -348,28 +394,37 @@ def _profile(name: str):
     return load_profile(name)
 
 
-def _validate(path: Path, model, static_keep, prof, atol: float) -> None:
-    """Validate right after export; a real mismatch removes nothing but exits non-zero."""
-    import torch
+def _validate(path: Path, model, prof, atol: float) -> None:
+    """Validate right after export; the file stays on disk either way, and the message says in what state."""
+    from .errors import Interrupted, ValidationFailed
+    from .exporters.validate import DEFAULT_KEEPS, default_inputs, validate
 
-    from .errors import ValidationFailed
-    from .exporters.validate import DEFAULT_KEEPS, render, validate
-    from .images import data_config, preprocess, random_images, sample_images
-
-    photos = sample_images()
-    cfg = data_config(model.vit)
-    images = torch.cat([preprocess(list(photos.values()), cfg), random_images(4, cfg)])
-    names = [*photos, "random-0", "random-1", "random-2", "random-3"]
+    names, images = default_inputs(model)
     stages = len(model.stages)
     keeps = [prof.keep_for(stages)] if prof is not None else [[k] * stages for k in DEFAULT_KEEPS]
-    report = validate(str(path), model, names, images, keeps, atol=atol, console=err_console)
-    render(report, console)
+    try:
+        report = validate(str(path), model, names, images, keeps, atol=atol, console=err_console)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted during validation: {path} is written in full but NOT validated.",
+            f"Validate it with `ats-deploy validate {path}` before you use it, or export again.",
+        ) from None
+    _report_validation(report, path)
     if not report.ok:
         raise ValidationFailed(
-            f"{path} disagrees with the PyTorch reference beyond float ties (see the table above).",
+            f"{path} disagrees with the PyTorch reference beyond float-tie flips (see above); the file is kept "
+            "for inspection: do not deploy it.",
             "Re-export with the other --exporter, or report the mismatch with this output.",
         )
-    console.print(f"[green]validated[/]: {path} matches the PyTorch reference.")
+
+
+def _report_validation(report, path: Path) -> None:
+    from .exporters.validate import render
+
+    render(report, console)
+    if report.ok:
+        flips = f" ({len(report.flips)} float-tie flip(s), named above)" if report.flips else ""
+        console.print(f"[green]validated[/]: {escape(str(path))} matches the PyTorch reference{flips}.")
 
 
 @command()
@@ -426,7 +481,7 @@ ReferenceOpt = Annotated[
     typer.Option("--checkpoint", help="Checkpoint for the PyTorch reference, when the one MODEL records has moved."),
 ]
 DATA_HELP = (
-    "Images in ImageFolder layout (DIR/<class>/<image>) for top-1 accuracy, or a flat folder of images (no labels: "
+    "Images in ImageFolder layout (`DIR/<class>/<image>`) for top-1 accuracy, or a flat folder of images (no labels: "
     "scored by agreement with the PyTorch dense model). Files that cannot be decoded are skipped and counted."
 )
 
@@ -488,7 +543,64 @@ def bench_command(
     )
     result, files = run_bench(request, err_console)
     render(result, console)
-    console.print(f"wrote {files[0].parent}/: {', '.join(p.name for p in files)}", highlight=False)
+    console.print(Text(f"wrote {files[0].parent}/: {', '.join(p.name for p in files)}"), highlight=False)
+    if result.comparison is not None and not result.comparison.ok:
+        from .errors import ValidationFailed
+
+        raise ValidationFailed(
+            "the exported model disagrees with the PyTorch reference beyond float-tie flips (mismatches above); "
+            "its figures are written but do not describe a correct export.",
+            "Check it with `ats-deploy validate MODEL` and re-export.",
+        )
+
+
+@command("validate")
+def validate_command(
+    model: Annotated[Path, typer.Argument(help="An ONNX file written by `ats-deploy export`.", show_default=False)],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Images in ImageFolder layout or a flat folder. Default: the scikit-image photos and random images.",
+        ),
+    ] = None,
+    images: Annotated[
+        int | None, typer.Option("--images", min=1, help="At most N images (taken in turn from each class).")
+    ] = None,
+    keep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--keep",
+            help="A keep to validate (one value or a per-stage list); repeat for several. "
+            "Default: 1.0, 0.87, 0.72, 0.5. A static export is validated at its own keep and batch.",
+        ),
+    ] = None,
+    batch: Annotated[
+        list[int] | None,
+        typer.Option("--batch", min=1, help="Batch sizes to run; repeat for several (default 1 and 4)."),
+    ] = None,
+    atol: Annotated[float, typer.Option("--atol", help="Largest accepted |logit difference|.")] = 1e-3,
+    checkpoint: ReferenceOpt = None,
+    trust_checkpoint: TrustOpt = False,
+) -> None:
+    """Check an exported model against the PyTorch reference; exit 1 on any difference that is not a float-tie flip.
+
+    Compares logits, token counts and which patches every stage kept. A difference counts as a flip only when the
+    reference, replayed with a near tie resolved the other way, reproduces it. For CI pipelines: exit 0 means valid.
+    """
+    from .errors import ValidationFailed
+    from .exporters.validate import DEFAULT_BATCHES, validate_file
+
+    if not model.is_file():
+        raise UserError(f"ONNX file not found: {model}; export one with `ats-deploy export CHECKPOINT --dynamic`.")
+    keeps = [parse_keep(text) for text in keep] if keep else None
+    report = validate_file(
+        model, data=data, limit=images, keeps=keeps, batches=batch or DEFAULT_BATCHES, atol=atol,
+        checkpoint=checkpoint, trust=trust_checkpoint, console=err_console,
+    )
+    _report_validation(report, model)
+    if not report.ok:
+        raise ValidationFailed(f"{model} disagrees with the PyTorch reference beyond float-tie flips (see above).")
 
 
 def _profile_origin(profile, builtin_dir: Path) -> str:
@@ -505,12 +617,17 @@ def _profile_origin(profile, builtin_dir: Path) -> str:
 
 @command("profiles")
 def profiles_command() -> None:
-    """List the device profiles for --profile: the built-in ones and ./profiles/*.yaml (which win on a name clash)."""
+    """List the device profiles for --profile: the built-in ones and ./profiles/*.yaml (which win on a name clash).
+
+    A ./profiles/*.yaml file that cannot be read is left out and named in a warning with its problem; the other
+    profiles are still listed and the exit status stays 0 (--profile with that name fails with the same message).
+    """
     from . import profiles as profiles_package
     from .profiles import list_profiles
 
     builtin_dir = Path(profiles_package.__file__).parent
-    found = list_profiles()
+    problems: list[str] = []
+    found = list_profiles(problems)
     table = Table(title="device profiles (use as --profile NAME)", title_justify="left")
     for column in ("name", "backend"):  # never cut: they are what the user types
         table.add_column(column, min_width=max(len(getattr(p, column)) for p in found))
@@ -523,6 +640,8 @@ def profiles_command() -> None:
         static = " (static)" if p.static else ""
         table.add_row(p.name, p.backend, p.precision, f"{p.batch}{static}", keep, _profile_origin(p, builtin_dir))
     console.print(table)
+    for problem in problems:
+        err_console.print(f"[yellow]warning:[/] {escape(str(problem))}", highlight=False)
 
 
 @command()
@@ -561,7 +680,7 @@ def visualize(
     grid = token_grid(model, picture, keeps)
     path = save_png(figure(grid, f"{model.arch}: tokens kept per ATS stage, {image}"), output)
     rows, cols = grid.shape
-    console.print(f"wrote [bold]{path}[/] ({rows} x {cols} panels: keep values x ATS stages)")
+    console.print(f"wrote [bold]{escape(str(path))}[/] ({rows} x {cols} panels: keep values x ATS stages)")
 
 
 @command()
@@ -592,7 +711,8 @@ def tune(
         typer.Option(
             "-o",
             "--output",
-            help="The tuned profile (.yaml); the Pareto plot is written beside it as <name>.pareto.png.",
+            help="The tuned profile (.yaml); the Pareto plot is written beside it as `<name>.pareto.png` (as "
+            "`<name>.failed.pareto.png`, and no profile, when no setting meets the objective).",
             show_default="profiles/<profile>-tuned.yaml",
         ),
     ] = None,
@@ -658,25 +778,42 @@ def build(
     """Build a TensorRT engine (needs TensorRT and an NVIDIA GPU); prints the equivalent trtexec command.
 
     The batch range (min/opt/max) and precision come from the profile. On a machine
-    without TensorRT the trtexec command is still printed, for use on the device.
+    without TensorRT the trtexec command is still printed, for use on the device. An fp16
+    build first writes the fp16 ONNX beside the engine (`<engine stem>.fp16.onnx`, which the
+    trtexec command reads) and prints how it agrees with the fp32 ONNX on the CPU.
     """
     from .exporters.custom_op import uses_custom_op
+    from .exporters.onnx_export import check_output_path
     from .exporters.tensorrt import build_engine, spec_from, trtexec_command, uses_strong_typing, write_fp16_onnx
 
     if not model.is_file():
         raise UserError(f"ONNX file not found: {model}; export one with `ats-deploy export CHECKPOINT --dynamic`.")
-    spec = spec_from(model, _profile(profile), output, workspace_mb=workspace_mb)
+    prof = _profile(profile)
+    spec = spec_from(model, prof, output, workspace_mb=workspace_mb)
+    check_output_path(spec.engine)
+    fp16_onnx = None
     if uses_custom_op(model):
         console.print("this model holds ats-deploy's AdaptiveTokenSampler nodes: their TensorRT plugin is "
                       "Python (TensorRT >= 10.6), which `ats-deploy build` registers and plain trtexec cannot load.")
     else:
         if uses_strong_typing(spec, 10):
-            write_fp16_onnx(spec)
+            keep = prof.keep_for(spec.keep_len) if spec.keep_len else None
+            fp16_onnx = write_fp16_onnx(spec, console, keep)
         console.print("[bold]equivalent trtexec command[/] (TensorRT 10):")
-        console.print(trtexec_command(spec), soft_wrap=True, highlight=False)
-    engine = build_engine(spec, console)
-    console.print(f"built [bold]{engine}[/]")
+        console.print(Text(trtexec_command(spec)), soft_wrap=True, highlight=False)
+    engine = build_engine(spec, console, fp16_onnx)
+    console.print(f"built [bold]{escape(str(engine))}[/]")
+
+
+def _interrupted() -> NoReturn:
+    """Ctrl-C: one line and the shell's exit status for SIGINT (128 + 2), no traceback."""
+    err_console.print("[yellow]interrupted[/]")
+    raise SystemExit(130)
 
 
 def main() -> None:
-    app()
+    """The ``ats-deploy`` entry point: Ctrl-C outside a command (typer building the CLI, say) is one line too."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        _interrupted()

@@ -31,3 +31,9 @@ class BackendUnavailable(UserError):
     """A runtime the command needs (TensorRT, a CUDA provider) is not installed here."""
 
     exit_code = 3
+
+
+class Interrupted(UserError):
+    """The user pressed Ctrl-C; the message says what is on disk and in what state."""
+
+    exit_code = 130

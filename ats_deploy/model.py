@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +38,13 @@ class ATSOutput:
     logits: torch.Tensor
     tokens: torch.Tensor
     positions: list[torch.Tensor]
-    # With ``probe=True``: per stage, each image's smallest distance between a
-    # quantile and the cdf, and the original token index where it occurred.
-    tie_margins: list[torch.Tensor] = field(default_factory=list)
-    tie_tokens: list[torch.Tensor] = field(default_factory=list)
+
+
+# Called by an ATS stage once its significance scores are known, with
+# ``(stage, scores [B, N-1, 1], clamp, u [1, K-1])``; returns the quantiles the
+# stage draws. Validation uses it to see how close each sample came to a float
+# tie and to replay the reference with one tie resolved the other way.
+QuantileHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class TokenSampler(nn.Module):
@@ -127,11 +130,32 @@ class ATSVisionTransformer(nn.Module):
     def default_keep_tensor(self) -> torch.Tensor:
         return torch.tensor(self.default_keep, dtype=torch.float32)
 
-    def forward(self, images: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def keep_tensor(self, keep: torch.Tensor | float | Sequence[float]) -> torch.Tensor:
+        """``keep`` as the float32 ``[S]`` the stages read: a float applies to every stage, a list is one per stage.
+
+        A tensor passes as it is (exporters trace it as the ``keep`` input).
+        """
+        if isinstance(keep, torch.Tensor) and keep.ndim == 1:
+            return keep
+        values = keep.tolist() if isinstance(keep, torch.Tensor) else keep
+        values = [values] if isinstance(values, int | float) else list(values)
+        return torch.tensor(validate_keep(values, len(self.stages)), dtype=torch.float32)
+
+    def forward(
+        self, images: torch.Tensor, keep: torch.Tensor | float | Sequence[float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [B, classes], tokens [B, S])``, the exported interface (spec section 4)."""
         out = self.forward_details(images, keep)
         return out.logits, out.tokens
 
-    def forward_details(self, images: torch.Tensor, keep: torch.Tensor, probe: bool = False) -> ATSOutput:
+    def forward_details(
+        self, images: torch.Tensor, keep: torch.Tensor | float | Sequence[float], hook: QuantileHook | None = None
+    ) -> ATSOutput:
+        """:meth:`forward` plus the kept positions of every stage.
+
+        ``hook`` sees, and may replace, each stage's quantiles (:data:`QuantileHook`).
+        """
+        keep = self.keep_tensor(keep)
         vit = self.vit
         x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
         images_in = x.shape[0]
@@ -141,7 +165,7 @@ class ATSVisionTransformer(nn.Module):
         drawn = (k - 1.0).to(torch.int64)
         mask: torch.Tensor | None = None
         bias: torch.Tensor | None = None
-        kept, kept_positions, margins, tie_tokens = [], [], [], []
+        kept, kept_positions = [], []
         batch = x  # every block reads the batch size from this one tensor (see ats.reshape_rows)
         last = class_only_block(vit)
         for i, block in enumerate(vit.blocks):
@@ -154,15 +178,11 @@ class ATSVisionTransformer(nn.Module):
             else:
                 length, u_s = min(self.static_budget[s], x.shape[1]), u[s : s + 1, : self.static_budget[s] - 1]
             sampler = functools.partial(self.samplers[s], length=length)
-            probes: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if probe else None
             clamp = ats.clamp_bias(mask, x.shape[1], x.device)
+            stage_hook = None if hook is None else functools.partial(hook, s)
             x, mask, index, n_kept = ats_block(
-                block, x, bias, clamp, u_s, sampler, batch, probes, all_rows=s > 0, class_only=i == last
+                block, x, bias, clamp, u_s, sampler, batch, stage_hook, all_rows=s > 0, class_only=i == last
             )
-            if probes:
-                margin, position = probes[0]
-                margins.append(margin)
-                tie_tokens.append(torch.gather(positions, 1, position.unsqueeze(1) + 1)[:, 0])
             bias = ats.key_bias(mask)
             kept.append(n_kept)
             positions = torch.where(mask[..., 0] == 0, torch.gather(positions, 1, index[..., 0]), -1)
@@ -172,7 +192,7 @@ class ATSVisionTransformer(nn.Module):
             token_counts = (torch.cat(kept, dim=1) - 1).to(torch.int64)  # K' excludes the class token
         else:
             token_counts = torch.zeros((images_in, 0), dtype=torch.int64, device=x.device)
-        return ATSOutput(logits, token_counts, kept_positions, margins, tie_tokens)
+        return ATSOutput(logits, token_counts, kept_positions)
 
 
 def class_only_block(vit: VisionTransformer) -> int | None:
@@ -289,7 +309,7 @@ def ats_block(
     u: torch.Tensor,
     sampler: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     batch: torch.Tensor,
-    probes: list | None = None,
+    hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     all_rows: bool = False,
     class_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -297,7 +317,7 @@ def ats_block(
 
     ``bias``: the key bias of the input's padding (:func:`ats.key_bias`), ``clamp``
     its :func:`ats.clamp_bias`, ``u`` the stage's drawn quantiles, ``batch`` as in
-    :func:`dense_block`. ``probes``, when a list, receives :func:`ats.tie_margin`.
+    :func:`dense_block`. ``hook(scores, clamp, u)``, when given, returns the quantiles to draw instead of ``u``.
 
     Only the kept tokens' attention rows are needed (class token first). With
     ``all_rows=False`` only they are computed: the class token's row first, for
@@ -319,8 +339,8 @@ def ats_block(
     k_t = k.transpose(-2, -1)  # shared by the class-token row and the kept rows
     probs = _attention(q, k_t, attn.scale, bias)
     scores = ats.significance(probs if class_row else probs[:, :, :1], v_tokens)[:, 1:]
-    if probes is not None:
-        probes.append(ats.tie_margin(scores, clamp, u))
+    if hook is not None:
+        u = hook(scores, clamp, u)
     rows, mask, n_kept = sampler(scores, clamp, u)
     if class_only:
         return _finish(block, x[:, :1], h[:, :1], _merge_heads(attn, probs @ v), batch), mask, rows, n_kept
@@ -336,7 +356,12 @@ def ats_block(
 
 
 def validate_keep(keep: Sequence[float], stages: int) -> list[float]:
-    """Check a keep list against spec section 2: finite, positive, one per stage (or one for all)."""
+    """Check a keep list against spec section 2: finite, positive, one per stage (or one for all).
+
+    Values above 1 are absolute token counts, read as ``floor(keep)``: a value such
+    as 1.5 is refused, since it almost always means a fraction (0.15?) and would
+    give the smallest budget without a word.
+    """
     values = [float(v) for v in keep]
     if len(values) == 1 and stages != 1:
         values = values * stages
@@ -351,11 +376,29 @@ def validate_keep(keep: Sequence[float], stages: int) -> list[float]:
                 f"keep value {v} is invalid: use a fraction in (0, 1] of the token count, "
                 "or an absolute token budget > 1."
             )
+        if v > 1 and v != int(v):
+            raise UserError(
+                f"keep value {v:g} is above 1, so it would be an absolute budget of floor({v:g}) = {int(v)} "
+                "tokens: give a fraction in (0, 1] (e.g. 0.7) or a whole number of tokens (e.g. 98)."
+            )
     return values
 
 
+def keep_warnings(keep: Sequence[float], n0: int) -> list[str]:
+    """What the budget floors of spec section 2 change in ``keep``: values that give more tokens than asked."""
+    notes = []
+    for v in sorted(set(keep)):
+        k = ats.budget_int(v, n0)
+        asked = v * n0 + 0.5 if v <= 1 else v
+        if k > asked:
+            notes.append(f"keep {v:g} gives K = {k} tokens, the floor of spec section 2 (it asks for {int(asked)})")
+    return notes
+
+
 def format_keep(keep: Sequence[float]) -> str:
-    """One value when every stage has it (``0.7``), else the per-stage list (``0.9,0.8,0.7``)."""
+    """One value when every stage has it (``0.7``), else the per-stage list (``0.9,0.8,0.7``); ``-`` for none."""
+    if not keep:
+        return "-"
     return f"{keep[0]:g}" if len(set(keep)) == 1 else ",".join(f"{v:g}" for v in keep)
 
 
@@ -390,24 +433,24 @@ def default_stages(depth: int) -> list[int]:
 
 
 def parse_stages(text: str | Sequence[int] | None, depth: int) -> list[int] | None:
-    """``"3-11"``, ``"3,5,7"``, ``"3-5,9"`` or a list of ints; ``"none"`` for a dense model."""
+    """``"3-11"``, ``"3,5,7"``, ``"3-5,9"`` or a list of ints; ``"none"`` (said in full) for a dense model."""
     if text is None:
         return None
     if not isinstance(text, str):
         return [int(s) for s in text]
-    if text.strip().lower() in ("none", ""):
+    if text.strip().lower() == "none":
         return []
+    usage = f"use block indices like '3-{depth - 1}' or '3,5,7' (or 'none' for a model without ATS stages)."
     stages: list[int] = []
-    try:
-        for part in text.split(","):
+    for part in text.split(","):
+        try:
             if "-" in part:
-                lo, hi = part.split("-")
-                stages.extend(range(int(lo), int(hi) + 1))
+                lo, hi = (int(v) for v in part.split("-"))
+                if lo > hi:
+                    raise UserError(f"stage range '{part.strip()}' runs backwards; did you mean '{hi}-{lo}'?")
+                stages.extend(range(lo, hi + 1))
             else:
                 stages.append(int(part))
-    except ValueError:
-        raise UserError(
-            f"cannot read stages '{text}': use block indices like '3-{depth - 1}' or '3,5,7'."
-        ) from None
+        except ValueError:
+            raise UserError(f"cannot read stages '{text}': {usage}") from None
     return stages
-

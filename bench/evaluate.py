@@ -5,7 +5,8 @@ static export only takes that size; batch invariance, spec section 3, makes the
 padding harmless) and the padded results are dropped. With labels a variant's
 score is its top-1 accuracy; without, its top-1 agreement with the PyTorch dense
 model. The comparison of the exported ATS model with the reference is
-:func:`ats_deploy.exporters.validate.compare_image`'s, flips included.
+validation's (:func:`ats_deploy.exporters.validate.compare_batch`): kept patches
+where the runtime can report them, flips only where a replay confirms them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ats_deploy.exporters.validate import Case, compare_image
+from ats_deploy.exporters.validate import Case, Judge, Sample, compare_batch, reference_samples
 from ats_deploy.model import ATSVisionTransformer
 
 from .data import Batch
@@ -72,27 +73,32 @@ def evaluate(
     atol: float,
     on_batch: Callable[[int], None],
 ) -> Evaluation:
-    """Run ``variants`` on ``batches``; the PyTorch ATS outputs come from the probing reference forward."""
+    """Run ``variants`` on ``batches``; the PyTorch ATS outputs are validation's reference samples."""
     keep = variants[PYTORCH_ATS].keep
     tallies = {key: Tally() for key in variants}
     case = Case(keep=keep.tolist(), batch=batch_size) if EXPORTED_ATS in variants else None
+    judge = Judge(reference, atol)
     timing_inputs: list[torch.Tensor] = []
     for batch in batches:
         count = len(batch.names)
         images = pad(batch.images, batch_size)
-        with torch.inference_mode():
-            ref = reference.forward_details(images, keep, probe=True)
-        outputs = {key: variant(images) for key, variant in variants.items() if key != PYTORCH_ATS}
-        outputs[PYTORCH_ATS] = (ref.logits.numpy(), ref.tokens.numpy())
+        expected = reference_samples(reference, images, keep)
+        outputs = {key: variant(images) for key, variant in variants.items() if key not in (PYTORCH_ATS, EXPORTED_ATS)}
+        outputs[PYTORCH_ATS] = _stack(expected)
+        if case is not None:
+            observed = variants[EXPORTED_ATS].samples(images)
+            outputs[EXPORTED_ATS] = _stack(observed)
+            compare_batch(case, judge, batch.names, images, keep, observed, expected)
         labels = batch.labels.numpy() if batch.labels is not None else None
         truth = labels if labels is not None else outputs[PYTORCH_DENSE][0][:count].argmax(axis=-1)
         for key, (logits, tokens) in outputs.items():
             tallies[key].add(logits[:count], tokens[:count], truth)
-        if case is not None:
-            logits, tokens = outputs[EXPORTED_ATS]
-            for b in range(count):
-                compare_image(case, batch.names[b], ref, b, logits[b], tokens[b], reference, atol)
         if len(timing_inputs) < TIMING_BATCHES:
             timing_inputs.append(images)
         on_batch(count)
     return Evaluation(tallies, case, timing_inputs)
+
+
+def _stack(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image samples back to batched ``(logits, tokens)``."""
+    return np.stack([s.logits for s in samples]), np.stack([s.tokens for s in samples])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ats_deploy.atomic import write_atomic
 
@@ -88,16 +89,18 @@ def _tokens(mean: list[float]) -> str:
 def render(result: BenchResult, console: Console) -> None:
     """The results table, then the data, the exported-vs-reference check, and any warnings.
 
-    p90, throughput and the per-stage tokens are in results.json and results.csv.
+    p90, throughput and the per-stage tokens are in results.json and results.csv. Everything
+    printed is :class:`~rich.text.Text`: file and image names (``skimage:coffee: ...``, ``[1].jpg``)
+    are never read as markup or emoji codes.
     """
-    table = Table(title=result.title, title_justify="left")
+    table = Table(title=Text(result.title), title_justify="left")
     metric = "top-1" if result.data["labelled"] else "agree"
     for column in ("variant", metric, "GFLOPs", "tokens", "p50 ms", "p99 ms", "speedup"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     baseline = result.baseline
     for v in result.variants:
         table.add_row(
-            f"{v.title} [dim]{v.runtime}[/]",
+            Text.assemble(v.title, " ", (v.runtime, "dim")),
             f"{100 * v.accuracy:.1f}%",
             f"{v.gflops:.2f}",
             _tokens(v.mean_tokens),
@@ -107,34 +110,42 @@ def render(result: BenchResult, console: Console) -> None:
         )
     console.print(table)
     console.print(
-        f"{metric}: {result.accuracy_metric}; tokens: mean kept at the first -> last ATS stage; "
-        f"speedup: time of {baseline.title} / time, median over the interleaved rounds",
-        style="dim",
+        Text(
+            f"{metric}: {result.accuracy_metric}; tokens: mean kept at the first -> last ATS stage; "
+            f"speedup: time of {baseline.title} / time, median over the interleaved rounds",
+            style="dim",
+        ),
         highlight=False,
     )
     data = result.data
     count = data["skipped_corrupt"]
     skipped = f", {count} unreadable file{'s' if count > 1 else ''} skipped" if count else ""
-    console.print(f"data: {data['images']} images from {data['source']}{skipped}", highlight=False)
+    console.print(Text(f"data: {data['images']} images from {data['source']}{skipped}"), highlight=False)
     for item in data["skipped_files"]:
-        console.print(f"[yellow]skipped[/] {item['file']}: {item['reason']}", highlight=False)
+        _line(console, "skipped", "yellow", f"{item['file']}: {item['reason']}")
     _render_comparison(result, console)
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        _line(console, "warning:", "yellow", str(warning))
+
+
+def _line(console: Console, label: str, style: str, text: str) -> None:
+    """``label`` in ``style``, then ``text`` exactly as it is."""
+    console.print(Text.assemble((label, style), " ", text), highlight=False)
 
 
 def _render_comparison(result: BenchResult, console: Console) -> None:
     case = result.comparison
     if case is None:
         return
-    verdict = "[green]ok[/]" if case.ok else f"[red]{len(case.failures)} mismatches[/]"
-    console.print(
-        f"exported ATS vs PyTorch ATS: max |Δlogit| {case.max_logit_diff:.1e}, tokens agree "
-        f"{case.token_matches}/{case.token_total}, top-1 agree {case.top1_matches}/{case.images}, "
-        f"flips {len(case.flips)}: {verdict}",
-        highlight=False,
+    verdict = ("ok", "green") if case.ok else (f"{len(case.failures)} mismatches", "red")
+    summary = (
+        f"exported ATS vs PyTorch ATS: max |Δlogit| {case.max_logit_diff:.1e}, stages that kept the same "
+        f"{'patches' if case.positions else 'token counts'} {case.stage_matches}/{case.stage_total}, "
+        f"top-1 agree {case.top1_matches}/{case.images}, "
+        f"flips {len(case.flips)}: "
     )
+    console.print(Text.assemble(summary, verdict), highlight=False)
     for flip in case.flips:
-        console.print(f"[yellow]flip at a float tie[/] {flip.describe()}", highlight=False)
+        _line(console, "flip at a float tie", "yellow", flip.describe())
     for failure in case.failures:
-        console.print(f"[red]mismatch[/] {failure}", highlight=False)
+        _line(console, "mismatch", "red", str(failure))

@@ -86,6 +86,20 @@ def resolve_backend(override: str | None, profile: Profile) -> str:
     return override
 
 
+def check_folder(folder: Path, option: str) -> None:
+    """Fail before any work when ``folder`` cannot be created or written in, as ``check_output_path`` does for files.
+
+    The folder need not exist yet: its nearest existing ancestor must then be a folder we may write in.
+    """
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {folder}: {existing} is a file, not a folder; choose another {option}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {existing}: permission denied; choose another {option}.")
+
+
 def output_folder(out: Path | None, profile: str) -> Path:
     """``--out``, or a new ``./results/<timestamp>-<profile>/``."""
     if out is not None:
@@ -146,10 +160,27 @@ def plan(request: Request, check_model: Callable[[Exported], None] | None = None
     check_static(exported, keep, keep_origin, profile)
     data = _data(request, exported.num_classes)
     result = Plan(request, profile, backend, folder, exported, measured, keep, keep_origin, data)
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     if profile.threads and profile.threads > cores:
-        result.warnings.append(f"profile '{profile.name}' asks for {profile.threads} threads; there are {cores} cores.")
+        result.warnings.append(
+            f"profile '{profile.name}' asks for {profile.threads} threads, and this process may use {cores} CPU "
+            "cores: the threads share cores and the latencies measure that. Set `threads:` in the profile to at "
+            "most the core count."
+        )
     return result
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which a container may limit), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def print_warnings(warnings: list[str], status: Console) -> None:
+    """Say the plan's warnings before measuring, when the user can still stop and fix them; the report repeats them."""
+    for warning in warnings:
+        status.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
 @contextlib.contextmanager
@@ -260,6 +291,8 @@ def _data_summary(data: ImageFolder | SampleImages, evaluation: Evaluation, skip
 def bench(request: Request, status: Console) -> tuple[BenchResult, list[Path]]:
     """Run the bench of ``request``; progress and notices go to ``status``. Returns the result and files written."""
     checked = plan(request)
+    check_folder(checked.folder, "--out")  # here, not in plan: tune plans too, and writes no results folder
+    print_warnings(checked.warnings, status)
     with status.status("loading the PyTorch reference"):
         model = reference(checked.exported, request.checkpoint, request.trust_checkpoint, checked.warnings)
     skipped = Skipped()

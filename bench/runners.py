@@ -8,6 +8,7 @@ GPU runners are timed with their host/device copies, as an application sees them
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 
 from ats_deploy.errors import BackendUnavailable
 from ats_deploy.exporters import custom_op
-from ats_deploy.exporters.validate import session
+from ats_deploy.exporters.validate import Sample, TappedSession, samples, session
 from ats_deploy.model import ATSVisionTransformer
 
 PROVIDERS = {
@@ -90,6 +91,18 @@ class OnnxRuntimeRunner:
         else:
             self.session = _gpu_session(path, backend, precision, workdir)
         self.takes_keep = any(i.name == "keep" for i in self.session.get_inputs())
+        self.path, self.threads, self.on_cpu = path, threads, backend == "onnxruntime"
+
+    @functools.cached_property
+    def tapped(self) -> TappedSession:
+        """A second CPU session that also outputs the kept masks (made on first use: only the ATS model needs it)."""
+        return TappedSession(str(self.path), self.threads)
+
+    def samples(self, images: torch.Tensor, keep: torch.Tensor) -> list[Sample]:
+        """Validation's per-image outputs; with the kept patches on the CPU provider."""
+        if not self.on_cpu:
+            return samples(*self(images, keep))
+        return self.tapped(images.numpy(), keep.numpy())
 
     def __call__(self, images: torch.Tensor, keep: torch.Tensor) -> Outputs:
         feeds = {"images": images.numpy()}

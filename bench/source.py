@@ -26,6 +26,7 @@ ENGINE_SUFFIXES = (".plan", ".engine")
 REQUIRED_KEYS = ("arch", "stages")
 # `ats-deploy build` writes <engine>.fp16.onnx for strongly typed fp16 builds: a build input, not an export.
 BUILD_INTERMEDIATE = ".fp16.onnx"
+REEXPORT = "`ats-deploy export CHECKPOINT --dynamic`"
 
 
 @dataclass
@@ -79,19 +80,41 @@ class Exported:
         }
 
 
+class Unreadable(UserError):
+    """A file that does not parse as an ONNX model: corrupt, truncated, or not ONNX at all."""
+
+
 def _ats_metadata(path: Path) -> dict[str, str] | None:
-    """The metadata of an ONNX file exported by ats-deploy; ``None`` for any other file."""
+    """The metadata of an ONNX file exported by ats-deploy; ``None`` for a readable ONNX file of anyone else.
+
+    A file that does not parse raises :class:`Unreadable`: calling it "not exported by ats-deploy" would send
+    the user looking for the wrong problem.
+    """
+    def unreadable(why: str) -> Unreadable:
+        return Unreadable(f"{path} is corrupt or not an ONNX file: {why}.", hint=f"Re-export it with {REEXPORT}.")
+
     try:
-        meta = read_metadata(onnx.load(str(path), load_external_data=False))
-    except Exception:  # protobuf's DecodeError and friends: not an ONNX file, so not ours
-        return None
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise unreadable(f"it does not parse as an ONNX model ({exc})") from None
+    if not model.ir_version or not model.HasField("graph"):  # some garbage parses as an empty message
+        raise unreadable("it parses to no IR version or graph")
+    meta = read_metadata(model)
     return meta if all(key in meta for key in REQUIRED_KEYS) else None
+
+
+def _exported_by_us(path: Path) -> bool:
+    """Whether ``path`` is an ONNX file exported by ats-deploy; an unreadable file is not, when searching."""
+    try:
+        return _ats_metadata(path) is not None
+    except Unreadable:
+        return False
 
 
 def find_model(directory: Path) -> Path:
     """The only ONNX file in ``directory`` exported by ats-deploy."""
     onnx_files = sorted(p for p in directory.glob("*.onnx") if not p.name.endswith(BUILD_INTERMEDIATE))
-    ours = [p for p in onnx_files if _ats_metadata(p) is not None]
+    ours = [p for p in onnx_files if _exported_by_us(p)]
     if len(ours) == 1:
         return ours[0]
     if not ours:

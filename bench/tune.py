@@ -19,7 +19,9 @@ The search measures at most ``len(COARSE) + 2 * ROUNDS * S`` settings for a mode
    the same tokens as the current setting (a later stage cannot keep more than an earlier one passes on) computes
    the same, so it is never moved to on a latency difference, which can only be noise.
 
-The chosen setting is where the search ends (the closest one when none meets the constraint).
+The chosen setting is the best-ranked of every setting measured for this model under these conditions (this
+run's and those the log already held, which an earlier run with another objective may have found off this run's
+search path); the closest one when none meets the constraint.
 
 Two keep values that give the same integer budgets are one setting, measured once. Every finished measurement
 is appended to a JSON-lines log as it completes; a rerun under the same conditions (model file, reference,
@@ -78,7 +80,7 @@ Keep = tuple[float, ...]
 
 
 class BudgetNotMet(UserError):
-    """No measured setting meets the constraint: the closest is reported, the log and the plot are kept."""
+    """No measured setting meets the constraint: the closest is reported; the log and a ``.failed`` plot are kept."""
 
     exit_code = 1
 
@@ -306,6 +308,18 @@ def search(
     return best
 
 
+def choose(settings: Sequence[Measurement], rank: Callable[[Measurement], tuple[float, ...]]) -> Measurement:
+    """The best-ranked of ``settings``: every measurement, not only the search's path, which depends on the objective.
+
+    Settings that keep the same tokens compute the same, so only the first measured of them competes: as in the
+    search, a latency difference between them is noise and never decides.
+    """
+    first: dict[tuple[float, ...], Measurement] = {}
+    for m in settings:
+        first.setdefault(tuple(m.tokens), m)
+    return min(first.values(), key=rank)
+
+
 # --------------------------------------------------------------------------- the log
 
 
@@ -514,18 +528,22 @@ class Outcome:
     objective: Objective
     dense: Dense
     settings: list[Measurement]
-    best: Measurement  # where the search ended: the chosen setting, or the closest when none meets the constraint
+    best: Measurement  # the best-ranked of all settings: the chosen one, or the closest when none meets the constraint
     measured_now: int
     created: str
     environment: dict[str, Any]
     model_sha256: str
     output: Path
     log: Path
-    plot: Path
 
     @property
     def met(self) -> bool:
         return self.objective.meets(self.best)
+
+    @property
+    def plot(self) -> Path:
+        """The Pareto plot: beside the profile it explains, or, for a failed run, named so (no profile matches it)."""
+        return self.output.with_suffix(".pareto.png" if self.met else ".failed.pareto.png")
 
     @property
     def runner_up(self) -> Measurement | None:
@@ -662,6 +680,9 @@ def tune(request: Request, status: Console) -> Outcome:
     plan = run.plan(bench_request, check_model=require_dynamic)
     output = request.output or Path(LOCAL_DIR) / f"{plan.profile.name}-tuned.yaml"
     log_path = request.log or output.with_suffix(".log.jsonl")
+    run.check_folder(output.parent, "-o")  # the default ./profiles/ too, before the log's first line
+    run.check_folder(log_path.parent, "--log")
+    run.print_warnings(plan.warnings, status)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     n0 = int(plan.exported.meta["n0"])
     header = _header(plan, request, created)
@@ -683,9 +704,10 @@ def tune(request: Request, status: Console) -> Outcome:
                 log.add(device.setting(keep))
             return log.settings[key]
 
-        best = search(measure, objective.rank, len(plan.exported.stages))
+        search(measure, objective.rank, len(plan.exported.stages))
         environment = machine.describe(plan.profile.threads)
     settings = list(log.settings.values())
+    best = choose(settings, objective.rank)
     outcome = Outcome(
         plan=plan,
         objective=objective,
@@ -698,7 +720,6 @@ def tune(request: Request, status: Console) -> Outcome:
         model_sha256=header["conditions"]["model_sha256"],
         output=output,
         log=log_path,
-        plot=output.with_suffix(".pareto.png"),
     )
     save(pareto_figure(outcome), outcome.plot)
     if outcome.met:
@@ -824,9 +845,10 @@ def pareto_figure(outcome: Outcome) -> Figure:
         axes.set_ylabel(f"{plan.data.metric} (%)")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
+    failed = "" if outcome.met else "; failed: no setting meets the objective (the star is the closest)"
     figure.suptitle(
         f"tune {plan.exported.arch}: {len(outcome.settings)} settings on {outcome.backend_label}, "
-        f"{outcome.images} images",
+        f"{outcome.images} images{failed}",
         fontsize=10,
     )
     return figure
@@ -887,7 +909,11 @@ def render(outcome: Outcome, console: Console) -> None:
         console.print(f"[yellow]skipped[/] {name}: {reason}", highlight=False)
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    written = f"{outcome.output}, {outcome.plot}" if outcome.met else f"{outcome.plot} (no profile: see below)"
+    if outcome.met:
+        written = f"{outcome.output}, {outcome.plot}"
+    else:
+        kept = f"{outcome.output} is left as it was" if outcome.output.exists() else "no profile written"
+        written = f"{outcome.plot} (the plot of this failed run; {kept}: see below)"
     console.print(
         f"wrote {written}; log {outcome.log} ({len(outcome.settings)} settings, {outcome.measured_now} measured now)",
         highlight=False,

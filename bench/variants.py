@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ats_deploy.exporters.validate import Sample, samples
 from ats_deploy.flops import CostModel
 
 PYTORCH_DENSE = "pytorch_dense"
@@ -44,3 +45,10 @@ class Variant:
 
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         return self.runner(images, self.keep)
+
+    def samples(self, images: torch.Tensor) -> list[Sample]:
+        """Per-image outputs for validation: with the kept patches where the runner can tap them."""
+        tapped = getattr(self.runner, "samples", None)
+        if tapped is not None:
+            return tapped(images, self.keep)
+        return samples(*self(images))

@@ -41,12 +41,12 @@ from typing import Literal
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, defs, helper, numpy_helper
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ats_deploy.errors import UserError
+from ats_deploy.errors import BackendUnavailable, UserError
 
 from .custom_op import DOMAIN, OP_TYPE, register, uses_custom_op
 
@@ -68,6 +68,7 @@ class CompatReport:
     target: str
     findings: list[Finding] = field(default_factory=list)
     ops: dict[str, int] = field(default_factory=dict)
+    dla: DlaShare | None = None  # target "dla": where the layers would run
 
     @property
     def errors(self) -> list[Finding]:
@@ -535,16 +536,50 @@ def _typed_tensors(node: onnx.NodeProto) -> Iterator[str]:
             yield names[index]
 
 
+def _redefined_ops(facts: _Facts, opset: int) -> list[str]:
+    """Operators of the model whose definition at the model's opset differs from the one at ``opset``."""
+    used = {n.proto.op_type for n in facts.nodes if n.proto.domain in _DEFAULT_DOMAINS}
+    changed = []
+    for op in sorted(used):
+        try:
+            if defs.get_schema(op, facts.opset).since_version != defs.get_schema(op, opset).since_version:
+                changed.append(op)
+        except defs.SchemaError:  # not an ONNX operator at one of the two opsets: the op rules report it
+            continue
+    return changed
+
+
+def _opset_message(facts: _Facts, trt: _TrtTarget) -> str:
+    """Why the model's opset is outside what ``trt`` parses, and a fix that exists.
+
+    The parser refuses no opset (onnx-tensorrt ``ModelImporter``: only a warning below 7): it
+    reads every node with the importers of its release, written for the definitions up to
+    its highest documented opset. Above it, what
+    matters are the ops redefined since; ``ats-deploy export --opset 17`` writes the file
+    that parser reads, while onnx's version converter cannot go down (it has no 18 -> 17
+    adapter for Split, for one). Below the range, the converter can go up.
+    """
+    low, high = trt.opsets
+    where = f"model opset {facts.opset} is outside the opsets TensorRT {trt.version} documents ({low}-{high})"
+    if facts.opset < low:
+        return f"{where}; upgrade it: onnx.version_converter.convert_version(model, {low})"
+    changed = _redefined_ops(facts, high)
+    risk = (
+        f"it uses ops redefined after opset {high}, which that parser may read by their older definition: "
+        f"{', '.join(changed)}"
+        if changed
+        else f"every op it uses is defined as at opset {high}, so the parser reads them as meant"
+    )
+    return (
+        f"{where}; {risk}. Re-export with `ats-deploy export CHECKPOINT --opset {high}` "
+        "(or build with TensorRT 10: check --target tensorrt-10)"
+    )
+
+
 def _trt_graph_findings(facts: _Facts, trt: _TrtTarget) -> Iterator[Finding]:
     low, high = trt.opsets
     if facts.opset is not None and not low <= facts.opset <= high:
-        yield Finding(
-            "warning",
-            "",
-            "",
-            f"model opset {facts.opset} is outside the opsets TensorRT {trt.version} "
-            f"documents ({low}-{high}); re-export with an opset in that range",
-        )
+        yield Finding("warning", "", "", _opset_message(facts, trt))
     if not trt.int64_cast_down:
         return
     io = set(facts.graph_inputs) | set(facts.graph_outputs)
@@ -704,7 +739,7 @@ def _dynamic_shape_reason(proto: onnx.NodeProto, facts: _Facts) -> str:
     return ""
 
 
-def _dla_findings(facts: _Facts) -> Iterator[Finding]:
+def _dla_input_findings(facts: _Facts) -> Iterator[Finding]:
     for name in facts.graph_inputs:
         if not facts.static(name):
             yield Finding(
@@ -714,27 +749,128 @@ def _dla_findings(facts: _Facts) -> Iterator[Finding]:
                 f"graph input '{name}' has shape {_fmt_shape(facts.shapes.get(name))}: "
                 "DLA needs every dimension fixed; export with static shapes",
             )
+
+
+def _dla_node_findings(node: _Node, facts: _Facts) -> Iterator[Finding]:
+    proto = node.proto
+    reason = _dynamic_shape_reason(proto, facts)
+    if reason:
+        yield Finding("error", node.name, proto.op_type, f"{reason}; DLA needs static shapes")
+    if proto.op_type in _DLA_CONSTANT_WEIGHTS and _input(proto, 1) not in facts.folded:
+        yield Finding(
+            "warning", node.name, proto.op_type, "DLA needs a constant second input (weights); runs on GPU fallback"
+        )
+    elif proto.op_type not in _DLA_NATIVE:
+        rewrite = (
+            " or rewrite it into DLA ops (DLA-SW operators/op_reconstruction)"
+            if proto.op_type in _DLA_RECONSTRUCTION
+            else ""
+        )
+        yield Finding(
+            "warning",
+            node.name,
+            proto.op_type,
+            f"no DLA implementation in TensorRT: runs on GPU fallback (build with GPU_FALLBACK{rewrite})",
+        )
+
+
+# TensorRT's builder log: "DLA supports only 16 subgraphs per DLA core. Switching to GPU for layer ...".
+_DLA_MAX_SUBGRAPHS = 16
+_MAC_OPS = frozenset({"MatMul", "Gemm", "Conv"})
+
+
+@dataclass
+class DlaShare:
+    """Where a TensorRT DLA build (with GPU fallback) would run the model's layers.
+
+    A layer is a node left after constant folding; MACs are those of MatMul, Gemm and
+    Conv where shapes are known, the bulk of a ViT's work. A static estimate: TensorRT
+    decides per layer when it builds, and may refuse more (DLA-specific limits on sizes).
+    """
+
+    layers: int = 0
+    dla_layers: int = 0
+    macs: int = 0
+    dla_macs: int = 0
+    subgraphs: int = 0  # DLA subgraphs the DLA layers form, before the per-core limit
+
+    @property
+    def fallback(self) -> bool:
+        return self.dla_layers < self.layers
+
+    def summary(self) -> str:
+        """``"3.1% of MACs, 40 of 500 layers on the DLA"``."""
+        macs = f"{100 * self.dla_macs / self.macs:.1f}% of MACs, " if self.macs else ""
+        return f"{macs}{self.dla_layers} of {self.layers} layers on the DLA"
+
+
+def _macs(proto: onnx.NodeProto, facts: _Facts) -> int:
+    """Multiply-accumulates of a MatMul/Gemm/Conv with static shapes, else 0."""
+    if proto.op_type not in _MAC_OPS or not facts.static(proto.output[0]):
+        return 0
+    out = int(np.prod(facts.shapes[proto.output[0]]))
+    operand = _input(proto, 1 if proto.op_type == "Conv" else 0)
+    if not facts.static(operand):
+        return 0
+    shape = facts.shapes[operand]
+    if proto.op_type == "Conv":  # weights [C_out, C_in / group, *kernel]
+        return out * int(np.prod(shape[1:]))
+    transposed = proto.op_type == "Gemm" and _attr(proto, "transA", 0)
+    return out * int(shape[0] if transposed else shape[-1])
+
+
+def _dla_subgraphs(on_dla: list[_Node]) -> list[list[_Node]]:
+    """DLA layers joined by tensors, in graph order: the DLA subgraphs TensorRT would build."""
+    parent = list(range(len(on_dla)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    producer = {out: i for i, node in enumerate(on_dla) for out in node.proto.output if out}
+    for i, node in enumerate(on_dla):
+        for name in node.proto.input:
+            if name in producer:
+                parent[root(producer[name])] = root(i)
+    groups: dict[int, list[_Node]] = {}
+    for i, node in enumerate(on_dla):
+        groups.setdefault(root(i), []).append(node)
+    return list(groups.values())  # ordered by each group's first layer
+
+
+def _check_dla(facts: _Facts) -> tuple[list[Finding], DlaShare]:
+    """TensorRT 10's checks (DLA engines are built by TensorRT), the DLA's own, and where each layer runs."""
+    findings = _check_trt(facts, _TRT10)
+    refused = {f.node for f in findings if f.severity == "error"}
+    findings += _dla_input_findings(facts)
+    share, on_dla = DlaShare(), []
     for node in facts.nodes:
-        proto = node.proto
-        reason = _dynamic_shape_reason(proto, facts)
-        if reason:
-            yield Finding("error", node.name, proto.op_type, f"{reason}; DLA needs static shapes")
-        if proto.op_type in _DLA_CONSTANT_WEIGHTS and _input(proto, 1) not in facts.folded:
-            yield Finding(
-                "warning", node.name, proto.op_type, "DLA needs a constant second input (weights); runs on GPU fallback"
-            )
-        elif proto.op_type not in _DLA_NATIVE:
-            rewrite = (
-                " or rewrite it into DLA ops (DLA-SW operators/op_reconstruction)"
-                if proto.op_type in _DLA_RECONSTRUCTION
-                else ""
-            )
-            yield Finding(
+        if node.proto.output and all(o in facts.folded for o in node.proto.output if o):
+            continue  # computed at build time: runs nowhere
+        own = list(_dla_node_findings(node, facts))
+        findings += own
+        share.layers += 1
+        share.macs += _macs(node.proto, facts)
+        if not own and node.name not in refused:
+            on_dla.append(node)
+    subgraphs = _dla_subgraphs(on_dla)
+    share.subgraphs = len(subgraphs)
+    if len(subgraphs) > _DLA_MAX_SUBGRAPHS:
+        findings.append(
+            Finding(
                 "warning",
-                node.name,
-                proto.op_type,
-                f"no DLA implementation in TensorRT: runs on GPU fallback (build with GPU_FALLBACK{rewrite})",
+                "",
+                "",
+                f"the DLA layers form {len(subgraphs)} subgraphs between GPU layers; TensorRT builds at most "
+                f"{_DLA_MAX_SUBGRAPHS} per DLA core and runs the other {len(subgraphs) - _DLA_MAX_SUBGRAPHS} "
+                "on the GPU",
             )
+        )
+    for node in (n for g in subgraphs[:_DLA_MAX_SUBGRAPHS] for n in g):
+        share.dla_layers += 1
+        share.dla_macs += _macs(node.proto, facts)
+    return findings, share
 
 
 # --------------------------------------------------------------------------- onnxruntime
@@ -744,12 +880,35 @@ _ORT_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 _ORT_NODE_NAME = re.compile(r"node with name '([^']*)'|In Node, \(\"([^\"]*)\"")
 
 
+def _project_op_ort_finding(facts: _Facts) -> Finding:
+    """What running ``--ats-op custom`` nodes in onnxruntime takes: a warning, not an error.
+
+    A plain ``InferenceSession`` refuses the model ("not a registered function/op"), but
+    once :func:`~.custom_op.register` has added onnxruntime-extensions' kernel it loads and
+    runs it (ats-deploy's validate and bench do so): it is a requirement on the caller,
+    as the TensorRT plugin is for TensorRT 10. The load below is made with it registered.
+    """
+    count = sum(1 for n in facts.nodes if (n.proto.domain, n.proto.op_type) in _PROJECT_OPS)
+    return Finding(
+        "warning",
+        "",
+        OP_TYPE,
+        f"{count} {OP_TYPE} nodes need ats-deploy's onnxruntime-extensions kernel; a plain InferenceSession "
+        "cannot load the model. Call ats_deploy.exporters.custom_op.register(session_options) before creating "
+        "the session (pip install onnxruntime-extensions), as ats-deploy's commands do, or export with "
+        "--ats-op subgraph",
+    )
+
+
 def _ort_load_error(model: onnx.ModelProto, source: Path | None) -> str:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     if uses_custom_op(model):
-        register(options)
+        try:
+            register(options)
+        except BackendUnavailable as err:
+            return f"{err.message} {err.hint}"
     try:
         # The path when there is one: external weights resolve next to it, and no 2 GB limit.
         ort.InferenceSession(
@@ -775,13 +934,16 @@ def _ort_findings(model: onnx.ModelProto, facts: _Facts, source: Path | None) ->
     ]
     if findings:
         return findings
+    if uses_custom_op(model):
+        findings.append(_project_op_ort_finding(facts))
     error = _ort_load_error(model, source)
     if not error:
-        return []
+        return findings
     match = _ORT_NODE_NAME.search(error)
     name = (match.group(1) or match.group(2)) if match else None
     node = next((n for n in facts.nodes if name and n.proto.name == name), None)
     return [
+        *findings,
         Finding(
             "error",
             node.name if node else "",
@@ -814,18 +976,19 @@ def check_model(model: onnx.ModelProto | str | Path, target: str) -> CompatRepor
         raise UserError(f"unknown target '{target}'; valid targets: {', '.join(TARGETS)}")
     proto, source = _load(model)
     facts, findings = _facts(proto)
+    dla = None
     if target == "onnxruntime":
         findings += _ort_findings(proto, facts, source)
     elif target == "dla":
-        findings += _check_trt(facts, _TRT10)  # DLA engines are built by TensorRT
-        findings += _dla_findings(facts)
+        dla_findings, dla = _check_dla(facts)
+        findings += dla_findings
     else:
         findings += _check_trt(facts, _TRT[target])
     ops = Counter(
         n.proto.op_type if n.proto.domain in _DEFAULT_DOMAINS else f"{n.proto.domain}.{n.proto.op_type}"
         for n in facts.nodes
     )
-    return CompatReport(target, findings, dict(ops))
+    return CompatReport(target, findings, dict(ops), dla)
 
 
 def render(report: CompatReport, console: Console) -> None:
@@ -838,10 +1001,18 @@ def render(report: CompatReport, console: Console) -> None:
             style = "bold red" if f.severity == "error" else "yellow"
             table.add_row(Text(f.severity, style=style), Text(f.node or "(graph)"), Text(f.op), Text(f.message))
         console.print(table)
-    if report.ok:
-        suffix = f" ({len(report.warnings)} warnings)" if report.warnings else ""
-        console.print(Text(f"compatible with {report.target}{suffix}", style="bold green"))
-    else:
+    text, style = _verdict(report)
+    console.print(Text(text, style=style))
+
+
+def _verdict(report: CompatReport) -> tuple[str, str]:
+    """One line and its style; a DLA build that falls back to the GPU says how much stays on the DLA."""
+    if not report.ok:
         count = len({f.node for f in report.errors})
         noun = "node" if count == 1 else "nodes"
-        console.print(Text(f"{count} incompatible {noun} for {report.target}", style="bold red"))
+        return f"{count} incompatible {noun} for {report.target}", "bold red"
+    count = len(report.warnings)
+    suffix = f" ({count} warning{'' if count == 1 else 's'})" if count else ""
+    if report.dla is not None and report.dla.fallback:
+        return f"runs on {report.target} with GPU fallback: {report.dla.summary()}{suffix}", "bold yellow"
+    return f"compatible with {report.target}{suffix}", "bold green"

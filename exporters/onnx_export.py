@@ -13,6 +13,8 @@ step leaves no ``.onnx`` behind.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import warnings
@@ -35,6 +37,14 @@ EXPORTERS = ("torchscript", "dynamo")
 OPSET = 18
 INPUTS = ("images", "keep")
 OUTPUTS = ("logits", "tokens")
+# Each ATS stage's kept-token mask (bool [B, N, 1], the class token first) carries
+# this name in the file, so that validation can compare which patches were kept.
+KEPT = "ats_kept_{}"
+
+
+def kept_name(stage: int) -> str:
+    """The name of ATS stage ``stage``'s kept-token mask in an exported graph."""
+    return KEPT.format(stage)
 
 
 @dataclass
@@ -134,8 +144,22 @@ def _trace(model: ATSVisionTransformer, options: ExportOptions, path: Path) -> N
             if options.dynamic:
                 batch = torch.export.Dim("batch", min=1, max=4096)
                 kwargs["dynamic_shapes"] = ({0: batch}, None)
-            program = torch.onnx.export(module, args, dynamo=True, verbose=False, **kwargs)
+            program = _quietly(lambda: torch.onnx.export(module, args, dynamo=True, verbose=False, **kwargs))
             program.save(str(path))
+
+
+def _quietly(run):
+    """``run()`` with what it prints held back: torch.export prints its whole traced graph (hundreds of lines).
+
+    If ``run`` fails, the held-back text is attached to the error, where it helps.
+    """
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held), contextlib.redirect_stderr(held):
+            return run()
+    except Exception as err:
+        err.add_note(held.getvalue()[-4000:])
+        raise
 
 
 def clean(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -173,6 +197,24 @@ def declare_outputs(graph: onnx.ModelProto, model: ATSVisionTransformer, options
     return graph
 
 
+def name_kept_masks(graph: onnx.ModelProto, stages: int) -> onnx.ModelProto:
+    """Rename each stage's kept-token mask to :func:`kept_name` (a tensor name only; no node changes).
+
+    The mask is the output of the sampler's only ``Greater`` (``c_p > c_{p-1}``,
+    :func:`ats_deploy.ats.sample`); both exporters keep one per stage, in stage order.
+    """
+    nodes = [n for n in graph.graph.node if n.op_type == "Greater"]
+    if len(nodes) != stages:
+        raise RuntimeError(f"expected one Greater node per ATS stage ({stages}), found {len(nodes)}")
+    renames = {n.output[0]: kept_name(s) for s, n in enumerate(nodes)}
+    for node in graph.graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+        node.output[:] = [renames.get(name, name) for name in node.output]
+    for info in graph.graph.value_info:
+        info.name = renames.get(info.name, info.name)
+    return graph
+
+
 def finalize(model: onnx.ModelProto, props: dict[str, str]) -> onnx.ModelProto:
     """Attach metadata and check the graph (checker + strict full shape inference)."""
     del model.metadata_props[:]
@@ -199,6 +241,7 @@ def export(model: ATSVisionTransformer, output: Path, options: ExportOptions) ->
         with atomic_output(output) as tmp:
             _trace(model, options, tmp)
             graph = declare_outputs(clean(onnx.load(str(tmp))), model, options)
+            graph = name_kept_masks(graph, len(model.stages))
             graph = finalize(graph, metadata(model, options))
             graph = apply_ats_op(graph, options.ats_op)
             onnx.save(graph, str(tmp))

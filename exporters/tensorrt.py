@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,10 +42,11 @@ import onnx
 import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
-from ..atomic import write_atomic
+from ..atomic import atomic_output, write_atomic
 from ..errors import BackendUnavailable, UserError
 from ..profiles import Profile
 from .custom_op import uses_custom_op
+from .onnx_export import read_metadata
 from .trt_plugin import register_plugin
 
 if TYPE_CHECKING:
@@ -588,12 +589,130 @@ def _say(console: Console | None, text: str) -> None:
         console.print(text)
 
 
-def write_fp16_onnx(spec: EngineSpec) -> Path:
-    """Convert ``spec.onnx`` with :func:`to_fp16` and save it at :func:`fp16_onnx_path`."""
+def write_fp16_onnx(spec: EngineSpec, console: Console | None = None, keep: Sequence[float] | None = None) -> Path:
+    """Convert ``spec.onnx`` with :func:`to_fp16`, check it on the CPU, and save it at :func:`fp16_onnx_path`.
+
+    Before any device sees the converted file, :func:`fp16_agreement` compares it with ``spec.onnx`` in
+    onnxruntime at ``keep`` (default: the keep the export recorded); the figures are printed, and a conversion
+    that changes the top-1 of most images is refused (:data:`MIN_TOP1_AGREEMENT`) and not written.
+    """
     target = fp16_onnx_path(spec)
-    converted = to_fp16(onnx.load(str(spec.onnx)))
-    write_atomic(target, converted.SerializeToString())
+    source = onnx.load(str(spec.onnx))
+    converted = to_fp16(source)
+    with atomic_output(target) as temporary:
+        temporary.write_bytes(converted.SerializeToString())
+        agreement = fp16_agreement(spec, source, temporary, keep)
+        _say(console, agreement.describe(spec))
+        agreement.check(spec)
+    _say(console, f"wrote {target}: the fp16 copy of {spec.onnx} that a strongly typed build reads")
     return target
+
+
+# --------------------------------------------------------------------------- fp16 agreement on the CPU
+
+RANDOM_IMAGES = 4
+# Below this share of images with the fp32 model's top-1, the fp16 file is refused rather than reported.
+MIN_TOP1_AGREEMENT = 0.5
+
+
+@dataclass(frozen=True)
+class Fp16Agreement:
+    """The fp16 ONNX against the fp32 one in onnxruntime on the CPU, image by image."""
+
+    photos: int
+    images: int  # photos, then random images
+    keep: list[float] | None
+    top1: int  # images with the same top-1 class
+    tokens: int  # images that keep the same number of tokens at every ATS stage
+    max_logit_diff: float
+
+    def describe(self, spec: EngineSpec) -> str:
+        keep = "" if self.keep is None else f" at keep {','.join(f'{v:g}' for v in self.keep)}"
+        return (
+            f"fp16 vs fp32 ONNX in onnxruntime (CPU), {self.photos} photos + {self.images - self.photos} random "
+            f"images{keep}: same top-1 for {self.top1}/{self.images}, same kept tokens at every stage for "
+            f"{self.tokens}/{self.images}, max |logit difference| {self.max_logit_diff:.3g}. A GPU rounds fp16 "
+            f"differently: check the engine on the device with `ats-deploy bench {spec.engine} --profile "
+            f"{spec.profile}`."
+        )
+
+    def check(self, spec: EngineSpec) -> None:
+        """Refuse a conversion that changes the prediction of most images."""
+        if self.top1 < MIN_TOP1_AGREEMENT * self.images:
+            raise UserError(
+                f"the fp16 conversion of {spec.onnx} changes the top-1 class of {self.images - self.top1} of "
+                f"{self.images} images (at least {MIN_TOP1_AGREEMENT:.0%} must agree); no engine was built.",
+                hint="Build for a profile with precision fp32, or report this output.",
+            )
+
+
+def _image_config(model: onnx.ModelProto, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """The preprocessing ``ats-deploy export`` recorded in the metadata; timm's ImageNet defaults otherwise."""
+    from timm.data.constants import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    meta = read_metadata(model)
+    return {
+        "input_size": image_shape,
+        "mean": tuple(json.loads(meta["mean"])) if "mean" in meta else IMAGENET_DEFAULT_MEAN,
+        "std": tuple(json.loads(meta["std"])) if "std" in meta else IMAGENET_DEFAULT_STD,
+        "interpolation": meta.get("interpolation", "bicubic"),
+        "crop_pct": float(meta.get("crop_pct", DEFAULT_CROP_PCT)),
+    }
+
+
+def _agreement_keep(model: onnx.ModelProto, spec: EngineSpec, keep: Sequence[float] | None) -> list[float] | None:
+    """``keep``, else the export's recorded keep, else 1.0 per stage; ``None`` when keep is baked in."""
+    if spec.keep_len is None:
+        return None
+    if keep is not None:
+        return list(keep)
+    recorded = json.loads(read_metadata(model).get("keep", "[]"))
+    return [float(v) for v in recorded] if len(recorded) == spec.keep_len else [1.0] * spec.keep_len
+
+
+def _run_all(session, images: np.ndarray, keep: list[float] | None, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and tokens of every image, ``batch`` at a time (the last batch padded with its last image)."""
+    logits, tokens = [], []
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
+        feeds = {"images": padded} if keep is None else {"images": padded, "keep": np.asarray(keep, np.float32)}
+        out_logits, out_tokens = session.run(["logits", "tokens"], feeds)
+        logits.append(out_logits[: len(chunk)])
+        tokens.append(out_tokens[: len(chunk)])
+    return np.concatenate(logits), np.concatenate(tokens)
+
+
+def fp16_agreement(
+    spec: EngineSpec, fp32: onnx.ModelProto, fp16: Path, keep: Sequence[float] | None = None
+) -> Fp16Agreement:
+    """Run ``fp16`` and the fp32 model ``spec.onnx`` on the sample photos and a few random images.
+
+    onnxruntime's CPU kernels are not a GPU's, so agreement here does not promise agreement on the device; a
+    conversion that already disagrees here is caught before minutes of engine build.
+    """
+    import onnxruntime as ort
+
+    from ..images import preprocess, random_images, sample_images
+
+    config = _image_config(fp32, spec.image_shape)
+    photos = sample_images()
+    pictures = [preprocess(list(photos.values()), config), random_images(RANDOM_IMAGES, config)]
+    images = np.concatenate([batch.numpy() for batch in pictures])
+    values = _agreement_keep(fp32, spec, keep)
+    results = []
+    for path in (spec.onnx, fp16):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        results.append(_run_all(session, images, values, spec.batch[0]))
+    (ref_logits, ref_tokens), (logits, tokens) = results
+    return Fp16Agreement(
+        photos=len(photos),
+        images=len(images),
+        keep=values,
+        top1=int((ref_logits.argmax(axis=-1) == logits.argmax(axis=-1)).sum()),
+        tokens=int((ref_tokens == tokens).all(axis=-1).sum()),
+        max_logit_diff=float(np.abs(ref_logits - logits).max()),
+    )
 
 
 def _parse(trt, network, logger, source: Path):
@@ -700,21 +819,24 @@ def _save(spec: EngineSpec, trt, strong: bool, config, serialized) -> None:
     write_atomic(engine_info_path(spec.engine), (json.dumps(info, indent=2) + "\n").encode("utf-8"))
 
 
-def build_engine(spec: EngineSpec, console: Console | None = None) -> Path:
+def build_engine(spec: EngineSpec, console: Console | None = None, fp16_onnx: Path | None = None) -> Path:
     """Build and save the TensorRT engine of ``spec``; returns the engine path.
 
     Follows the TensorRT 10/11 Python build flow (docs "Migrating Python Code from
     TensorRT 10.x to 11.x"): Builder -> network -> OnnxParser -> builder config ->
     ``build_serialized_network``. The engine, the timing cache and ``<engine>.json``
-    (ONNX metadata, TensorRT version, GPU, settings) are written atomically.
+    (ONNX metadata, TensorRT version, GPU, settings) are written atomically. A strongly
+    typed build reads ``fp16_onnx`` when the caller has already written it with
+    :func:`write_fp16_onnx`, so that the model is converted once; else it converts here.
     """
     trt = _import_tensorrt()
     major = _major(trt)
     strong = uses_strong_typing(spec, major)
     source = spec.onnx
     if strong:
-        _say(console, f"converting {spec.onnx} to fp16 for a strongly typed build")
-        source = write_fp16_onnx(spec)
+        if fp16_onnx is None:
+            _say(console, f"converting {spec.onnx} to fp16 for a strongly typed build")
+        source = fp16_onnx or write_fp16_onnx(spec, console)
     if uses_custom_op(spec.onnx):
         register_plugin()
     logger = trt.Logger(trt.Logger.WARNING)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,15 @@ def random_deit_tiny() -> VisionTransformer:
 
 SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 SHARED_WEIGHTS /= "deit_tiny_patch16_224_wvfunc_bittrue_reconstructed.pth"
+SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-dev"
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample() -> Path:
+    """The 500 real ImageNet photos of ../shared/data (ImageFolder, one per class; skipped when absent)."""
+    if not SHARED_IMAGES.is_dir():
+        pytest.skip(f"real ImageNet photos not found at {SHARED_IMAGES} (they ship in ../shared/data)")
+    return SHARED_IMAGES
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +76,20 @@ def here(tmp_path, monkeypatch) -> Path:
 def exported(here, tiny_ats_onnx) -> Path:
     """The tiny export copied into the (empty) current directory."""
     return Path(shutil.copy(tiny_ats_onnx, here / tiny_ats_onnx.name))
+
+
+@pytest.fixture
+def read_only_dir(tmp_path) -> Iterator[Path]:
+    """An empty folder this process cannot write in: mode 0555, plus ``chattr +i`` for root, who ignores modes."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = os.access(folder, os.W_OK) and shutil.which("chattr") is not None
+    if immutable:
+        subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False)
+    if os.access(folder, os.W_OK):
+        pytest.skip("cannot make a read-only folder here (root, and chattr +i not supported)")
+    yield folder
+    if immutable:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    folder.chmod(0o755)

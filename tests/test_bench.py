@@ -8,7 +8,9 @@ iterations on one thread instead of a hundred.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from cli_helpers import fast_profile, invoke, plain
 from PIL import Image
 from typer.testing import CliRunner
 
+from ats_deploy.bench import run, tune
 from ats_deploy.bench.data import image_folder, read_class_map
 from ats_deploy.bench.source import Exported, check_static, engine_for, open_model, reference
 from ats_deploy.bench.timing import Latency, interleaved, paired_ratio
@@ -78,7 +81,7 @@ def test_bench_end_to_end_with_an_image_folder(exported):
     assert len(variants["exported_ats"]["mean_tokens_per_stage"]) == 9
     assert variants["pytorch_dense"]["mean_tokens_per_stage"] == []
     comparison = data["comparison"]
-    assert comparison["images"] == 4 and comparison["tokens_total"] == 36
+    assert comparison["images"] == 4 and comparison["stages_total"] == 36 and comparison["compared"] == "kept patches"
     assert comparison["mismatches"] == []  # a token that moved at a float tie is listed under "flips" instead
     environment = data["environment"]
     assert environment["cores"] and environment["cpu"] and environment["runtimes"]["onnxruntime"]
@@ -296,3 +299,60 @@ def test_profiles_lists_builtins_and_local_files(here):
     assert "./profiles/cpu.yaml" in lines["cpu"] and "./profiles/lab.yaml" in lines["lab"]
     assert plain(result.output).count("(overrides built-in)") == 1
     assert "built-in" in lines["jetson-dla"] and "tensorrt" in lines["jetson-dla"]
+
+
+def test_profiles_lists_the_good_profiles_and_names_a_bad_file(here):
+    fast_profile("cpu")
+    Path("profiles/broken.yaml").write_text("backend: [oops\n")
+    Path("profiles/cpu-batch.yaml").write_text("backend: onnxruntime\n")
+    result = CliRunner().invoke(app, ["profiles"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    lines = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 2}
+    assert {"cpu", "jetson", "jetson-dla", "desktop-gpu", "server-gpu"} <= set(lines)
+    assert "broken" not in lines and "cpu-batch" not in lines, "a bad file, and the built-in it overrides, are left out"
+    output = plain(result.output)
+    assert "warning: profile" in output and "broken.yaml: invalid YAML at line 2" in output
+    assert "cpu-batch.yaml: missing required key 'description' (it overrides the built-in 'cpu-batch'" in output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [["bench"], ["tune", "--data", "data", "--max-drop", "1"]])
+def test_a_corrupt_onnx_file_is_called_corrupt(exported, command):
+    Path("random.onnx").write_bytes(np.random.default_rng(0).bytes(100_000))
+    Path("truncated.onnx").write_bytes(exported.read_bytes()[: exported.stat().st_size // 2])
+    for name in ("random.onnx", "truncated.onnx"):
+        result = invoke(command[0], name, "--profile", "cpu", *command[1:])
+        assert result.exit_code == 2
+        output = plain(result.output)
+        assert f"{name} is corrupt or not an ONNX file" in output and "Re-export it with `ats-deploy export" in output
+        assert "not an ONNX file exported by ats-deploy" not in output and "Traceback" not in result.output
+
+
+def test_an_unwritable_out_folder_is_refused_before_any_work(exported, read_only_dir, monkeypatch):
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("loaded the reference")
+
+    monkeypatch.setattr(run, "reference", refuse)
+    result = invoke("bench", exported, "--profile", "cpu", "--images", "1", "--out", read_only_dir / "out")
+    assert result.exit_code == 2, result.output
+    output = plain(result.output)
+    assert "cannot write to" in output and "permission denied; choose another --out" in output
+    assert "Traceback" not in result.output and not (read_only_dir / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["bench"], ["tune", "--data", "data", "--max-drop", "1"]])
+def test_more_threads_than_cores_is_said_before_measuring(exported, monkeypatch, command):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    crowded = dataclasses.replace(load_profile("cpu"), threads=cores + 1, warmup=1, iterations=2)
+    dump_profile(crowded, Path("profiles") / "cpu.yaml", [])
+    write_images(Path("data") / "cat", 1)
+
+    def stop(*_args, **_kwargs):
+        raise UserError("stopped before measuring")
+
+    monkeypatch.setattr(run, "reference", stop)
+    monkeypatch.setattr(tune.Device, "dense", stop)
+    result = invoke(command[0], exported, "--profile", "cpu", *command[1:])
+    output = plain(result.output)
+    warning = f"warning: profile 'cpu' asks for {cores + 1} threads, and this process may use {cores} CPU cores"
+    assert warning in output and "stopped before measuring" in output

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from cli_helpers import invoke, plain
 from conftest import SHARED_WEIGHTS
+from PIL import Image
 
 from ats_deploy import __version__
 
@@ -128,3 +132,173 @@ def test_corrupt_onnx_is_one_clear_message(tmp_path):
     bad.write_bytes(b"not an onnx file at all")
     result = invoke("check", bad)
     assert result.exit_code != 0 and "not a valid ONNX model" in plain(result.output)
+
+
+# A file name that is both rich markup ("[b]") and an emoji code (":coffee:").
+MARKUP_NAME = "[b]cat:coffee:.png"
+
+
+def test_predict_prints_image_names_as_written(tmp_path):
+    image = tmp_path / MARKUP_NAME
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    result = invoke("predict", *RANDOM, image, "skimage:coffee", "--top", "1")
+    assert result.exit_code == 0, result.output
+    out = plain(result.stdout)
+    assert MARKUP_NAME in out and "skimage:coffee (" in out and "\u2615" not in out
+
+
+def test_error_messages_print_user_text_as_written():
+    result = invoke("check", MARKUP_NAME.replace(".png", ".onnx"))
+    assert result.exit_code != 0 and "[b]cat:coffee:.onnx" in plain(result.output)
+
+
+@pytest.mark.parametrize(
+    ("command", "text"),
+    [("bench", "DIR/<class>/<image>"), ("tune", "<name>.pareto.png"), ("build", "<engine stem>.fp16.onnx")],
+)
+def test_help_keeps_angle_brackets(command, text):
+    """typer's markdown mode drops `<word>` as an HTML tag unless it is quoted as code."""
+    result = invoke(command, "--help")
+    assert result.exit_code == 0 and text in plain(result.stdout)
+
+
+def test_bench_report_prints_names_as_written():
+    from rich.console import Console
+
+    from ats_deploy.bench.report import render
+    from ats_deploy.bench.results import BenchResult, VariantResult
+    from ats_deploy.bench.timing import Latency
+    from ats_deploy.bench.variants import PYTORCH_DENSE
+    from ats_deploy.profiles import load_profile
+
+    dense = VariantResult(PYTORCH_DENSE, "pytorch", 1.0, 1.26, np.zeros((1, 0)), Latency([1.0, 1.0], 1))
+    result = BenchResult(
+        created="now",
+        model={"path": "[b]model:rocket:.onnx"},
+        profile=load_profile("cpu"),
+        backend="onnxruntime",
+        precision="fp32",
+        keep=[0.6],
+        keep_origin="profile 'cpu'",
+        data={"labelled": False, "images": 1, "source": "skimage:coffee", "skipped_corrupt": 1,
+              "skipped_files": [{"file": MARKUP_NAME, "reason": "cannot read"}]},
+        accuracy_metric="agreement",
+        variants=[dense],
+        comparison=None,
+        environment={},
+        warnings=["[red]image skimage:coffee: odd[/red]"],
+    )
+    console = Console(record=True, width=300)
+    render(result, console)
+    out = console.export_text()
+    for text in ("[b]model:rocket:.onnx", "from skimage:coffee", f"skipped {MARKUP_NAME}: cannot read",
+                 "warning: [red]image skimage:coffee: odd[/red]"):
+        assert text in out, text
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+
+
+HEAVY = "[m for m in ('torch', 'timm', 'onnx', 'onnxruntime') if m in sys.modules]"
+
+
+@pytest.mark.parametrize(("argv", "code"), [(["--help"], 0), (["export"], 2), (["check", "--help"], 0)])
+def test_help_and_argument_errors_import_no_torch(argv, code):
+    """`ats-deploy --help` must not wait seconds for torch: neither the CLI module nor its parser loads it."""
+    run = _python(
+        "import sys\nimport ats_deploy.cli as cli\n"
+        f"assert not {HEAVY}, {HEAVY}\n"
+        f"sys.argv = ['ats-deploy', *{argv!r}]\n"
+        "try:\n    cli.main()\nexcept SystemExit as done:\n    code = done.code\n"
+        f"print('exit', code, 'heavy', {HEAVY})\n"
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"exit {code} heavy []" in run.stdout
+
+
+def test_the_package_loads_the_model_only_when_asked():
+    run = _python(
+        "import sys, ats_deploy\nassert 'torch' not in sys.modules\n"
+        "from ats_deploy import ATSOutput, ATSVisionTransformer\nprint(ATSVisionTransformer.__module__)"
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "ats_deploy.model", run.stderr
+
+
+def test_ctrl_c_outside_a_command_is_one_line_and_exit_130():
+    run = _python(
+        "import ats_deploy.cli as cli\n"
+        "def interrupted():\n    raise KeyboardInterrupt\n"
+        "cli.app = interrupted\ncli.main()\n"
+    )
+    assert run.returncode == 130 and run.stderr.strip() == "interrupted", run.stderr
+
+
+def test_ctrl_c_inside_a_command_is_one_line_and_exit_130(monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ats_deploy.checkpoints.load_model", interrupted)
+    result = invoke("inspect", *RANDOM)
+    assert result.exit_code == 130 and plain(result.output) == "interrupted"
+
+
+def test_keep_above_one_that_is_not_a_whole_number_is_refused(here):
+    result = invoke("export", "random:0", "--arch", "deit_tiny_patch16_224", "--dynamic", "--keep", "1.5")
+    assert result.exit_code == 2
+    assert "absolute budget of floor(1.5) = 1" in plain(result.output)
+    assert not list(here.iterdir())
+
+
+def test_a_keep_below_the_budget_floor_is_noted(here):
+    result = invoke("export", "random:0", "--arch", "deit_tiny_patch16_224", "--dynamic", "--keep", "1e-9",
+                    "--no-validate")
+    assert result.exit_code == 0, result.output
+    assert "keep 1e-09 gives K = 8 tokens, the floor" in plain(result.output)
+
+
+@pytest.mark.parametrize(("stages", "message"), [("11-3", "runs backwards; did you mean '3-11'"), ("", "cannot read")])
+def test_stages_that_would_silently_mean_none_are_refused(here, stages, message):
+    result = invoke("convert", "random:0", "--arch", "deit_tiny_patch16_224", "--stages", stages, "-o", "x.pt")
+    assert result.exit_code == 2 and message in plain(result.output)
+    assert not list(here.iterdir())
+
+
+def test_a_dense_checkpoint_converts_and_exports(here):
+    result = invoke("convert", "random:0", "--arch", "deit_tiny_patch16_224", "--stages", "none", "-o", "dense.pt")
+    assert result.exit_code == 0 and "stages none, keep -" in plain(result.output)
+    result = invoke("export", "dense.pt", "--dynamic")
+    assert result.exit_code == 0, result.output
+    assert "validated" in plain(result.output)
+
+
+def test_each_export_kind_has_its_own_default_name(here):
+    args = ("random:0", "--arch", "deit_tiny_patch16_224", "--no-validate")
+    assert invoke("export", *args, "--dynamic").exit_code == 0
+    assert invoke("export", *args, "--profile", "jetson-dla").exit_code == 0
+    assert invoke("export", *args, "--dynamic", "--ats-op", "custom").exit_code == 0
+    names = sorted(p.name for p in here.glob("*.onnx"))
+    assert names == [
+        "deit_tiny_patch16_224_ats.custom-op.onnx",
+        "deit_tiny_patch16_224_ats.onnx",
+        "deit_tiny_patch16_224_ats.static-b1-k0.7.onnx",
+    ], names
+
+
+def test_opset_17_export_reads_as_meant_by_tensorrt_8_6(here):
+    result = invoke("export", "random:0", "--arch", "deit_tiny_patch16_224", "--dynamic", "--opset", "17",
+                    "-o", "o17.onnx")
+    assert result.exit_code == 0, result.output
+    from ats_deploy.exporters.compat import check_model
+
+    model = onnx.load("o17.onnx")
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    report = check_model(model, "tensorrt-8.6")
+    assert report.ok and not [f for f in report.warnings if "opset" in f.message]
+
+
+def test_the_dynamo_exporter_prints_no_generated_code(here):
+    result = invoke("export", "random:0", "--arch", "deit_tiny_patch16_224", "--dynamic", "--exporter", "dynamo",
+                    "--no-validate")
+    assert result.exit_code == 0, result.output
+    assert "def forward" not in result.output and len(result.output.splitlines()) < 10

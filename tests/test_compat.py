@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +242,111 @@ def test_render_names_the_offending_node_and_gives_a_verdict():
     console = Console(record=True, width=200)
     render(check_model(_matmul_softmax(), "tensorrt-10"), console)
     assert "compatible with tensorrt-10" in console.export_text()
+
+
+def _sampler_model() -> onnx.ModelProto:
+    """One ``--ats-op custom`` node, as the export writes it (spec: exporters/custom_op.py)."""
+    from ats_deploy.exporters.custom_op import DOMAIN, OP_TYPE, OP_VERSION
+
+    node = helper.make_node(
+        OP_TYPE, ["scores", "clamp", "u"], ["index", "mask", "n_kept", "length"], name="sampler", domain=DOMAIN,
+        length=-1,
+    )
+    return _model(
+        [node],
+        [_tensor("scores", TensorProto.FLOAT, [1, 8, 1]), _tensor("clamp", TensorProto.FLOAT, [1, 8, 1]),
+         _tensor("u", TensorProto.FLOAT, [1, 4])],
+        [_tensor("index", TensorProto.INT64, None), _tensor("mask", TensorProto.FLOAT, None),
+         _tensor("n_kept", TensorProto.FLOAT, None), _tensor("length", TensorProto.INT32, None)],
+        opsets=(("", 17), (DOMAIN, OP_VERSION)),
+    )
+
+
+def test_project_op_in_onnxruntime_states_how_to_register_it():
+    """A plain session refuses the node; the report says so and names the registration call."""
+    report = check_model(_sampler_model(), "onnxruntime")
+    assert report.ok  # it loads once registered, as every ats-deploy command does
+    [warning] = report.warnings
+    assert "plain InferenceSession cannot load" in warning.message
+    assert "custom_op.register(session_options)" in warning.message and "onnxruntime-extensions" in warning.message
+
+
+def test_project_op_without_onnxruntime_extensions_fails_onnxruntime(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime_extensions", None)  # import fails
+    report = check_model(_sampler_model(), "onnxruntime")
+    assert any("pip install onnxruntime-extensions" in f.message for f in report.errors)
+
+
+def _reduce_max(opset: int) -> onnx.ModelProto:
+    """ReduceMax over axis 1: the axes are an attribute up to opset 17 and an input from 18 on."""
+    axes = [_const("axes", [1])] if opset >= 18 else []
+    node = helper.make_node(
+        "ReduceMax", ["x", "axes"] if axes else ["x"], ["y"], name="max", **({} if axes else {"axes": [1]})
+    )
+    return _model(
+        [node], [_tensor("x", TensorProto.FLOAT, [1, 8])], [_tensor("y", TensorProto.FLOAT, [1, 1])], axes,
+        opsets=(("", opset),),
+    )
+
+
+def test_opset_above_tensorrt_8_6_names_the_redefined_ops_and_a_fix_that_exists():
+    [message] = [f.message for f in check_model(_reduce_max(18), "tensorrt-8.6").warnings if "opset" in f.message]
+    assert "documents (1-17)" in message and "ReduceMax" in message
+    assert "ats-deploy export CHECKPOINT --opset 17" in message and "tensorrt-10" in message
+    assert "re-export with an opset in that range" not in message
+    assert not [f for f in check_model(_reduce_max(17), "tensorrt-8.6").warnings if "opset" in f.message]
+
+
+def test_opset_above_tensorrt_8_6_with_unchanged_ops_says_they_read_as_meant():
+    model = _matmul_softmax()
+    model.opset_import[0].version = 18
+    [message] = [f.message for f in check_model(model, "tensorrt-8.6").warnings if "opset" in f.message]
+    assert "every op it uses is defined as at opset 17" in message
+
+
+def _dla_mix() -> onnx.ModelProto:
+    """A MatMul with constant weights (DLA) feeding one with a run-time second input (GPU fallback)."""
+    return _model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+            helper.make_node("MatMul", ["h", "v"], ["y"], name="mix"),
+        ],
+        [_tensor("x", TensorProto.FLOAT, [1, 64]), _tensor("v", TensorProto.FLOAT, [64, 192])],
+        [_tensor("y", TensorProto.FLOAT, [1, 192])],
+        [numpy_helper.from_array(np.ones((64, 64), np.float32), "w")],
+    )
+
+
+def test_dla_report_gives_the_share_on_the_dla_and_not_a_plain_compatible():
+    report = check_model(_dla_mix(), "dla")
+    assert report.ok  # TensorRT builds it with GPU fallback
+    assert (report.dla.dla_macs, report.dla.macs) == (64 * 64, 64 * 64 + 64 * 192)
+    assert (report.dla.dla_layers, report.dla.layers) == (1, 2)
+    console = Console(record=True, width=200)
+    render(report, console)
+    text = console.export_text()
+    assert "runs on dla with GPU fallback: 25.0% of MACs, 1 of 2 layers on the DLA" in text
+    assert "compatible with dla" not in text
+
+
+def test_dla_subgraphs_beyond_the_per_core_limit_fall_back_to_the_gpu():
+    """Relu (DLA) and Erf (GPU) alternate: 17 DLA subgraphs, TensorRT keeps 16 on the DLA."""
+    nodes, previous = [], "x"
+    for i in range(17):
+        nodes += [
+            helper.make_node("Relu", [previous], [f"r{i}"], name=f"relu{i}"),
+            helper.make_node("Erf", [f"r{i}"], [f"e{i}"], name=f"erf{i}"),
+        ]
+        previous = f"e{i}"
+    model = _model(nodes, [_tensor("x", TensorProto.FLOAT, [1, 8])], [_tensor(previous, TensorProto.FLOAT, [1, 8])])
+    report = check_model(model, "dla")
+    assert (report.dla.subgraphs, report.dla.dla_layers, report.dla.layers) == (17, 16, 34)
+    assert any("at most 16 per DLA core" in f.message for f in report.warnings)
+
+
+def test_a_model_all_on_the_dla_is_plainly_compatible():
+    report = check_model(_matmul_softmax(), "dla")
+    assert not report.dla.fallback
+    console = Console(record=True, width=200)
+    render(report, console)
+    assert "compatible with dla" in console.export_text()

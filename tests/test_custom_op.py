@@ -20,7 +20,7 @@ from ats_deploy.errors import BackendUnavailable, UserError
 from ats_deploy.exporters import custom_op, trt_plugin
 from ats_deploy.exporters.onnx_export import ExportOptions, export, read_metadata
 from ats_deploy.exporters.tensorrt import TensorRTRunner, build_engine, spec_from
-from ats_deploy.exporters.validate import Case, compare_image
+from ats_deploy.exporters.validate import Case, Judge, TappedSession, compare_batch, reference_samples, samples
 from ats_deploy.model import build
 from ats_deploy.profiles import Profile, Shapes, load_profile
 
@@ -141,11 +141,12 @@ def test_custom_export_passes_the_checker_and_shape_inference(exports, name):
 # --------------------------------------------------------------------------- onnxruntime vs PyTorch
 
 
-def against_reference(model, ref, keep: float, logits: np.ndarray, tokens: np.ndarray, atol: float = ATOL) -> Case:
-    """Validation's comparison (ATS_SPEC section 5): equal, or a token flip at a float tie."""
-    case = Case(keep=[keep] * len(model.stages), batch=len(tokens))
-    for b in range(len(tokens)):
-        compare_image(case, f"image {b}", ref, b, logits[b], tokens[b], model, atol)
+def against_reference(model, images, keep: torch.Tensor, observed, atol: float = ATOL) -> Case:
+    """Validation's comparison (ATS_SPEC section 5): equal, or a flip that a replay of the reference confirms."""
+    case = Case(keep=keep.tolist(), batch=len(observed))
+    expected = reference_samples(model, images, keep)
+    names = [f"image {b}" for b in range(len(observed))]
+    compare_batch(case, Judge(model, atol), names, images, keep, observed, expected)
     return case
 
 
@@ -160,12 +161,10 @@ def test_custom_op_matches_reference_and_subgraph(model, sessions, images, keep,
     chunk = images[:batch]
     keep_t = torch.full((len(model.stages),), keep)
     feeds = {"images": chunk.numpy(), "keep": keep_t.numpy()}
-    with torch.no_grad():
-        ref = model.forward_details(chunk, keep_t, probe=True)
     logits, tokens = sessions["custom"].run(["logits", "tokens"], feeds)
     sub_logits, sub_tokens = sessions["subgraph"].run(["logits", "tokens"], feeds)
-    custom = against_reference(model, ref, keep, logits, tokens)
-    subgraph = against_reference(model, ref, keep, sub_logits, sub_tokens)
+    custom = against_reference(model, chunk, keep_t, samples(logits, tokens))
+    subgraph = against_reference(model, chunk, keep_t, samples(sub_logits, sub_tokens))
     assert custom.ok and subgraph.ok, custom.failures + subgraph.failures
     flipped = {flip.image for flip in custom.flips + subgraph.flips}
     for b in range(batch):
@@ -174,13 +173,24 @@ def test_custom_op_matches_reference_and_subgraph(model, sessions, images, keep,
             np.testing.assert_allclose(logits[b], sub_logits[b], rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+def test_custom_op_keeps_the_reference_patches(model, exports, images, keep):
+    """Validation reads which patches each stage kept from the custom node's index and key mask."""
+    chunk = images[:3]
+    keep_t = torch.full((len(model.stages),), keep)
+    for name in ("custom", "subgraph"):
+        observed = TappedSession(str(exports[name]))(chunk.numpy(), keep_t.numpy())
+        assert all(len(sample.kept) == len(model.stages) for sample in observed)
+        case = against_reference(model, chunk, keep_t, observed)
+        assert case.ok and case.positions, (name, case.failures)
+        assert case.stage_matches + sum(len(f.ties) for f in case.flips) >= case.stage_total - 2 * len(case.flips) * 9
+
+
 def test_static_custom_op_matches_reference(model, sessions, images):
     chunk = images[:STATIC_BATCH]
     keep_t = torch.full((len(model.stages),), STATIC_KEEP)
-    with torch.no_grad():
-        ref = model.forward_details(chunk, keep_t, probe=True)
     logits, tokens = sessions["static"].run(["logits", "tokens"], {"images": chunk.numpy()})
-    case = against_reference(model, ref, STATIC_KEEP, logits, tokens)
+    case = against_reference(model, chunk, keep_t, samples(logits, tokens))
     assert case.ok and not case.flips, case.failures
 
 
@@ -294,9 +304,7 @@ def test_trt_plugin_engine_matches_reference(model, exports, images, name):
     runner = TensorRTRunner(build_engine(spec_from(exports[name], gpu_profile(batch))))
     keep_t = torch.full((len(model.stages),), STATIC_KEEP)
     result = runner(images[:batch].numpy(), keep_t.numpy())
-    with torch.no_grad():
-        ref = model.forward_details(images[:batch], keep_t, probe=True)
-    case = against_reference(model, ref, STATIC_KEEP, result["logits"], result["tokens"], atol=TRT_ATOL)
+    case = against_reference(model, images[:batch], keep_t, samples(result["logits"], result["tokens"]), atol=TRT_ATOL)
     assert case.ok, case.failures
 
 

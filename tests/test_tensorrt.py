@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from cli_helpers import invoke, plain
 from onnx import TensorProto, helper, numpy_helper
 
 from ats_deploy.errors import BackendUnavailable, UserError
+from ats_deploy.exporters import tensorrt
 from ats_deploy.exporters.onnx_export import ExportOptions, export
 from ats_deploy.exporters.tensorrt import (
     EngineSpec,
@@ -282,6 +285,60 @@ def test_write_fp16_onnx(dynamic_onnx):
     model = onnx.load(str(written))
     assert {init.data_type for init in model.graph.initializer if init.name.startswith("w")} == {TensorProto.FLOAT16}
     assert spec_from(written, load_profile("desktop-gpu")).image_shape == (3, SIZE, SIZE), "same interface"
+
+
+def test_an_fp16_conversion_that_changes_most_predictions_is_not_written(dynamic_onnx, monkeypatch):
+    spec = spec_from(dynamic_onnx, load_profile("desktop-gpu"))
+    poor = tensorrt.Fp16Agreement(photos=4, images=8, keep=None, top1=3, tokens=8, max_logit_diff=9.0)
+    monkeypatch.setattr(tensorrt, "fp16_agreement", lambda *_args: poor)
+    with pytest.raises(UserError, match=r"changes the top-1 class of 5 of 8 images \(at least 50% must agree\)"):
+        write_fp16_onnx(spec)
+    assert sorted(p.name for p in dynamic_onnx.parent.iterdir()) == [dynamic_onnx.name], "nothing half-written"
+
+
+class _TensorRTThatStopsAtTheNetwork:
+    """Stands in for TensorRT 10 up to the first call into it: what `ats-deploy build` does before a device works."""
+
+    __version__ = "10.8.0"
+
+    def __getattr__(self, name: str):
+        raise BackendUnavailable(f"the stand-in TensorRT stops at {name}")
+
+
+def test_build_converts_once_beside_the_engine_and_reports_agreement_first(exported, monkeypatch):
+    conversions: list[str] = []
+    convert = tensorrt.to_fp16
+
+    def counted(model: onnx.ModelProto) -> onnx.ModelProto:
+        conversions.append(model.graph.name)
+        return convert(model)
+
+    monkeypatch.setattr(tensorrt, "to_fp16", counted)
+    monkeypatch.setattr(tensorrt, "_import_tensorrt", _TensorRTThatStopsAtTheNetwork)
+    Path("engines").mkdir()
+    result = invoke("build", exported.name, "--profile", "jetson", "-o", "engines")
+    assert result.exit_code == 3, result.output
+    output = plain(result.output)
+    assert "the stand-in TensorRT stops at Logger" in output, "the build got as far as TensorRT itself"
+    assert len(conversions) == 1, "converted once, by the CLI, and the build read that file"
+    fp16 = Path("engines") / f"{exported.stem}.jetson.fp16.onnx"
+    assert fp16.is_file() and f"wrote {fp16}: the fp16 copy of {exported.name}" in output
+    agreement = re.search(r"4 photos \+ 4 random images at keep 0\.7(,0\.7){8}: same top-1 for (\d)/8, "
+                          r"same kept tokens at every stage for (\d)/8, max \|logit difference\| \S+", output)
+    assert agreement is not None, output
+    assert int(agreement[2]) >= 4, "the tiny export's fp16 copy agrees on most images"
+    assert output.index("same top-1") < output.index("trtexec --onnx") and f"--onnx={fp16}" in output
+
+
+def test_build_into_an_unwritable_folder_is_refused_before_converting(exported, read_only_dir, monkeypatch):
+    def refuse(*_args):
+        raise AssertionError("converted to fp16")
+
+    monkeypatch.setattr(tensorrt, "to_fp16", refuse)
+    result = invoke("build", exported, "--profile", "jetson", "-o", read_only_dir / "model.plan")
+    assert result.exit_code == 2, result.output
+    assert "permission denied; choose another -o" in plain(result.output) and "Traceback" not in result.output
+    assert list(read_only_dir.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- fp16 conversion

@@ -181,7 +181,36 @@ def test_an_impossible_latency_budget_names_the_closest_setting(there):
     # Nothing meets the budget, so the search ranks by latency: from the fastest uniform setting on, only faster.
     assert closest["p50_ms"] <= min(s["p50_ms"] for s in settings[: len(tune.COARSE)])
     assert f"p50 {closest['p50_ms']:.2f} ms" in output
-    assert not Path("fast.yaml").exists() and Path("fast.pareto.png").is_file()
+    # The plot of a failed run says so in its name: no profile matches it.
+    assert not Path("fast.yaml").exists() and Path("fast.failed.pareto.png").is_file()
+    assert not Path("fast.pareto.png").exists()
+    assert "fast.failed.pareto.png (the plot of this failed run; no profile written" in output
+
+
+def test_a_failed_run_leaves_the_profile_and_its_plot_as_they_were(there, tmp_path):
+    for suffix in (".yaml", ".pareto.png"):
+        shutil.copy(Path("profiles") / f"cpu-tuned{suffix}", tmp_path / f"ok{suffix}")
+    before = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    log = Path("profiles/cpu-tuned.log.jsonl")
+    result = invoke("tune", *TUNE, "--latency-ms", "0.001", "--log", log, "-o", tmp_path / "ok.yaml")
+    assert result.exit_code == 1
+    assert {path: path.read_bytes() for path in before} == before, "the profile and its plot still agree"
+    assert (tmp_path / "ok.failed.pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ok.yaml is left as it was" in plain(result.output)
+
+
+def test_the_choice_comes_from_every_setting_in_the_log(there, tmp_path, no_measuring):
+    """A setting an earlier run measured off this run's search path still competes (here: the fastest, and exact)."""
+    log = Path(shutil.copy("profiles/cpu-tuned.log.jsonl", tmp_path / "earlier.log.jsonl"))
+    keep = (0.95, *[0.1] * 8)  # further from a uniform keep than the refinement's steps reach
+    off_path = Measurement(keep, np.ones(IMAGES, dtype=bool), gflops=0.1, p50_ms=0.001, dense_p50_ms=1.0,
+                           tokens=[187.0, *[20.0] * 8], speedup=1000.0)
+    with log.open("a") as handle:
+        handle.write(json.dumps(off_path.to_record(197)) + "\n")
+    result = invoke("tune", *TUNE, "--max-drop", MAX_DROP, "--log", log, "-o", tmp_path / "choice.yaml")
+    assert result.exit_code == 0, result.output
+    assert load_profile(str(tmp_path / "choice.yaml")).keep == keep
+    assert "0 measured now" in plain(result.output)
 
 
 def test_a_log_from_other_conditions_is_not_reused(there, tmp_path, monkeypatch):

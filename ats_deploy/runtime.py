@@ -1,0 +1,361 @@
+"""Run an exported ATS model in your own application: images in, classes and kept tokens out.
+
+    from ats_deploy import runtime
+
+    model = runtime.open("deit_s_ats.onnx")         # or a TensorRT engine from `ats-deploy build`
+    result = model.predict(["cat.jpg"], keep=0.7)   # file paths, PIL images or uint8 HWC arrays
+    print(result.labels[0][0], result.probabilities[0][0], result.tokens[0])
+
+The pre-processing (resize, centre crop, mean/std) is the one the file's metadata
+records, applied by the transform the PyTorch reference uses
+(:func:`ats_deploy.images.preprocess`), so the exported model sees the reference's
+pixels. ``keep`` is checked and shaped as the file's ``keep`` input wants it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .flops import CostModel
+    from .model import ATSVisionTransformer
+
+ENGINE_SUFFIXES = (".plan", ".engine")
+MODEL_SUFFIXES = (".onnx", *ENGINE_SUFFIXES)
+# What the runtime reads from the metadata `ats-deploy export` writes (docs/ATS.md, "Metadata").
+REQUIRED_KEYS = (
+    "arch", "stages", "n0", "num_classes", "keep", "input_size", "mean", "std", "interpolation", "crop_pct",
+)
+EXPORT_HINT = "Export the model with `ats-deploy export CHECKPOINT --dynamic`, which records what running it needs."
+
+ImageLike = Image.Image | str | Path | np.ndarray
+KeepLike = float | Sequence[float] | None
+Backend = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the model says about each image: logits, kept tokens per ATS stage and the top classes.
+
+    Row ``i`` of every field belongs to the ``i``-th image given; top classes come best first.
+    """
+
+    logits: np.ndarray  # float32 [images, classes]
+    tokens: np.ndarray  # int64 [images, S]: K' at each ATS stage
+    classes: np.ndarray  # int64 [images, top]
+    probabilities: np.ndarray  # float32 [images, top]: softmax of the logits
+    labels: list[list[str]]  # class names of `classes` (ImageNet names for 1000-class heads)
+
+
+def is_exported_model(path: str | Path) -> bool:
+    """Whether ``path`` names an exported model (ONNX or TensorRT engine) rather than a checkpoint."""
+    return Path(path).suffix.lower() in MODEL_SUFFIXES
+
+
+def open(path: str | Path, threads: int | None = None) -> ExportedModel:
+    """Open an ONNX file written by ``ats-deploy export`` (onnxruntime, CPU) or an engine from ``ats-deploy build``.
+
+    ``threads`` caps onnxruntime's intra-op threads (default: onnxruntime's choice).
+    An engine needs TensorRT and a CUDA GPU; without them this raises
+    :class:`~ats_deploy.errors.BackendUnavailable`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model file not found: {path}. {EXPORT_HINT}")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give the .onnx file (or .plan/.engine) ats-deploy wrote.")
+    if path.suffix.lower() in ENGINE_SUFFIXES:
+        return _open_engine(path)
+    return _open_onnx(path, threads)
+
+
+def _open_onnx(path: Path, threads: int | None) -> ExportedModel:
+    """Check the file is an ats-deploy export, then load it into onnxruntime."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: any failure means "not an ONNX file"
+        raise UserError(f"cannot read {path} as an ONNX model ({exc}); is the file complete? {EXPORT_HINT}") from None
+    meta = {prop.key: prop.value for prop in graph.metadata_props}
+    _check_metadata(path, meta)
+    inputs = {value.name: value for value in graph.graph.input}
+    if "images" not in inputs:
+        raise UserError(f"{path} has no 'images' input, so it was not exported by ats-deploy. {EXPORT_HINT}")
+    keep_rank = len(inputs["keep"].type.tensor_type.shape.dim) if "keep" in inputs else None
+    return ExportedModel(path, meta, _onnx_backend(path, threads, keep_rank is not None), keep_rank)
+
+
+def _onnx_backend(path: Path, threads: int | None, takes_keep: bool) -> Backend:
+    from .exporters.validate import session
+
+    try:
+        sess = session(str(path), threads)
+    except Exception as exc:  # onnxruntime's own exception types: the graph cannot run here
+        raise UserError(f"onnxruntime cannot load {path}: {exc}. Re-export it with `ats-deploy export`.") from None
+
+    def run(images: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        feeds = {"images": images, "keep": keep} if takes_keep else {"images": images}
+        logits, tokens = sess.run(["logits", "tokens"], feeds)
+        return logits, tokens
+
+    return run
+
+
+def _open_engine(path: Path) -> ExportedModel:
+    """An engine's metadata is the ONNX metadata ``ats-deploy build`` copied into ``<engine>.json``."""
+    from .exporters.tensorrt import TensorRTRunner, engine_info_path
+
+    info = engine_info_path(path)
+    if not info.is_file():
+        raise UserError(
+            f"{info} is missing: ats-deploy runs engines built by `ats-deploy build`, which writes it beside the "
+            "engine. Rebuild the engine with `ats-deploy build MODEL.onnx --profile NAME`."
+        )
+    try:
+        meta = json.loads(info.read_text())["onnx_metadata"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"cannot read {info} ({exc}); rebuild the engine with `ats-deploy build`.") from None
+    _check_metadata(path, meta)
+    runner = TensorRTRunner(path)
+
+    def run(images: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = runner.run(images, keep)
+        return out["logits"], out["tokens"]
+
+    dynamic = json.loads(meta.get("dynamic", "true"))
+    keep_rank = (2 if int(meta.get("interface_version", "1")) >= 2 else 1) if dynamic else None
+    return ExportedModel(path, meta, run, keep_rank)
+
+
+def _check_metadata(path: Path, meta: dict[str, str]) -> None:
+    missing = [key for key in REQUIRED_KEYS if key not in meta]
+    if missing:
+        raise UserError(
+            f"{path} was not exported by ats-deploy: its metadata lacks {', '.join(missing)}. {EXPORT_HINT}"
+        )
+
+
+class ExportedModel:
+    """An exported ATS model and the metadata that says how to feed it. Make one with :func:`open`."""
+
+    def __init__(self, path: Path, meta: dict[str, str], backend: Backend, keep_rank: int | None) -> None:
+        self.path = path
+        self.meta = meta
+        self._backend = backend
+        # None: no keep input (static export); 1: `keep [S]` (interface 1); 2: `keep [batch, S]` (interface 2)
+        self._keep_rank = keep_rank
+
+    @property
+    def arch(self) -> str:
+        return self.meta["arch"]
+
+    @property
+    def stages(self) -> list[int]:
+        """The blocks that sample tokens, in the order of ``tokens``' columns."""
+        return [int(s) for s in json.loads(self.meta["stages"])]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def default_keep(self) -> list[float]:
+        """The keep the file was exported with (baked in, for a static export)."""
+        return [float(v) for v in json.loads(self.meta["keep"])]
+
+    @property
+    def batch(self) -> int | None:
+        """The fixed batch of a static export; ``None`` when the batch is dynamic."""
+        return int(self.meta["batch"]) if "batch" in self.meta else None
+
+    @property
+    def data_config(self) -> dict:
+        """timm's data config as recorded at export: input_size, mean, std, interpolation, crop_pct."""
+        config = {
+            "input_size": tuple(json.loads(self.meta["input_size"])),
+            "mean": tuple(json.loads(self.meta["mean"])),
+            "std": tuple(json.loads(self.meta["std"])),
+            "interpolation": self.meta["interpolation"],
+            "crop_pct": float(self.meta["crop_pct"]),
+        }
+        if "crop_mode" in self.meta:
+            config["crop_mode"] = self.meta["crop_mode"]
+        return config
+
+    def preprocess(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """``float32 [N, 3, H, W]``: the pixels the PyTorch reference sees for the same images."""
+        from .images import preprocess
+
+        return preprocess([as_rgb(image) for image in images], self.data_config).numpy()
+
+    def keep_for(self, keep: KeepLike = None) -> list[float]:
+        """One checked keep value per ATS stage: ``None`` is the file's default, a float serves every stage.
+
+        A static export runs only the keep baked into it: any other is refused by name.
+        """
+        from .model import format_keep, validate_keep
+
+        if keep is None:
+            return self.default_keep
+        values = validate_keep(_numbers(keep), len(self.stages))
+        if self._keep_rank is None and self._budgets(values) != self._budgets(self.default_keep):
+            raise UserError(
+                f"{self.path} is a static export with keep {format_keep(self.default_keep)} baked in; it cannot run "
+                f"keep {format_keep(values)}. Drop keep, or re-export with `ats-deploy export CHECKPOINT --dynamic`."
+            )
+        return values
+
+    def _budgets(self, keep: Sequence[float]) -> list[int]:
+        from .ats import budget_int
+
+        return [budget_int(k, int(self.meta["n0"])) for k in keep]
+
+    def run(self, pixels: np.ndarray, keep: KeepLike = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(logits [N, classes], tokens [N, S])`` for pre-processed ``pixels [N, 3, H, W]``.
+
+        A static export runs in chunks of its batch, the last one padded.
+        """
+        values = np.asarray(self.keep_for(keep), dtype=np.float32)
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        count = len(pixels)
+        if count == 0:
+            raise UserError("no images given; pass at least one image.")
+        chunk = self.batch or count
+        outputs = [self._run_chunk(pixels[start : start + chunk], values, chunk) for start in range(0, count, chunk)]
+        logits, tokens = (np.concatenate(parts)[:count] for parts in zip(*outputs, strict=True))
+        return logits, tokens
+
+    def _run_chunk(self, pixels: np.ndarray, keep: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        padding = size - len(pixels)
+        if padding:
+            pixels = np.concatenate([pixels, np.zeros((padding, *pixels.shape[1:]), dtype=np.float32)])
+        if self._keep_rank == 2:
+            keep = np.tile(keep, (size, 1))
+        return self._backend(pixels, keep)
+
+    def predict(self, images: Sequence[ImageLike] | ImageLike, keep: KeepLike = None, top: int = 5) -> Prediction:
+        """Pre-process ``images`` as the metadata says, run them with ``keep`` and rank the classes."""
+        images = _as_list(images)
+        _check_top(top)
+        logits, tokens = self.run(self.preprocess(images), keep)
+        return rank(logits, tokens, top)
+
+    def gflops(self, tokens: np.ndarray) -> np.ndarray:
+        """GFLOPs of each image from its ``tokens`` (:class:`ats_deploy.flops.CostModel`), float64 ``[N]``."""
+        import torch
+
+        return self._cost.gflops(torch.as_tensor(tokens)).numpy()
+
+    @functools.cached_property
+    def _cost(self) -> CostModel:
+        """The cost model of the recorded architecture, from its layer sizes alone."""
+        import types
+
+        import timm
+        import torch
+
+        from .flops import CostModel
+
+        _, height, width = self.data_config["input_size"]
+        with torch.device("meta"):  # no weights are allocated
+            vit = timm.create_model(self.arch, pretrained=False, img_size=(height, width), num_classes=self.num_classes)
+        return CostModel.of(types.SimpleNamespace(vit=vit, n0=int(self.meta["n0"]), stages=self.stages))
+
+
+class ReferenceModel:
+    """The PyTorch reference behind the calls of :class:`ExportedModel`, so a checkpoint and an export compare alike."""
+
+    def __init__(self, model: ATSVisionTransformer) -> None:
+        self.model = model
+        self.stages = list(model.stages)
+        self.num_classes = model.num_classes
+
+    def predict(self, images: Sequence[ImageLike] | ImageLike, keep: KeepLike = None, top: int = 5) -> Prediction:
+        """As :meth:`ExportedModel.predict`; ``keep=None`` is the checkpoint's default keep."""
+        import torch
+
+        from .images import data_config, preprocess
+        from .model import validate_keep
+
+        images = _as_list(images)
+        _check_top(top)
+        values = validate_keep(self.model.default_keep if keep is None else _numbers(keep), len(self.stages))
+        pixels = preprocess([as_rgb(image) for image in images], data_config(self.model.vit))
+        with torch.no_grad():
+            logits, tokens = self.model(pixels, torch.tensor(values, dtype=torch.float32))
+        return rank(logits.numpy(), tokens.numpy(), top)
+
+    def gflops(self, tokens: np.ndarray) -> np.ndarray:
+        """GFLOPs of each image from its ``tokens``, float64 ``[N]``."""
+        import torch
+
+        from .flops import CostModel
+
+        return CostModel.of(self.model).gflops(torch.as_tensor(tokens)).numpy()
+
+
+def rank(logits: np.ndarray, tokens: np.ndarray, top: int) -> Prediction:
+    """The :class:`Prediction` of ``logits [N, classes]``: softmax, the ``top`` classes best first, their names."""
+    from .imagenet import class_name
+
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+    classes = np.argsort(-probabilities, axis=1, kind="stable")[:, : min(top, logits.shape[1])]
+    return Prediction(
+        logits=logits,
+        tokens=tokens,
+        classes=classes,
+        probabilities=np.take_along_axis(probabilities, classes, axis=1),
+        labels=[[class_name(int(c), logits.shape[1]) for c in row] for row in classes],
+    )
+
+
+def _numbers(keep: float | Sequence[float]) -> list[float]:
+    """``keep`` as a list of floats (checked against the stages by :func:`ats_deploy.model.validate_keep`)."""
+    try:
+        return [float(v) for v in np.atleast_1d(np.asarray(keep, dtype=np.float64))]
+    except (TypeError, ValueError):
+        raise UserError(f"keep must be a number or one number per ATS stage, got {keep!r}.") from None
+
+
+def _as_list(images: Sequence[ImageLike] | ImageLike) -> list[ImageLike]:
+    """One image (a path, PIL image or array) stands for a list of one."""
+    if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+        return [images]
+    if not images:
+        raise UserError("no images given; pass at least one image.")
+    return list(images)
+
+
+def _check_top(top: int) -> None:
+    if top < 1:
+        raise UserError(f"top must be at least 1, got {top}.")
+
+
+def as_rgb(image: ImageLike) -> Image.Image:
+    """A PIL RGB image from a file path, a PIL image or a uint8 array ``[H, W]`` / ``[H, W, 3 or 4]``."""
+    from .images import load_image, to_rgb
+
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return to_rgb(image, "the PIL image")
+    if isinstance(image, np.ndarray):
+        channels_ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))
+        if image.dtype != np.uint8 or not channels_ok:
+            raise UserError(
+                f"an image array must be uint8 [H, W] or [H, W, 3] (RGB), got {image.dtype} {list(image.shape)}."
+            )
+        return to_rgb(Image.fromarray(image.squeeze(2) if image.ndim == 3 and image.shape[2] == 1 else image), "array")
+    raise UserError(f"cannot use a {type(image).__name__} as an image: give a file path, a PIL image or a uint8 array.")
