@@ -1,21 +1,16 @@
-"""The ATS math of ``ATS_SPEC.md``, written once, batched and exportable.
+"""The ATS math of ``ATS_SPEC.md``, written once for whole batches.
 
-Every function here works on whole batches with static-rank tensors and only uses
-ops that both ONNX exporters (TorchScript tracing and dynamo) turn into standard
-ONNX that TensorRT's parser accepts:
+In the spec's order: the budget ``K`` (section 2), the quantiles (step 4), the
+significance scores (step 2), the cdf (step 3), the sampling (steps 5-6), the
+compaction of the kept tokens (step 7, section 3), the key bias of the padding
+(section 3) and the clamp of step 5. Section numbers below refer to ``ATS_SPEC.md``.
 
-* ``searchsorted`` becomes a count: ``#{i : u_i <= cdf_p}``, over a fixed-length
-  quantile grid whose slots past ``K-1`` hold ``+inf``;
-* ``unique`` of the nondecreasing sample indices becomes an adjacent difference of
-  those counts (token ``p`` is sampled iff the count grows at ``p``);
-* compaction of the kept tokens is a ``TopK`` over keys that sort kept tokens first,
-  in order, so no ``NonZero``, ``Unique`` or scatter is needed;
-* the data-dependent sizes (``K-1`` quantiles drawn, ``max K' + 1`` tokens kept)
-  reach the graph in the form each exporter can trace: as run-time inputs of one
-  ``Slice`` or ``TopK`` node under TorchScript tracing (``_Leading``, ``_TopK``),
-  as bounded unbacked integers under torch.export (:func:`dynamic_length`).
-
-Section numbers below refer to ``ATS_SPEC.md``.
+The math is batched with static-rank tensors and no data-dependent op:
+``searchsorted`` is a count ``#{i : u_i <= cdf_p}``, ``unique`` of the
+nondecreasing sample indices is an adjacent difference of those counts, and the
+compaction is a top-k over keys that sort the kept tokens first, in order. How
+each piece becomes graph ops (the run-time lengths, the reshapes, the row
+gathers) is :mod:`ats_deploy.lowering`.
 """
 
 from __future__ import annotations
@@ -23,10 +18,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .lowering import l2_norm, leading, reshape_tail, top_rows
+
 # Smallest normal float32: the spec's ``tiny`` guard against an all-zero score row.
 TINY = float(torch.finfo(torch.float32).tiny)
 MIN_FRACTION_BUDGET = 8
 MIN_ABSOLUTE_BUDGET = 2
+# The class token's count in :func:`sample`: above the ``c_{-1} = 0`` it is compared
+# with, and below every count of a kept patch token (>= 1), so that the counts of
+# the kept tokens, class token included, strictly increase with the position.
+CLASS_TOKEN_COUNT = 0.5
 
 
 def budget(keep: torch.Tensor, n0: int) -> torch.Tensor:
@@ -49,23 +50,6 @@ def budget(keep: torch.Tensor, n0: int) -> torch.Tensor:
     return torch.where(keep <= 1.0, fraction, absolute)
 
 
-def clamp_bias(mask: torch.Tensor | None, n: int, device: torch.device | None = None) -> torch.Tensor:
-    """Float ``[B or 1, n-1, 1]`` over tokens ``1..n-1``: ``-inf`` from the last valid token on, else 0.
-
-    :func:`cdf` subtracts it, so the cdf is ``+inf`` there and every quantile is
-    counted by the last valid token: step 5's clamp ``min(t_i, n-2)``. Position
-    ``p`` (token ``p+1``) is the last valid token or later iff token ``p+2`` is
-    padding or past the end: the stage's key mask (from :func:`compact`) shifted
-    left by two and padded with ``-inf``, one ``Pad``. ``mask`` is ``None`` while nothing
-    is padded (``n`` is then the model's constant token count): only the last token.
-    """
-    if mask is None:
-        clamp = torch.zeros(1, int(n) - 1, 1, device=device)
-        clamp[:, -1] = float("-inf")
-        return clamp
-    return F.pad(mask, (0, 0, -2, 1), value=float("-inf"))
-
-
 def budget_int(keep: float, n0: int) -> int:
     """:func:`budget` for one Python float (static exports, reports)."""
     return int(budget(torch.tensor([keep], dtype=torch.float32), n0)[0])
@@ -83,30 +67,14 @@ def quantiles(k: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.where(slots <= q, slots / q, torch.full_like(slots, float("inf")))
 
 
-class _Leading(torch.autograd.Function):
-    """``x[:, :length]`` with ``length`` a run-time ``[1]`` int64 tensor: one ``Slice`` on axis 1."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        return x[:, : int(length[0])]
-
-    @staticmethod
-    def symbolic(g, x, length):
-        zero, one = g.op("Constant", value_t=torch.tensor([0])), g.op("Constant", value_t=torch.tensor([1]))
-        return g.op("Slice", x, zero, length, one)
-
-
 def drawn_quantiles(u: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """A stage's row ``[1, G]`` of :func:`quantiles` cut to the ``K-1`` it draws (``count``: int64 ``[1]``).
 
     The slots past ``K-1`` hold ``+inf`` and never count; cutting them off shrinks
     the ``[B, N-1, G]`` comparison of :func:`sample` to ``[B, N-1, K-1]``. The row
-    stays 2-D (``u[s : s + 1]``): onnxruntime turns the rows of all stages into one
-    ``Split``, and the row broadcasts against the cdf ``[B, N-1, 1]`` as it is.
+    stays 2-D (``u[s : s + 1]``), so it broadcasts against the cdf ``[B, N-1, 1]`` as it is.
     """
-    if torch.jit.is_tracing():
-        return _Leading.apply(u, count)
-    return u[:, : dynamic_length(count[0], u.shape[1])]
+    return leading(u, count)
 
 
 def significance(cls_attention: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -115,23 +83,12 @@ def significance(cls_attention: torch.Tensor, tokens: torch.Tensor) -> torch.Ten
     ``cls_attention``: ``[B, H, 1, N]``, the class token's attention row per head
     (zero at padded keys). ``tokens``: the values ``[B, N, C]`` with all heads
     concatenated, as the qkv projection lays them out (before the split into
-    heads), so the norm reduces a contiguous last axis, fast in onnxruntime. Returns
-    ``[B, N, 1]`` (tokens on dim 1, as :func:`sample` wants them; token 0, the
-    class token, included: callers drop it).
+    heads), so the norm reduces a contiguous last axis. Returns ``[B, N, 1]``
+    (tokens on dim 1, as :func:`sample` wants them; token 0, the class token,
+    included: callers drop it).
     """
     heads = reshape_tail(cls_attention.sum(dim=1), 1, -1, 1)
     return heads * l2_norm(tokens)
-
-
-def l2_norm(x: torch.Tensor) -> torch.Tensor:
-    """``||x||_2`` over the last dim, kept as a dim of size 1.
-
-    Written as ``Mul``, ``ReduceSum`` and ``Sqrt``: onnxruntime's ``ReduceSum`` over a
-    contiguous last axis has a fast kernel that ``ReduceL2`` and ``ReduceSumSquare``
-    lack (DeiT-S's 197 x 384 values: 11 us vs 32 us with one thread, 14 us vs 20 us
-    with two).
-    """
-    return (x * x).sum(dim=-1, keepdim=True).sqrt()
 
 
 def cdf(scores: torch.Tensor, clamp: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,12 +104,6 @@ def cdf(scores: torch.Tensor, clamp: torch.Tensor | None = None) -> torch.Tensor
     return torch.cumsum(normalised, dim=1)
 
 
-# The class token's count in :func:`sample`: above the ``c_{-1} = 0`` it is compared
-# with, and below every count of a kept patch token (>= 1), so that the counts of
-# the kept tokens, class token included, strictly increase with the position.
-CLASS_TOKEN_COUNT = 0.5
-
-
 def sample(scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Section 1, steps 3-6: which tokens the inverse-transform sampling keeps.
 
@@ -160,7 +111,7 @@ def sample(scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor) -> tuple[
     ``clamp``: ``[1 or B, N-1, 1]``, ``-inf`` from the last valid token on (:func:`clamp_bias`).
     ``u``: ``[1, K-1]`` quantiles of this stage (:func:`drawn_quantiles`; slots holding
     ``+inf`` never count). Returns ``(kept, count)``, both ``[B, N, 1]`` over all
-    tokens (tokens on dim 1, as :func:`compact` and :func:`gather_rows` want them):
+    tokens (tokens on dim 1, as :func:`compact` wants them):
     ``kept`` the bool mask (the class token is always kept) and ``count`` the
     number of quantiles at or below each token's cdf, which strictly increases
     along the kept tokens (:data:`CLASS_TOKEN_COUNT` for the class token).
@@ -176,34 +127,6 @@ def sample(scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor) -> tuple[
     current = F.pad(counts, (0, 0, 1, 0), value=CLASS_TOKEN_COUNT)
     previous = F.pad(counts, (0, 0, 2, -1), value=0.0)
     return current > previous, current
-
-
-def dynamic_length(length: torch.Tensor, upper: int) -> int:
-    """A data-dependent length (a 0-d integer tensor) as an int, outside TorchScript tracing.
-
-    torch.export needs an unbacked integer bounded with ``torch._check``; eager mode
-    just reads it. (The tracer would freeze ``.item()`` into a constant, so traced
-    code passes the tensor itself to ``_Leading`` or ``_TopK`` instead.)
-    """
-    value = int(length.item())
-    torch._check(value >= 1)
-    torch._check(value <= upper)
-    return value
-
-
-class _TopK(torch.autograd.Function):
-    """``torch.topk`` along dim 1 with ``k`` a run-time int64 ``[1]`` tensor: one ``TopK`` node.
-
-    The exporter's own ``topk`` reshapes a tensor ``k`` to ``[1]`` first, one more node.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.topk(x, int(k[0]), dim=1, largest=True, sorted=True)
-
-    @staticmethod
-    def symbolic(g, x, k):
-        return g.op("TopK", x, k, axis_i=1, largest_i=1, sorted_i=1, outputs=2)
 
 
 def compact(
@@ -225,12 +148,10 @@ def compact(
     """
     key = torch.where(kept, upper - count, float("-inf"))
     n_kept = kept.to(torch.float32).sum(dim=1)
-    if length is not None:
-        rank, index = torch.topk(key, length, dim=1, largest=True, sorted=True)
-    elif torch.jit.is_tracing():
-        rank, index = _TopK.apply(key, n_kept.amax(dim=0).to(torch.int64))
+    if length is None:
+        rank, index = top_rows(key, n_kept)
     else:
-        rank, index = torch.topk(key, dynamic_length(n_kept.max(), kept.shape[1]), dim=1, largest=True, sorted=True)
+        rank, index = torch.topk(key, length, dim=1, largest=True, sorted=True)
     return index, rank.clamp_max(0.0), n_kept
 
 
@@ -239,85 +160,18 @@ def key_bias(mask: torch.Tensor) -> torch.Tensor:
     return reshape_tail(mask, 1, 1, 1, -1)
 
 
-class _GatherRows(torch.autograd.Function):
-    """``x [B, N, C]`` rows ``index [B, m, 1]`` -> ``[B, m, C]``.
+def clamp_bias(mask: torch.Tensor | None, n: int, device: torch.device | None = None) -> torch.Tensor:
+    """Float ``[B or 1, n-1, 1]`` over tokens ``1..n-1``: ``-inf`` from the last valid token on, else 0.
 
-    Exported by the TorchScript exporter as ``GatherND(batch_dims=1)``, which copies
-    whole rows; ``torch.gather`` would export as ``GatherElements`` with an index
-    expanded to every element, several times slower in onnxruntime.
+    :func:`cdf` subtracts it, so the cdf is ``+inf`` there and every quantile is
+    counted by the last valid token: step 5's clamp ``min(t_i, n-2)``. Position
+    ``p`` (token ``p+1``) is the last valid token or later iff token ``p+2`` is
+    padding or past the end: the stage's key mask (from :func:`compact`) shifted
+    left by two and padded with ``-inf``, one ``Pad``. ``mask`` is ``None`` while nothing
+    is padded (``n`` is then the model's constant token count): only the last token.
     """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return torch.gather(x, 1, index.expand(-1, -1, x.shape[-1]))
-
-    @staticmethod
-    def symbolic(g, x, index):
-        return g.op("GatherND", x, index, batch_dims_i=1)
-
-
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x [B, N, C]`` restricted to the token rows ``index [B, m, 1]``."""
-    return _GatherRows.apply(x, index)
-
-
-class _ReshapeTail(torch.autograd.Function):
-    """Reshape all but the first ``lead`` dims; exported as one ``Reshape`` to ``[0, .., 0, *tail]``.
-
-    ONNX ``0`` copies a dimension, so the batch and token counts need no
-    ``Shape``/``Gather``/``Concat`` chain, which the tracer would otherwise emit.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, lead: int, tail: tuple[int, ...]) -> torch.Tensor:
-        return x.reshape(*x.shape[:lead], *tail)
-
-    @staticmethod
-    def symbolic(g, x, lead: int, tail: tuple[int, ...]):
-        shape = [0] * lead + list(tail)
-        if -1 not in tail:  # the last lead dim is then implied (and torch's shape inference wants a -1)
-            shape[lead - 1] = -1
-        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64)))
-
-
-def reshape_tail(x: torch.Tensor, lead: int, *tail: int) -> torch.Tensor:
-    """``x`` with its dims after the first ``lead`` reshaped to ``tail`` (one ``-1`` allowed)."""
-    return _ReshapeTail.apply(x, lead, tail)
-
-
-class _ReshapeRows(torch.autograd.Function):
-    """Token rows ``y [B*n, ...]`` as ``[B, n, *tail]``, the batch size ``B`` read from ``batch``.
-
-    Exported as ``Reshape(y, Concat(Shape(batch, end=1), [-1, *tail]))``: the way
-    back from the 2-D rows a ``Gemm`` works on. When every block passes the same
-    ``batch`` tensor, onnxruntime merges all those ``Shape`` and ``Concat`` nodes
-    into one of each per ``tail``.
-    """
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, batch: torch.Tensor, tail: tuple[int, ...]) -> torch.Tensor:
-        return y.reshape(batch.shape[0], -1, *tail)
-
-    @staticmethod
-    def symbolic(g, y, batch, tail: tuple[int, ...]):
-        rest = torch.tensor([-1, *tail], dtype=torch.int64)
-        size = batch.type().varyingSizes()[0]
-        if size is not None:  # a static export: the whole shape is a constant
-            return g.op("Reshape", y, g.op("Constant", value_t=torch.cat([torch.tensor([size]), rest])))
-        dims = g.op("Shape", batch, end_i=1)
-        return g.op("Reshape", y, g.op("Concat", dims, g.op("Constant", value_t=rest), axis_i=0))
-
-
-def reshape_rows(y: torch.Tensor, batch: torch.Tensor, *tail: int) -> torch.Tensor:
-    """``y [B*n, ...]`` as ``[B, n, *tail]``, ``B = batch.shape[0]`` (pass one tensor everywhere)."""
-    return _ReshapeRows.apply(y, batch, tail)
-
-
-def flatten_tokens(x: torch.Tensor, width: int) -> torch.Tensor:
-    """``[B, N, width]`` as ``[B*N, width]``: linear layers on 2-D rows export as ``Gemm`` with its bias.
-
-    On 3-D input they export as ``MatMul`` + ``Add``, which onnxruntime cannot fuse
-    when the token count is dynamic; the separate bias pass (and ``BiasGelu``
-    instead of ``Gelu`` after ``fc1``) cost more than the sampling itself.
-    """
-    return reshape_tail(x, 0, -1, width)
+    if mask is None:
+        clamp = torch.zeros(1, int(n) - 1, 1, device=device)
+        clamp[:, -1] = float("-inf")
+        return clamp
+    return F.pad(mask, (0, 0, -2, 1), value=float("-inf"))

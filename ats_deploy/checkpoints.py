@@ -348,14 +348,13 @@ def load_model(
     """An ATS model, in eval mode, from a checkpoint file or ``random:SEED`` (then ``arch`` is required).
 
     ``stages``/``keep`` default to the checkpoint's own when it records them,
-    else to the paper's stages and keep 1.0. The model gets ``source`` (a Path,
-    None for random weights) and ``checkpoint_format`` attributes.
+    else to the paper's stages and keep 1.0. The model records the file it was read
+    from (``source``, None for random weights) and its ``checkpoint_format``.
     """
     if isinstance(source, str) and source.startswith("random:"):
         vit, ckpt = _random_vit(source, arch), None
     else:
         ckpt = read_checkpoint(source, trust_code=trust_code)
-        _refuse_distilled(ckpt.state_dict)
         how = f"given with {ARCH_FLAG}" if arch else "recorded in the checkpoint" if ckpt.arch else "inferred"
         arch = arch or ckpt.arch or infer_arch(ckpt.state_dict, ckpt.format)
         vit = _timm_model(arch, ckpt.state_dict)
@@ -366,10 +365,8 @@ def load_model(
         stage_list = ckpt.stages
     if ckpt is not None and keep is None and ckpt.stages is not None and stage_list == ckpt.stages:
         keep = ckpt.keep
-    model = build(vit, arch, stage_list, keep)
-    model.source = ckpt.path if ckpt else None
-    model.checkpoint_format = ckpt.format if ckpt else "random"
-    return model.eval()
+    path, fmt = (ckpt.path, ckpt.format) if ckpt is not None else (None, "random")
+    return build(vit, arch, stage_list, keep, source=path, checkpoint_format=fmt).eval()
 
 
 def _random_vit(source: str, arch: str | None) -> nn.Module:

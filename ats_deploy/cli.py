@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
+from . import __version__, backends
 from .errors import UserError
 
 app = typer.Typer(
@@ -141,7 +141,7 @@ def inspect(
     table = Table(title=Text(checkpoint), show_header=False)
     rows = [
         ("architecture", model.arch),
-        ("checkpoint format", getattr(model, "checkpoint_format", "random")),
+        ("checkpoint format", model.checkpoint_format),
         ("parameters", f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"),
         ("input size", "x".join(str(v) for v in model.input_size)),
         ("classes", str(model.num_classes)),
@@ -258,12 +258,15 @@ ProfileOpt = Annotated[
 
 
 def _source_of(model, checkpoint: str) -> tuple[str, str]:
-    """What export records so that bench can rebuild the reference: path and sha256."""
+    """What export records so that bench can rebuild the reference: the checkpoint's path and sha256.
+
+    Random weights (no file) are recorded as the ``random:SEED`` they were made from.
+    """
     from .checkpoints import sha256_file
 
-    if checkpoint.startswith("random:"):
+    if model.source is None:
         return checkpoint, ""
-    path = Path(checkpoint).resolve()
+    path = model.source.resolve()
     return str(path), sha256_file(path)
 
 
@@ -461,11 +464,14 @@ BenchModelArg = Annotated[
 
 
 BackendOpt = Annotated[
-    str | None,
+    list[str] | None,
     typer.Option(
         "--backend",
-        help="Run on this backend instead of the profile's (onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, "
-        "tensorrt, pytorch); the results then say the backend was overridden.",
+        help=f"Run on this backend instead of the profile's ({', '.join(backends.names())}); the results then say "
+        "the backend was overridden. Repeat it to measure several side by side (--backend onnxruntime --backend "
+        "openvino): each one's exported ATS and dense models get their own rows.",
+        metavar="NAME",
+        show_default=False,
     ),
 ]
 ClassMapOpt = Annotated[
@@ -535,7 +541,7 @@ def bench_command(
         data=data,
         images=images,
         keep=parse_keep(keep),
-        backend=backend,
+        backends=backend,
         out=out,
         class_map=class_map,
         checkpoint=checkpoint,
@@ -544,7 +550,7 @@ def bench_command(
     result, files = run_bench(request, err_console)
     render(result, console)
     console.print(Text(f"wrote {files[0].parent}/: {', '.join(p.name for p in files)}"), highlight=False)
-    if result.comparison is not None and not result.comparison.ok:
+    if any(not case.ok for case in result.cases.values()):
         from .errors import ValidationFailed
 
         raise ValidationFailed(
@@ -730,7 +736,14 @@ def tune(
     images: Annotated[
         int | None, typer.Option("--images", min=1, help="At most N images, taken in turn from each class.")
     ] = None,
-    backend: BackendOpt = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            "--backend",
+            help=f"Run on this backend instead of the profile's ({', '.join(backends.names())}); the tuned profile "
+            "then says it was measured there.",
+        ),
+    ] = None,
     class_map: ClassMapOpt = None,
     checkpoint: ReferenceOpt = None,
     trust_checkpoint: TrustOpt = False,

@@ -4,7 +4,8 @@
 parts (patch embedding, position embedding, qkv, q/k norms, proj, layer scale,
 MLP, norms, head), so timm's ViT variants keep working. Only the attention is
 rewritten, to mask padded keys (``ATS_SPEC.md`` section 3) and, in an ATS stage,
-to score and sample tokens with :mod:`ats_deploy.ats`.
+to score and sample tokens with :mod:`ats_deploy.ats`. Reshapes, row gathers and
+linear layers go through :mod:`ats_deploy.lowering`, which fixes the graph ops they export as.
 
 ``forward(images, keep) -> (logits, tokens)`` is exactly the exported interface
 (spec section 4); :meth:`ATSVisionTransformer.forward_details` also returns the
@@ -16,13 +17,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
-from . import ats
+from . import ats, lowering
 from .errors import UserError
 
 
@@ -92,7 +94,12 @@ def check_supported(vit: nn.Module) -> None:
 
 
 class ATSVisionTransformer(nn.Module):
-    """A timm ViT with Adaptive Token Sampling in the blocks listed in ``stages``."""
+    """A timm ViT with Adaptive Token Sampling in the blocks listed in ``stages``.
+
+    ``source`` and ``checkpoint_format`` say where the weights came from (the
+    checkpoint file and its format, :mod:`ats_deploy.checkpoints`): ``None`` and
+    ``"random"`` for random weights or a ViT built in code.
+    """
 
     def __init__(
         self,
@@ -100,6 +107,9 @@ class ATSVisionTransformer(nn.Module):
         stages: Sequence[int],
         arch: str,
         default_keep: Sequence[float] | None = None,
+        *,
+        source: Path | None = None,
+        checkpoint_format: str = "random",
     ) -> None:
         super().__init__()
         check_supported(vit)
@@ -115,9 +125,8 @@ class ATSVisionTransformer(nn.Module):
         self.samplers = nn.ModuleList(TokenSampler(self.n0) for _ in stages)
         keep = list(default_keep) if default_keep is not None else [1.0] * len(stages)
         self.default_keep = validate_keep(keep, len(stages))
-        # Set by static exports: the budget of every stage as a Python int, so every
-        # sequence length is a constant (TensorRT < 8.6, DLA).
-        self.static_budget: list[int] | None = None
+        self.source = source
+        self.checkpoint_format = checkpoint_format
 
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -142,18 +151,33 @@ class ATSVisionTransformer(nn.Module):
         return torch.tensor(validate_keep(values, len(self.stages)), dtype=torch.float32)
 
     def forward(
-        self, images: torch.Tensor, keep: torch.Tensor | float | Sequence[float]
+        self,
+        images: torch.Tensor,
+        keep: torch.Tensor | float | Sequence[float],
+        static_budget: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits [B, classes], tokens [B, S])``, the exported interface (spec section 4)."""
-        out = self.forward_details(images, keep)
+        """``(logits [B, classes], tokens [B, S])``, the exported interface (spec section 4).
+
+        ``static_budget``: see :meth:`forward_details`. It is not keyword-only because the
+        TorchScript exporter passes every parameter it is not given positionally, as its default.
+        """
+        out = self.forward_details(images, keep, static_budget=static_budget)
         return out.logits, out.tokens
 
     def forward_details(
-        self, images: torch.Tensor, keep: torch.Tensor | float | Sequence[float], hook: QuantileHook | None = None
+        self,
+        images: torch.Tensor,
+        keep: torch.Tensor | float | Sequence[float],
+        hook: QuantileHook | None = None,
+        *,
+        static_budget: Sequence[int] | None = None,
     ) -> ATSOutput:
         """:meth:`forward` plus the kept positions of every stage.
 
         ``hook`` sees, and may replace, each stage's quantiles (:data:`QuantileHook`).
+        ``static_budget`` is every stage's ``K`` (spec section 2) as a Python int, given
+        by static exports: each stage then pads to ``min(K, its input)`` tokens, so every
+        length is a constant (TensorRT < 8.6, DLA). ``keep`` must give those budgets.
         """
         keep = self.keep_tensor(keep)
         vit = self.vit
@@ -166,17 +190,17 @@ class ATSVisionTransformer(nn.Module):
         mask: torch.Tensor | None = None
         bias: torch.Tensor | None = None
         kept, kept_positions = [], []
-        batch = x  # every block reads the batch size from this one tensor (see ats.reshape_rows)
+        batch = x  # every block reads the batch size from this one tensor (see lowering.reshape_rows)
         last = class_only_block(vit)
         for i, block in enumerate(vit.blocks):
             if i not in self.stages:
                 x = dense_block(block, x, bias, batch, rows=1 if i == last else None)
                 continue
             s = self.stages.index(i)
-            if self.static_budget is None:
+            if static_budget is None:
                 length, u_s = None, ats.drawn_quantiles(u[s : s + 1], drawn[s : s + 1])
             else:
-                length, u_s = min(self.static_budget[s], x.shape[1]), u[s : s + 1, : self.static_budget[s] - 1]
+                length, u_s = min(static_budget[s], x.shape[1]), u[s : s + 1, : static_budget[s] - 1]
             sampler = functools.partial(self.samplers[s], length=length)
             clamp = ats.clamp_bias(mask, x.shape[1], x.device)
             stage_hook = None if hook is None else functools.partial(hook, s)
@@ -216,11 +240,11 @@ def _qkv_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The qkv projection of ``h [B, N, C]`` as ``q, k, v``, each ``[B, N, C]`` (heads concatenated).
 
-    ``batch``: see :func:`ats.reshape_rows`. One ``Split`` along the last axis; an
+    ``batch``: see :func:`lowering.reshape_rows`. One ``Split`` along the last axis; an
     ATS stage reads the value norms and the query rows it needs in this layout.
     """
     width = attn.num_heads * attn.head_dim
-    qkv = ats.reshape_rows(attn.qkv(ats.flatten_tokens(h, attn.qkv.in_features)), batch, 3 * width)
+    qkv = lowering.reshape_rows(attn.qkv(lowering.flatten_tokens(h, attn.qkv.in_features)), batch, 3 * width)
     return qkv.split(width, dim=-1)
 
 
@@ -233,7 +257,7 @@ def _heads(
 
 def _per_head(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     """``[B, N, C]`` as ``[B, H, N, dh]``."""
-    return ats.reshape_tail(x, 2, attn.num_heads, attn.head_dim).transpose(1, 2)
+    return lowering.reshape_tail(x, 2, attn.num_heads, attn.head_dim).transpose(1, 2)
 
 
 def _attention(q: torch.Tensor, k_t: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
@@ -253,7 +277,7 @@ def _attend(
 
 def _merge_heads(attn: Attention, o: torch.Tensor) -> torch.Tensor:
     """``[B, H, N, dh]`` attention output as 2-D token rows ``[B*N, C]``."""
-    return ats.reshape_tail(o.transpose(1, 2), 0, -1, attn.num_heads * attn.head_dim)
+    return lowering.reshape_tail(o.transpose(1, 2), 0, -1, attn.num_heads * attn.head_dim)
 
 
 def _finish(
@@ -262,7 +286,7 @@ def _finish(
     """Output projection, residual and MLP of a block for the rows ``x_rows`` (all on 2-D token rows).
 
     ``o`` is the attention output of those rows with the heads merged, ``[B*m, C]``;
-    ``batch`` gives the batch size for the way back to ``[B, m, C]`` (:func:`ats.reshape_rows`).
+    ``batch`` gives the batch size for the way back to ``[B, m, C]`` (:func:`lowering.reshape_rows`).
     """
     return _mlp(block, _attention_residual(block, x_rows, h_rows, o), batch)
 
@@ -272,14 +296,14 @@ def _attention_residual(block: Block, x: torch.Tensor, h: torch.Tensor, o: torch
     attn = block.attn
     o = attn.norm(o)
     if getattr(attn, "gate", None) is not None:
-        o = o * attn.gate(ats.flatten_tokens(h, attn.gate.in_features)).sigmoid()
-    return ats.flatten_tokens(x, attn.proj.out_features) + block.ls1(attn.proj(o))
+        o = o * attn.gate(lowering.flatten_tokens(h, attn.gate.in_features)).sigmoid()
+    return lowering.flatten_tokens(x, attn.proj.out_features) + block.ls1(attn.proj(o))
 
 
 def _mlp(block: Block, y: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     """The MLP half of a block on 2-D token rows ``y [B*m, C]``, returned as ``[B, m, C]``."""
     y = y + block.ls2(block.mlp(block.norm2(y)))
-    return ats.reshape_rows(y, batch, block.attn.proj.out_features)
+    return lowering.reshape_rows(y, batch, block.attn.proj.out_features)
 
 
 def dense_block(
@@ -288,7 +312,7 @@ def dense_block(
     """A standard transformer block whose attention ignores padded keys.
 
     ``batch``: any tensor whose first dim is the batch size, the same for every
-    block (:func:`ats.reshape_rows`). ``rows``: compute only the first ``rows``
+    block (:func:`lowering.reshape_rows`). ``rows``: compute only the first ``rows``
     output rows, over all keys (1: the class token's, in the last block when the
     head reads just that token; the ceiling bench truncates ATS stages this way).
     """
@@ -347,12 +371,12 @@ def ats_block(
     if all_rows:
         y = _attention_residual(block, x, h, _merge_heads(attn, probs @ v))
         width = attn.proj.out_features
-        y = ats.flatten_tokens(ats.gather_rows(ats.reshape_rows(y, batch, width), rows), width)
+        y = lowering.flatten_tokens(lowering.gather_rows(lowering.reshape_rows(y, batch, width), rows), width)
         return _mlp(block, y, batch), mask, rows, n_kept
-    q_rows = attn.q_norm(_per_head(attn, ats.gather_rows(q_tokens, rows)))
+    q_rows = attn.q_norm(_per_head(attn, lowering.gather_rows(q_tokens, rows)))
     o = _merge_heads(attn, _attend(q_rows, k_t, v, attn.scale, bias))
-    h_rows = ats.gather_rows(h, rows) if getattr(attn, "gate", None) is not None else h
-    return _finish(block, ats.gather_rows(x, rows), h_rows, o, batch), mask, rows, n_kept
+    h_rows = lowering.gather_rows(h, rows) if getattr(attn, "gate", None) is not None else h
+    return _finish(block, lowering.gather_rows(x, rows), h_rows, o, batch), mask, rows, n_kept
 
 
 def validate_keep(keep: Sequence[float], stages: int) -> list[float]:
@@ -403,12 +427,18 @@ def format_keep(keep: Sequence[float]) -> str:
 
 
 def build(
-    vit: VisionTransformer, arch: str, stages: Sequence[int] | None = None, keep: Sequence[float] | None = None
+    vit: VisionTransformer,
+    arch: str,
+    stages: Sequence[int] | None = None,
+    keep: Sequence[float] | None = None,
+    *,
+    source: Path | None = None,
+    checkpoint_format: str = "random",
 ) -> ATSVisionTransformer:
     """Wrap a timm ViT; default stages are the paper's: block 3 to the last."""
     if stages is None:
         stages = default_stages(len(vit.blocks))
-    return ATSVisionTransformer(vit, stages, arch, keep)
+    return ATSVisionTransformer(vit, stages, arch, keep, source=source, checkpoint_format=checkpoint_format)
 
 
 def with_input_size(model: ATSVisionTransformer, img_size: int) -> ATSVisionTransformer:
@@ -422,10 +452,14 @@ def with_input_size(model: ATSVisionTransformer, img_size: int) -> ATSVisionTran
     if (img_size, img_size) == tuple(model.vit.patch_embed.img_size):
         return model
     model.vit.set_input_size(img_size=(img_size, img_size))
-    resized = ATSVisionTransformer(model.vit, model.stages, model.arch, model.default_keep)
-    resized.source = getattr(model, "source", None)
-    resized.checkpoint_format = getattr(model, "checkpoint_format", "random")
-    return resized
+    return ATSVisionTransformer(
+        model.vit,
+        model.stages,
+        model.arch,
+        model.default_keep,
+        source=model.source,
+        checkpoint_format=model.checkpoint_format,
+    )
 
 
 def default_stages(depth: int) -> list[int]:

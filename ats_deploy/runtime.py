@@ -15,7 +15,6 @@ pixels. ``keep`` is checked and shaped as the file's ``keep`` input wants it.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,19 +23,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from .artifact import ENGINE_SUFFIXES, EXPORT_HINT, Artifact, load, of_onnx, read_engine
 from .errors import UserError
 
 if TYPE_CHECKING:
     from .flops import CostModel
     from .model import ATSVisionTransformer
 
-ENGINE_SUFFIXES = (".plan", ".engine")
 MODEL_SUFFIXES = (".onnx", *ENGINE_SUFFIXES)
-# What the runtime reads from the metadata `ats-deploy export` writes (docs/ATS.md, "Metadata").
-REQUIRED_KEYS = (
-    "arch", "stages", "n0", "num_classes", "keep", "input_size", "mean", "std", "interpolation", "crop_pct",
-)
-EXPORT_HINT = "Export the model with `ats-deploy export CHECKPOINT --dynamic`, which records what running it needs."
 
 ImageLike = Image.Image | str | Path | np.ndarray
 KeepLike = float | Sequence[float] | None
@@ -81,19 +75,13 @@ def open(path: str | Path, threads: int | None = None) -> ExportedModel:
 
 def _open_onnx(path: Path, threads: int | None) -> ExportedModel:
     """Check the file is an ats-deploy export, then load it into onnxruntime."""
-    import onnx
-
-    try:
-        graph = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends: any failure means "not an ONNX file"
-        raise UserError(f"cannot read {path} as an ONNX model ({exc}); is the file complete? {EXPORT_HINT}") from None
-    meta = {prop.key: prop.value for prop in graph.metadata_props}
-    _check_metadata(path, meta)
+    graph = load(path)
+    artifact = of_onnx(graph, str(path))
     inputs = {value.name: value for value in graph.graph.input}
     if "images" not in inputs:
         raise UserError(f"{path} has no 'images' input, so it was not exported by ats-deploy. {EXPORT_HINT}")
     keep_rank = len(inputs["keep"].type.tensor_type.shape.dim) if "keep" in inputs else None
-    return ExportedModel(path, meta, _onnx_backend(path, threads, keep_rank is not None), keep_rank)
+    return ExportedModel(path, artifact, _onnx_backend(path, threads, keep_rank is not None), keep_rank)
 
 
 def _onnx_backend(path: Path, threads: int | None, takes_keep: bool) -> Backend:
@@ -113,85 +101,57 @@ def _onnx_backend(path: Path, threads: int | None, takes_keep: bool) -> Backend:
 
 
 def _open_engine(path: Path) -> ExportedModel:
-    """An engine's metadata is the ONNX metadata ``ats-deploy build`` copied into ``<engine>.json``."""
-    from .exporters.tensorrt import TensorRTRunner, engine_info_path
+    """An engine's artifact is the one ``ats-deploy build`` copied into ``<engine>.json``."""
+    from .exporters.tensorrt import TensorRTRunner
 
-    info = engine_info_path(path)
-    if not info.is_file():
-        raise UserError(
-            f"{info} is missing: ats-deploy runs engines built by `ats-deploy build`, which writes it beside the "
-            "engine. Rebuild the engine with `ats-deploy build MODEL.onnx --profile NAME`."
-        )
-    try:
-        meta = json.loads(info.read_text())["onnx_metadata"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"cannot read {info} ({exc}); rebuild the engine with `ats-deploy build`.") from None
-    _check_metadata(path, meta)
+    artifact, _ = read_engine(path)
     runner = TensorRTRunner(path)
 
     def run(images: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = runner.run(images, keep)
         return out["logits"], out["tokens"]
 
-    dynamic = json.loads(meta.get("dynamic", "true"))
-    keep_rank = (2 if int(meta.get("interface_version", "1")) >= 2 else 1) if dynamic else None
-    return ExportedModel(path, meta, run, keep_rank)
-
-
-def _check_metadata(path: Path, meta: dict[str, str]) -> None:
-    missing = [key for key in REQUIRED_KEYS if key not in meta]
-    if missing:
-        raise UserError(
-            f"{path} was not exported by ats-deploy: its metadata lacks {', '.join(missing)}. {EXPORT_HINT}"
-        )
+    keep_rank = (2 if artifact.interface_version >= 2 else 1) if artifact.dynamic else None
+    return ExportedModel(path, artifact, run, keep_rank)
 
 
 class ExportedModel:
     """An exported ATS model and the metadata that says how to feed it. Make one with :func:`open`."""
 
-    def __init__(self, path: Path, meta: dict[str, str], backend: Backend, keep_rank: int | None) -> None:
+    def __init__(self, path: Path, artifact: Artifact, backend: Backend, keep_rank: int | None) -> None:
         self.path = path
-        self.meta = meta
+        self.artifact = artifact
         self._backend = backend
         # None: no keep input (static export); 1: `keep [S]` (interface 1); 2: `keep [batch, S]` (interface 2)
         self._keep_rank = keep_rank
 
     @property
     def arch(self) -> str:
-        return self.meta["arch"]
+        return self.artifact.arch
 
     @property
     def stages(self) -> list[int]:
         """The blocks that sample tokens, in the order of ``tokens``' columns."""
-        return [int(s) for s in json.loads(self.meta["stages"])]
+        return list(self.artifact.stages)
 
     @property
     def num_classes(self) -> int:
-        return int(self.meta["num_classes"])
+        return self.artifact.num_classes
 
     @property
     def default_keep(self) -> list[float]:
         """The keep the file was exported with (baked in, for a static export)."""
-        return [float(v) for v in json.loads(self.meta["keep"])]
+        return list(self.artifact.keep)
 
     @property
     def batch(self) -> int | None:
         """The fixed batch of a static export; ``None`` when the batch is dynamic."""
-        return int(self.meta["batch"]) if "batch" in self.meta else None
+        return self.artifact.batch
 
     @property
     def data_config(self) -> dict:
         """timm's data config as recorded at export: input_size, mean, std, interpolation, crop_pct."""
-        config = {
-            "input_size": tuple(json.loads(self.meta["input_size"])),
-            "mean": tuple(json.loads(self.meta["mean"])),
-            "std": tuple(json.loads(self.meta["std"])),
-            "interpolation": self.meta["interpolation"],
-            "crop_pct": float(self.meta["crop_pct"]),
-        }
-        if "crop_mode" in self.meta:
-            config["crop_mode"] = self.meta["crop_mode"]
-        return config
+        return self.artifact.data_config
 
     def preprocess(self, images: Sequence[ImageLike]) -> np.ndarray:
         """``float32 [N, 3, H, W]``: the pixels the PyTorch reference sees for the same images."""
@@ -219,7 +179,7 @@ class ExportedModel:
     def _budgets(self, keep: Sequence[float]) -> list[int]:
         from .ats import budget_int
 
-        return [budget_int(k, int(self.meta["n0"])) for k in keep]
+        return [budget_int(k, self.artifact.n0) for k in keep]
 
     def run(self, pixels: np.ndarray, keep: KeepLike = None) -> tuple[np.ndarray, np.ndarray]:
         """``(logits [N, classes], tokens [N, S])`` for pre-processed ``pixels [N, 3, H, W]``.
@@ -270,7 +230,7 @@ class ExportedModel:
         _, height, width = self.data_config["input_size"]
         with torch.device("meta"):  # no weights are allocated
             vit = timm.create_model(self.arch, pretrained=False, img_size=(height, width), num_classes=self.num_classes)
-        return CostModel.of(types.SimpleNamespace(vit=vit, n0=int(self.meta["n0"]), stages=self.stages))
+        return CostModel.of(types.SimpleNamespace(vit=vit, n0=self.artifact.n0, stages=self.stages))
 
 
 class ReferenceModel:

@@ -4,7 +4,7 @@ Every batch is padded to the bench batch size with copies of its last image (a
 static export only takes that size; batch invariance, spec section 3, makes the
 padding harmless) and the padded results are dropped. With labels a variant's
 score is its top-1 accuracy; without, its top-1 agreement with the PyTorch dense
-model. The comparison of the exported ATS model with the reference is
+model. The comparison of each backend's exported ATS model with the reference is
 validation's (:func:`ats_deploy.exporters.validate.compare_batch`): kept patches
 where the runtime can report them, flips only where a replay confirms them.
 """
@@ -21,7 +21,7 @@ from ats_deploy.exporters.validate import Case, Judge, Sample, compare_batch, re
 from ats_deploy.model import ATSVisionTransformer
 
 from .data import Batch
-from .variants import EXPORTED_ATS, PYTORCH_ATS, PYTORCH_DENSE, Variant
+from .variants import PYTORCH_ATS, PYTORCH_DENSE, Variant
 
 TIMING_BATCHES = 4  # latency cycles through the first few batches, so it sees several images' token counts
 
@@ -51,7 +51,7 @@ class Tally:
 @dataclass
 class Evaluation:
     tallies: dict[str, Tally]
-    case: Case | None
+    cases: dict[str, Case]  # per compared variant key: its comparison with the reference
     timing_inputs: list[torch.Tensor]
 
     @property
@@ -70,25 +70,29 @@ def evaluate(
     reference: ATSVisionTransformer,
     variants: Mapping[str, Variant],
     batch_size: int,
-    atol: float,
+    atols: Mapping[str, float],
     on_batch: Callable[[int], None],
 ) -> Evaluation:
-    """Run ``variants`` on ``batches``; the PyTorch ATS outputs are validation's reference samples."""
+    """Run ``variants`` on ``batches``; the PyTorch ATS outputs are validation's reference samples.
+
+    ``atols`` names the variants compared with the reference (each backend's exported ATS model) and the largest
+    |logit difference| each may show on an image that kept the reference's patches.
+    """
     keep = variants[PYTORCH_ATS].keep
     tallies = {key: Tally() for key in variants}
-    case = Case(keep=keep.tolist(), batch=batch_size) if EXPORTED_ATS in variants else None
-    judge = Judge(reference, atol)
+    cases = {key: Case(keep=keep.tolist(), batch=batch_size) for key in atols}
+    judges = {key: Judge(reference, atol) for key, atol in atols.items()}
     timing_inputs: list[torch.Tensor] = []
     for batch in batches:
         count = len(batch.names)
         images = pad(batch.images, batch_size)
         expected = reference_samples(reference, images, keep)
-        outputs = {key: variant(images) for key, variant in variants.items() if key not in (PYTORCH_ATS, EXPORTED_ATS)}
+        outputs = {key: variant(images) for key, variant in variants.items() if key != PYTORCH_ATS and key not in cases}
         outputs[PYTORCH_ATS] = _stack(expected)
-        if case is not None:
-            observed = variants[EXPORTED_ATS].samples(images)
-            outputs[EXPORTED_ATS] = _stack(observed)
-            compare_batch(case, judge, batch.names, images, keep, observed, expected)
+        for key, case in cases.items():
+            observed = variants[key].samples(images)
+            outputs[key] = _stack(observed)
+            compare_batch(case, judges[key], batch.names, images, keep, observed, expected)
         labels = batch.labels.numpy() if batch.labels is not None else None
         truth = labels if labels is not None else outputs[PYTORCH_DENSE][0][:count].argmax(axis=-1)
         for key, (logits, tokens) in outputs.items():
@@ -96,7 +100,7 @@ def evaluate(
         if len(timing_inputs) < TIMING_BATCHES:
             timing_inputs.append(images)
         on_batch(count)
-    return Evaluation(tallies, case, timing_inputs)
+    return Evaluation(tallies, cases, timing_inputs)
 
 
 def _stack(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,15 +1,17 @@
-"""Where a bench ran: machine, runtime versions and thread counts, recorded with every result."""
+"""Where a bench ran: machine, runtime versions (every registered backend's) and threads, recorded with every result."""
 
 from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ats_deploy import __version__
+from ats_deploy import __version__, backends
+from ats_deploy.backends import Backend
 
 
 def cpu_model() -> str:
@@ -23,17 +25,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def _tensorrt_version() -> str | None:
-    try:
-        import tensorrt
-    except (ImportError, OSError):
-        return None
-    return tensorrt.__version__
-
-
-def describe(onnxruntime_threads: int | None) -> dict[str, Any]:
-    import onnxruntime
-
+def describe(threads: int | None, measured: Sequence[Backend]) -> dict[str, Any]:
+    """The machine, every registered runtime's version (``None``: not installed), and the threads of the CPU
+    runtimes ``measured`` ran on (``threads`` from the profile, else what the runtime chooses)."""
+    cpu_threads = {b.runtime: threads or b.default_threads for b in measured if b.default_threads is not None}
     return {
         "platform": platform.platform(),
         "cpu": cpu_model(),
@@ -43,11 +38,7 @@ def describe(onnxruntime_threads: int | None) -> dict[str, Any]:
         "runtimes": {
             "ats_deploy": __version__,
             "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "tensorrt": _tensorrt_version(),
+            **{b.runtime: b.version() for b in backends.all_backends() if b.exports},
         },
-        "threads": {
-            "pytorch": torch.get_num_threads(),
-            "onnxruntime": onnxruntime_threads or "default (one per physical core)",
-        },
+        "threads": {"pytorch": torch.get_num_threads(), **cpu_threads},
     }

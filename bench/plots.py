@@ -36,7 +36,7 @@ def _accuracy_against(result: BenchResult, x_label: str, x_of: Callable[[Variant
     axes = figure.add_subplot()
     for variant in result.variants:
         label = f"{variant.title} ({variant.runtime})"
-        axes.scatter([x_of(variant)], [100.0 * variant.accuracy], marker=MARKERS[variant.key], s=60, label=label)
+        axes.scatter([x_of(variant)], [100.0 * variant.accuracy], marker=MARKERS[variant.kind], s=60, label=label)
     xs = [x_of(v) for v in result.variants]
     if min(xs) > 0 and max(xs) / min(xs) > LOG_SPREAD:
         axes.set_xscale("log")
@@ -59,10 +59,11 @@ def accuracy_vs_gflops(result: BenchResult) -> Figure:
 def kept_tokens(result: BenchResult) -> Figure:
     """Histograms of the tokens each ATS stage kept over the images (the ATS paper's Fig. 6).
 
-    One integer bin per token count on a shared axis; the dashed line is the stage's budget ``K - 1``.
+    One integer bin per token count on a shared axis; the dashed line is the stage's budget ``K - 1``. With several
+    backends, the first one's exported ATS model.
     """
-    by_key = {v.key: v for v in result.variants}
-    variant = by_key.get(EXPORTED_ATS, by_key[PYTORCH_ATS])
+    exported = [v for v in result.variants if v.kind == EXPORTED_ATS]
+    variant = exported[0] if exported else next(v for v in result.variants if v.key == PYTORCH_ATS)
     stages, n0 = result.model["stages"], result.model["n0"]
     columns = min(len(stages), 3)
     rows = math.ceil(len(stages) / columns)

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ats_deploy.atomic import write_atomic
+from ats_deploy.exporters.validate import Case
 
 from .plots import write_plots
 from .results import BenchResult
@@ -134,12 +135,16 @@ def _line(console: Console, label: str, style: str, text: str) -> None:
 
 
 def _render_comparison(result: BenchResult, console: Console) -> None:
-    case = result.comparison
-    if case is None:
-        return
+    """One line per exported ATS model compared with the reference (naming its runtime when there are several)."""
+    for key, case in result.cases.items():
+        runtime = f" ({result.runtime_of(key)})" if result.comparisons else ""
+        _render_case(f"exported ATS{runtime} vs PyTorch ATS", case, console)
+
+
+def _render_case(between: str, case: Case, console: Console) -> None:
     verdict = ("ok", "green") if case.ok else (f"{len(case.failures)} mismatches", "red")
     summary = (
-        f"exported ATS vs PyTorch ATS: max |Δlogit| {case.max_logit_diff:.1e}, stages that kept the same "
+        f"{between}: max |Δlogit| {case.max_logit_diff:.1e}, stages that kept the same "
         f"{'patches' if case.positions else 'token counts'} {case.stage_matches}/{case.stage_total}, "
         f"top-1 agree {case.top1_matches}/{case.images}, "
         f"flips {len(case.flips)}: "

@@ -12,7 +12,7 @@ from ats_deploy.model import format_keep
 from ats_deploy.profiles import Profile
 
 from .timing import Latency, paired_ratio
-from .variants import EXPORTED_DENSE, PYTORCH_DENSE, TITLES
+from .variants import EXPORTED_ATS, EXPORTED_DENSE, PYTORCH_DENSE, TITLES, kind_of
 
 
 @dataclass
@@ -28,7 +28,11 @@ class VariantResult:
 
     @property
     def title(self) -> str:
-        return TITLES[self.key]
+        return TITLES[self.kind]
+
+    @property
+    def kind(self) -> str:
+        return kind_of(self.key)
 
     @property
     def mean_tokens(self) -> list[float]:
@@ -58,16 +62,27 @@ class BenchResult:
     created: str
     model: dict[str, Any]
     profile: Profile
-    backend: str
-    precision: str
+    backend: str  # several backends (--backend repeated) joined by ", "
+    precision: str  # likewise, each precision once
     keep: list[float]
     keep_origin: str
     data: dict[str, Any]
     accuracy_metric: str
     variants: list[VariantResult]
-    comparison: Case | None
+    comparison: Case | None  # the (first backend's) exported ATS model against the PyTorch reference
     environment: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    comparisons: dict[str, Case] = field(default_factory=dict)  # several backends: each one's, by variant key
+
+    @property
+    def cases(self) -> dict[str, Case]:
+        """Every exported ATS model's comparison with the reference, by variant key."""
+        if self.comparisons:
+            return self.comparisons
+        return {EXPORTED_ATS: self.comparison} if self.comparison is not None else {}
+
+    def runtime_of(self, key: str) -> str:
+        return next(v.runtime for v in self.variants if v.key == key)
 
     @property
     def overridden(self) -> bool:
@@ -87,9 +102,9 @@ class BenchResult:
 
     @property
     def baseline(self) -> VariantResult:
-        """What speedups are quoted against: the exported dense model, else the PyTorch dense one."""
-        by_key = {v.key: v for v in self.variants}
-        return by_key.get(EXPORTED_DENSE, by_key[PYTORCH_DENSE])
+        """What speedups are quoted against: the (first backend's) exported dense model, else the PyTorch dense one."""
+        exported = [v for v in self.variants if v.kind == EXPORTED_DENSE]
+        return exported[0] if exported else next(v for v in self.variants if v.key == PYTORCH_DENSE)
 
     @property
     def keep_text(self) -> str:
@@ -121,9 +136,17 @@ class BenchResult:
             "speedup_baseline": baseline.key,
             "variants": [v.to_dict(baseline) for v in self.variants],
             "comparison": None if self.comparison is None else _comparison(self.comparison),
+            **self._comparisons(),
             "environment": self.environment,
             "warnings": self.warnings,
         }
+
+    def _comparisons(self) -> dict[str, Any]:
+        """With several backends, ``comparisons``: each exported ATS model's, by variant key."""
+        if not self.comparisons:
+            return {}
+        named = {key: _comparison(case, self.runtime_of(key)) for key, case in self.comparisons.items()}
+        return {"comparisons": named}
 
 
 def _profile(profile: Profile) -> dict[str, Any]:
@@ -140,9 +163,9 @@ def _profile(profile: Profile) -> dict[str, Any]:
     }
 
 
-def _comparison(case: Case) -> dict[str, Any]:
+def _comparison(case: Case, runtime: str | None = None) -> dict[str, Any]:
     return {
-        "between": "exported ATS vs PyTorch ATS",
+        "between": f"exported ATS ({runtime}) vs PyTorch ATS" if runtime else "exported ATS vs PyTorch ATS",
         "images": case.images,
         "max_logit_diff": case.max_logit_diff,
         "stages_agree": case.stage_matches,

@@ -1,8 +1,10 @@
 """``ats-deploy bench``: find the model, rebuild its reference, run every variant on the same images, report.
 
-:func:`plan` settles everything a user can get wrong (profile, backend, output
+:func:`plan` settles everything a user can get wrong (profile, backends, output
 folder, model, keep, data) in seconds, before :func:`bench` loads the reference,
-exports the dense baseline or times anything.
+exports the dense baseline or times anything. Backends come from the registry
+(:mod:`ats_deploy.backends`); with several (``--backend`` repeated) each one's
+exported ATS and dense variants are measured side by side on the same images.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,25 +22,27 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from ats_deploy import backends
+from ats_deploy.backends import Backend, Runner, RunOptions
+from ats_deploy.backends.pytorch_cpu import TorchRunner
 from ats_deploy.errors import UserError
 from ats_deploy.exporters.onnx_export import ExportOptions, export
 from ats_deploy.flops import CostModel
 from ats_deploy.images import data_config
 from ats_deploy.model import ATSVisionTransformer, build, validate_keep
-from ats_deploy.profiles import BACKENDS, Profile, load_profile
+from ats_deploy.profiles import Profile, load_profile
 
-from . import machine, report, runners
+from . import machine, report
 from .data import ImageFolder, SampleImages, Skipped, folder_batches, image_folder, sample_batches
 from .evaluate import Evaluation, evaluate
 from .results import BenchResult, VariantResult
 from .source import Exported, check_engine, check_static, engine_for, find_model, open_model, reference
 from .timing import Latency, interleaved
-from .variants import EXPORTED_ATS, EXPORTED_DENSE, PYTORCH_ATS, PYTORCH_DENSE, Variant
+from .variants import EXPORTED_ATS, EXPORTED_DENSE, PYTORCH_ATS, PYTORCH_DENSE, Variant, exported_key
 
 DEFAULT_SAMPLE_IMAGES = 16
 # Largest |logit difference| the exported model may show before a token-identical image counts as a mismatch.
 ATOL = {"fp32": 1e-3, "fp16": 5e-2}
-GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-tensorrt")
 
 
 @dataclass
@@ -50,11 +54,24 @@ class Request:
     data: Path | None = None
     images: int | None = None
     keep: list[float] | None = None
-    backend: str | None = None
+    backends: list[str] | None = None  # --backend, once or more; None: the profile's
     out: Path | None = None
     class_map: Path | None = None
     checkpoint: str | None = None
     trust_checkpoint: bool = False
+
+
+@dataclass(frozen=True)
+class Target:
+    """One backend bench measures, the file its exported variants run and the precision it runs them at."""
+
+    backend: Backend
+    measured: Path  # the model, or the engine built from it
+    precision: str  # the profile's where the backend runs it, else the backend's own (fp32 on a CPU)
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
 
 
 @dataclass
@@ -63,27 +80,40 @@ class Plan:
 
     request: Request
     profile: Profile
-    backend: str
+    targets: list[Target]
     folder: Path
     exported: Exported
-    measured: Path  # the file the exported variants run: the model, or the engine built from it
     keep: list[float]
     keep_origin: str
     data: ImageFolder | SampleImages
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def target(self) -> Target:
+        """The first (for tune: the only) backend measured."""
+        return self.targets[0]
+
+    @property
+    def backend(self) -> str:
+        """The backends' names, joined by ", " when there are several."""
+        return ", ".join(t.name for t in self.targets)
+
+    @property
     def precision(self) -> str:
-        """The profile's precision on GPU backends; the CPU and PyTorch paths run fp32."""
-        return self.profile.precision if self.backend in GPU_BACKENDS else "fp32"
+        """The precisions the backends run, each once, joined by ", "."""
+        return ", ".join(dict.fromkeys(t.precision for t in self.targets))
+
+    @property
+    def measured(self) -> Path:
+        return self.target.measured
 
 
-def resolve_backend(override: str | None, profile: Profile) -> str:
-    if override is None:
-        return profile.backend
-    if override not in BACKENDS:
-        raise UserError(f"unknown --backend '{override}'; choose one of: {', '.join(BACKENDS)}.")
-    return override
+def resolve_backends(overrides: list[str] | None, profile: Profile) -> list[str]:
+    """``--backend`` values (each once, in order), or the profile's backend; unknown names fail listing the known."""
+    names = list(dict.fromkeys(overrides)) if overrides else [profile.backend]
+    for name in names:
+        backends.get(name, "--backend")
+    return names
 
 
 def check_folder(folder: Path, option: str) -> None:
@@ -120,17 +150,18 @@ def _keep(request: Request, profile: Profile, stages: int) -> tuple[list[float],
     return validate_keep(profile.keep_for(stages), stages), f"profile '{profile.name}'"
 
 
-def _measured_file(exported: Exported, profile: Profile, backend: str) -> Path:
-    """The file the exported variants run: the model itself, or (tensorrt, ONNX model) its built engine."""
+def _measured_file(exported: Exported, profile: Profile, backend: Backend) -> Path:
+    """The file the exported variants run: the model itself, or (an engine backend, ONNX model) its built engine."""
     if exported.is_engine:
-        if backend != "tensorrt":
+        if not backend.engines:
+            owners = " or ".join(b.name for b in backends.all_backends() if b.engines)
             raise UserError(
-                f"{exported.path} is a TensorRT engine, which only the tensorrt backend runs (not {backend}).",
+                f"{exported.path} is a TensorRT engine, which only the {owners} backend runs (not {backend.name}).",
                 hint="Bench the ONNX file it was built from for other backends.",
             )
         check_engine(exported, profile)
         return exported.path
-    if backend == "tensorrt":
+    if backend.engines:
         return engine_for(exported, profile)
     return exported.path
 
@@ -149,17 +180,17 @@ def plan(request: Request, check_model: Callable[[Exported], None] | None = None
     ``check_model`` adds a caller's own checks of the model, run before bench's (tune needs a dynamic export).
     """
     profile = load_profile(request.profile)
-    backend = resolve_backend(request.backend, profile)
-    runners.require(backend, profile.name, overridden=request.backend is not None)
+    names = resolve_backends(request.backends, profile)
+    chosen = [backends.require(name, profile.name, overridden=bool(request.backends)) for name in names]
     folder = output_folder(request.out, profile.name)
     exported = open_model(request.model or find_model(Path.cwd()))
     if check_model is not None:
         check_model(exported)
-    measured = _measured_file(exported, profile, backend)
+    targets = [Target(b, _measured_file(exported, profile, b), b.precision(profile.precision)) for b in chosen]
     keep, keep_origin = _keep(request, profile, len(exported.stages))
     check_static(exported, keep, keep_origin, profile)
     data = _data(request, exported.num_classes)
-    result = Plan(request, profile, backend, folder, exported, measured, keep, keep_origin, data)
+    result = Plan(request, profile, targets, folder, exported, keep, keep_origin, data)
     cores = usable_cores()
     if profile.threads and profile.threads > cores:
         result.warnings.append(
@@ -193,44 +224,52 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def exported_runners(
-    plan: Plan, dense: ATSVisionTransformer, workdir: Path, status: Console
-) -> tuple[runners.Runner, runners.Runner]:
-    """Runners of the exported ATS model and of the dense baseline, exported (and built) the same way."""
+def dense_export(plan: Plan, dense: ATSVisionTransformer, workdir: Path, status: Console) -> Path:
+    """The dense baseline exported the way the model was (dynamic, or static at its batch)."""
     exported = plan.exported
     options = ExportOptions(dynamic=exported.dynamic, batch=exported.batch or 1)
     with status.status("exporting the dense baseline (the same network without token sampling)"):
-        dense_onnx = export(dense, workdir / "dense.onnx", options)
-    if plan.backend == "tensorrt":
-        from ats_deploy.exporters.tensorrt import build_engine, spec_from
+        return export(dense, workdir / "dense.onnx", options)
 
-        # The ATS engine's timing cache lets the dense build reuse its kernel timings.
-        cache = plan.measured.with_name(f"{plan.profile.name}.timing.cache")
-        spec = replace(spec_from(dense_onnx, plan.profile, output=workdir), timing_cache=cache)
-        return runners.EngineRunner(plan.measured), runners.EngineRunner(build_engine(spec, status))
-    threads = plan.profile.threads
-    return (
-        runners.OnnxRuntimeRunner(plan.measured, plan.backend, plan.precision, threads, workdir),
-        runners.OnnxRuntimeRunner(dense_onnx, plan.backend, plan.precision, threads, workdir),
-    )
+
+def exported_runners(
+    plan: Plan, target: Target, dense_onnx: Path, workdir: Path, status: Console
+) -> tuple[Runner, Runner]:
+    """Runners of the exported ATS model and of the dense baseline on ``target``, prepared (built) the same way."""
+    backend = target.backend
+    options = RunOptions(precision=target.precision, threads=plan.profile.threads, workdir=workdir)
+    dense_file = backend.prepare(dense_onnx, plan.profile, target.measured, workdir, status)
+    return backend.open(target.measured, options), backend.open(dense_file, options)
 
 
 def _variants(plan: Plan, model: ATSVisionTransformer, workdir: Path, status: Console) -> dict[str, Variant]:
     dense = build(model.vit, model.arch, stages=[])
     cost, dense_cost = CostModel.of(model), CostModel.of(dense)
     keep, none = torch.tensor(plan.keep, dtype=torch.float32), torch.zeros(0)
-    torch_label = runners.TorchRunner.label
+    torch_label = TorchRunner.label
     variants = {
-        PYTORCH_DENSE: Variant(PYTORCH_DENSE, runners.TorchRunner(dense), torch_label, none, dense_cost),
-        PYTORCH_ATS: Variant(PYTORCH_ATS, runners.TorchRunner(model), torch_label, keep, cost),
+        PYTORCH_DENSE: Variant(PYTORCH_DENSE, TorchRunner(dense), torch_label, none, dense_cost),
+        PYTORCH_ATS: Variant(PYTORCH_ATS, TorchRunner(model), torch_label, keep, cost),
     }
-    if plan.backend == "pytorch":
+    targets = [t for t in plan.targets if t.backend.exports]
+    if not targets:
         return variants
-    ats, baseline = exported_runners(plan, dense, workdir, status)
-    label = runners.LABELS[plan.backend]
-    variants[EXPORTED_DENSE] = Variant(EXPORTED_DENSE, baseline, label, none, dense_cost)
-    variants[EXPORTED_ATS] = Variant(EXPORTED_ATS, ats, label, keep, cost)
+    dense_onnx = dense_export(plan, dense, workdir, status)
+    several = len(plan.targets) > 1
+    for target in targets:
+        ats, baseline = exported_runners(plan, target, dense_onnx, workdir, status)
+        label = target.backend.label
+        dense_key, ats_key = (exported_key(kind, target.name, several) for kind in (EXPORTED_DENSE, EXPORTED_ATS))
+        variants[dense_key] = Variant(dense_key, baseline, label, none, dense_cost)
+        variants[ats_key] = Variant(ats_key, ats, label, keep, cost)
     return variants
+
+
+def compared(plan: Plan, variants: dict[str, Variant]) -> dict[str, float]:
+    """The exported ATS variants compared with the reference, and each one's logit tolerance (by its precision)."""
+    several = len(plan.targets) > 1
+    keys = {exported_key(EXPORTED_ATS, t.name, several): ATOL[t.precision] for t in plan.targets}
+    return {key: atol for key, atol in keys.items() if key in variants}
 
 
 def _accuracy_pass(
@@ -249,7 +288,7 @@ def _accuracy_pass(
             progress.advance(task, images + len(skipped) - counted[0])
             counted[0] = len(skipped)
 
-        return evaluate(batches, model, variants, batch, ATOL[plan.precision], advance)
+        return evaluate(batches, model, variants, batch, compared(plan, variants), advance)
 
 
 def _latency_pass(
@@ -288,6 +327,14 @@ def _data_summary(data: ImageFolder | SampleImages, evaluation: Evaluation, skip
     }
 
 
+def _measured_files(plan: Plan) -> dict[str, object]:
+    """The file the exported variants ran; with several backends, each backend's too."""
+    files: dict[str, object] = {"measured_file": str(plan.measured)}
+    if len(plan.targets) > 1:
+        files["measured_files"] = {t.name: str(t.measured) for t in plan.targets}
+    return files
+
+
 def bench(request: Request, status: Console) -> tuple[BenchResult, list[Path]]:
     """Run the bench of ``request``; progress and notices go to ``status``. Returns the result and files written."""
     checked = plan(request)
@@ -301,11 +348,11 @@ def bench(request: Request, status: Console) -> tuple[BenchResult, list[Path]]:
         variants = _variants(checked, model, Path(workdir), status)
         evaluation = _accuracy_pass(checked, model, variants, skipped, status)
         latencies = _latency_pass(checked, variants, evaluation, status)
-        environment = machine.describe(checked.profile.threads)
-    source = request.checkpoint or checked.exported.meta.get("source_checkpoint", "")
+        environment = machine.describe(checked.profile.threads, [t.backend for t in checked.targets])
+    source = request.checkpoint or checked.exported.artifact.source_checkpoint
     result = BenchResult(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        model={**checked.exported.summary(), "measured_file": str(checked.measured), "reference_checkpoint": source},
+        model={**checked.exported.summary(), **_measured_files(checked), "reference_checkpoint": source},
         profile=checked.profile,
         backend=checked.backend,
         precision=checked.precision,
@@ -314,8 +361,9 @@ def bench(request: Request, status: Console) -> tuple[BenchResult, list[Path]]:
         data=_data_summary(checked.data, evaluation, skipped),
         accuracy_metric=checked.data.metric,
         variants=_variant_results(variants, evaluation, latencies),
-        comparison=evaluation.case,
+        comparison=next(iter(evaluation.cases.values()), None),
         environment=environment,
         warnings=checked.warnings,
+        comparisons=evaluation.cases if len(evaluation.cases) > 1 else {},
     )
     return result, report.write(result, checked.folder)

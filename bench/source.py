@@ -8,33 +8,27 @@ them bench rebuilds the reference the exported model must match.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
-
+from ats_deploy.artifact import ENGINE_SUFFIXES, REEXPORT, Artifact, read, read_engine
 from ats_deploy.ats import budget_int
 from ats_deploy.checkpoints import load_model, sha256_file
 from ats_deploy.errors import UserError
-from ats_deploy.exporters.onnx_export import read_metadata
 from ats_deploy.model import ATSVisionTransformer, format_keep
 from ats_deploy.profiles import Profile
 
-ENGINE_SUFFIXES = (".plan", ".engine")
-REQUIRED_KEYS = ("arch", "stages")
 # `ats-deploy build` writes <engine>.fp16.onnx for strongly typed fp16 builds: a build input, not an export.
 BUILD_INTERMEDIATE = ".fp16.onnx"
-REEXPORT = "`ats-deploy export CHECKPOINT --dynamic`"
 
 
 @dataclass
 class Exported:
-    """An exported model file and the ONNX metadata that describes it."""
+    """An exported model file and the :class:`Artifact` that describes it (with an engine's build record)."""
 
     path: Path
-    meta: dict[str, str]
+    artifact: Artifact
     engine_info: dict[str, Any] | None = None
 
     @property
@@ -43,27 +37,27 @@ class Exported:
 
     @property
     def arch(self) -> str:
-        return self.meta["arch"]
+        return self.artifact.arch
 
     @property
     def stages(self) -> list[int]:
-        return [int(s) for s in json.loads(self.meta["stages"])]
+        return list(self.artifact.stages)
 
     @property
     def dynamic(self) -> bool:
-        return bool(json.loads(self.meta.get("dynamic", "true")))
+        return self.artifact.dynamic
 
     @property
     def batch(self) -> int | None:
-        return None if self.dynamic else int(self.meta["batch"])
+        return self.artifact.batch
 
     @property
     def keep(self) -> list[float]:
-        return [float(v) for v in json.loads(self.meta["keep"])]
+        return list(self.artifact.keep)
 
     @property
     def num_classes(self) -> int:
-        return int(self.meta["num_classes"])
+        return self.artifact.num_classes
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -71,44 +65,22 @@ class Exported:
             "kind": "tensorrt engine" if self.is_engine else "onnx",
             "arch": self.arch,
             "stages": self.stages,
-            "n0": int(self.meta["n0"]),
+            "n0": self.artifact.n0,
             "dynamic": self.dynamic,
             "exported_batch": self.batch,
-            "source_checkpoint": self.meta.get("source_checkpoint", ""),
-            "exporter": self.meta.get("exporter"),
-            "ats_deploy_version": self.meta.get("ats_deploy_version"),
+            "source_checkpoint": self.artifact.source_checkpoint,
+            "exporter": self.artifact.exporter,
+            "ats_deploy_version": self.artifact.ats_deploy_version,
         }
 
 
-class Unreadable(UserError):
-    """A file that does not parse as an ONNX model: corrupt, truncated, or not ONNX at all."""
-
-
-def _ats_metadata(path: Path) -> dict[str, str] | None:
-    """The metadata of an ONNX file exported by ats-deploy; ``None`` for a readable ONNX file of anyone else.
-
-    A file that does not parse raises :class:`Unreadable`: calling it "not exported by ats-deploy" would send
-    the user looking for the wrong problem.
-    """
-    def unreadable(why: str) -> Unreadable:
-        return Unreadable(f"{path} is corrupt or not an ONNX file: {why}.", hint=f"Re-export it with {REEXPORT}.")
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise unreadable(f"it does not parse as an ONNX model ({exc})") from None
-    if not model.ir_version or not model.HasField("graph"):  # some garbage parses as an empty message
-        raise unreadable("it parses to no IR version or graph")
-    meta = read_metadata(model)
-    return meta if all(key in meta for key in REQUIRED_KEYS) else None
-
-
 def _exported_by_us(path: Path) -> bool:
-    """Whether ``path`` is an ONNX file exported by ats-deploy; an unreadable file is not, when searching."""
+    """Whether ``path`` is an ONNX file exported by ats-deploy; an unreadable one is not, when searching."""
     try:
-        return _ats_metadata(path) is not None
-    except Unreadable:
+        read(path)
+    except UserError:  # Unreadable, or another producer's metadata
         return False
+    return True
 
 
 def find_model(directory: Path) -> Path:
@@ -121,8 +93,8 @@ def find_model(directory: Path) -> Path:
         others = f" (.onnx files without it: {', '.join(p.name for p in onnx_files)})" if onnx_files else ""
         raise UserError(
             f"no MODEL given, and {directory} has no ONNX file exported by ats-deploy: looked for *.onnx "
-            f"files whose metadata records 'arch' and 'stages'{others}.",
-            hint="Export one first with `ats-deploy export CHECKPOINT --dynamic`, or pass MODEL.",
+            f"files with the metadata `ats-deploy export` writes{others}.",
+            hint=f"Export one first with {REEXPORT}, or pass MODEL.",
         )
     names = ", ".join(p.name for p in ours)
     raise UserError(
@@ -135,34 +107,10 @@ def open_model(path: Path) -> Exported:
     """Read an exported ONNX file or a TensorRT engine (with its ``<engine>.json``)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"MODEL {path} does not exist; export one with `ats-deploy export CHECKPOINT --dynamic`.")
+        raise UserError(f"MODEL {path} does not exist; export one with {REEXPORT}.")
     if path.suffix in ENGINE_SUFFIXES:
-        return _open_engine(path)
-    meta = _ats_metadata(path)
-    if meta is None:
-        raise UserError(
-            f"{path} is not an ONNX file exported by ats-deploy (its metadata lacks 'arch' and 'stages').",
-            hint="bench needs the metadata to rebuild the PyTorch reference: export with `ats-deploy export`.",
-        )
-    return Exported(path, meta)
-
-
-def _open_engine(path: Path) -> Exported:
-    from ats_deploy.exporters.tensorrt import engine_info_path
-
-    info_path = engine_info_path(path)
-    try:
-        info = json.loads(info_path.read_text())
-        meta = info["onnx_metadata"]
-    except (OSError, ValueError, KeyError):
-        raise UserError(
-            f"engine {path} has no readable {info_path.name} beside it; bench reads the model's "
-            "architecture and source checkpoint from it.",
-            hint="Build engines with `ats-deploy build`, which writes that file.",
-        ) from None
-    if not all(key in meta for key in REQUIRED_KEYS):
-        raise UserError(f"engine {path} was not built from an ONNX file exported by ats-deploy.")
-    return Exported(path, meta, info)
+        return Exported(path, *read_engine(path))
+    return Exported(path, read(path))
 
 
 def engine_for(exported: Exported, profile: Profile) -> Path:
@@ -207,7 +155,7 @@ def check_static(exported: Exported, keep: list[float], keep_origin: str, profil
     """A static export has batch and keep baked in: they must be the ones asked for."""
     if exported.dynamic:
         return
-    n0 = int(exported.meta["n0"])
+    n0 = exported.artifact.n0
     problems = []
     if exported.batch != profile.batch:
         problems.append(f"batch {exported.batch} (profile '{profile.name}' asks for batch {profile.batch})")
@@ -224,7 +172,7 @@ def check_static(exported: Exported, keep: list[float], keep_origin: str, profil
 
 def reference(exported: Exported, checkpoint: str | None, trust: bool, warnings: list[str]) -> ATSVisionTransformer:
     """The PyTorch ATS model ``exported`` came from (or ``checkpoint``), warning when its file has changed."""
-    source = checkpoint or exported.meta.get("source_checkpoint", "")
+    source = checkpoint or exported.artifact.source_checkpoint
     if not source:
         raise UserError(
             f"{exported.path} does not record the checkpoint it was exported from.",
@@ -237,7 +185,7 @@ def reference(exported: Exported, checkpoint: str | None, trust: bool, warnings:
             hint="Pass --checkpoint PATH with the same weights (bench needs them for the PyTorch reference).",
         )
     model = load_model(source, arch=exported.arch, stages=exported.stages, trust_code=trust)
-    expected = exported.meta.get("source_sha256", "")
+    expected = exported.artifact.source_sha256
     if expected and not random:
         actual = sha256_file(source)
         if actual != expected:

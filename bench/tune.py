@@ -53,6 +53,8 @@ from rich.table import Table
 
 from ats_deploy.atomic import write_atomic
 from ats_deploy.ats import budget_int
+from ats_deploy.backends import Runner
+from ats_deploy.backends.pytorch_cpu import TorchRunner
 from ats_deploy.checkpoints import sha256_file
 from ats_deploy.errors import UserError
 from ats_deploy.exporters.onnx_export import check_output_path
@@ -61,13 +63,12 @@ from ats_deploy.images import data_config
 from ats_deploy.model import build, format_keep
 from ats_deploy.profiles import LOCAL_DIR, dump_profile
 
-from . import machine, run, runners
+from . import machine, run
 from .data import ImageFolder, Skipped, folder_batches
 from .evaluate import TIMING_BATCHES, pad
 from .plots import save
 from .source import Exported, reference
 from .timing import interleaved, paired_ratio
-from .variants import Runner
 
 COARSE = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 STEP = 0.05  # half the coarse step: the refinement looks between the coarse values
@@ -449,11 +450,12 @@ class Device:
         with self.status.status("loading the PyTorch reference"):
             model = reference(plan.exported, self.request.checkpoint, self.request.trust_checkpoint, plan.warnings)
         dense = build(model.vit, model.arch, stages=[])
-        if plan.backend == "pytorch":
-            ats, baseline = runners.TorchRunner(model), runners.TorchRunner(dense)
+        if not plan.target.backend.exports:
+            ats, baseline = TorchRunner(model), TorchRunner(dense)
         else:
             workdir = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="ats-tune-")))
-            ats, baseline = run.exported_runners(plan, dense, workdir, self.status)
+            dense_onnx = run.dense_export(plan, dense, workdir, self.status)
+            ats, baseline = run.exported_runners(plan, plan.target, dense_onnx, workdir, self.status)
         assert isinstance(plan.data, ImageFolder)  # tune requires --data
         skipped, size, batches, labels = Skipped(), plan.profile.batch, [], []
         with self.status.status(f"reading {len(plan.data.files)} images"):
@@ -629,7 +631,7 @@ def conditions(plan: run.Plan, request: Request) -> dict[str, Any]:
     profile = plan.profile
     return {
         "model_sha256": sha256_file(plan.measured),
-        "reference": request.checkpoint or plan.exported.meta.get("source_checkpoint", ""),
+        "reference": request.checkpoint or plan.exported.artifact.source_checkpoint,
         "backend": plan.backend,
         "precision": plan.precision,
         "batch": profile.batch,
@@ -672,7 +674,7 @@ def tune(request: Request, status: Console) -> Outcome:
         model=request.model,
         data=request.data,
         images=request.images,
-        backend=request.backend,
+        backends=[request.backend] if request.backend else None,
         class_map=request.class_map,
         checkpoint=request.checkpoint,
         trust_checkpoint=request.trust_checkpoint,
@@ -684,7 +686,7 @@ def tune(request: Request, status: Console) -> Outcome:
     run.check_folder(log_path.parent, "--log")
     run.print_warnings(plan.warnings, status)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    n0 = int(plan.exported.meta["n0"])
+    n0 = plan.exported.artifact.n0
     header = _header(plan, request, created)
     log = Log.open(log_path, header, n0, request.fresh)
     if log.settings:
@@ -705,7 +707,7 @@ def tune(request: Request, status: Console) -> Outcome:
             return log.settings[key]
 
         search(measure, objective.rank, len(plan.exported.stages))
-        environment = machine.describe(plan.profile.threads)
+        environment = machine.describe(plan.profile.threads, [plan.target.backend])
     settings = list(log.settings.values())
     best = choose(settings, objective.rank)
     outcome = Outcome(

@@ -1,17 +1,19 @@
 """The models one bench compares: dense and ATS, as the PyTorch reference and as exported.
 
 Speedups are quoted against the exported dense model (the same runtime without
-token sampling); the PyTorch variants show what the export itself gains.
+token sampling; the first backend's when several are benched); the PyTorch variants
+show what the export itself gains. With several backends each backend's exported
+variants are keyed ``<kind>:<backend>`` (``exported_ats:openvino``); with one, by kind.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ats_deploy.backends import Runner
 from ats_deploy.exporters.validate import Sample, samples
 from ats_deploy.flops import CostModel
 
@@ -26,7 +28,15 @@ TITLES = {
     EXPORTED_ATS: "exported ATS",
 }
 
-Runner = Callable[[torch.Tensor, torch.Tensor], tuple[np.ndarray, np.ndarray]]
+
+def kind_of(key: str) -> str:
+    """The kind of a variant key (``exported_ats:openvino`` -> ``exported_ats``)."""
+    return key.split(":", 1)[0]
+
+
+def exported_key(kind: str, backend: str, several: bool) -> str:
+    """The key of a backend's exported variant: the kind alone when only one backend is benched."""
+    return f"{kind}:{backend}" if several else kind
 
 
 @dataclass
@@ -41,7 +51,7 @@ class Variant:
 
     @property
     def title(self) -> str:
-        return TITLES[self.key]
+        return TITLES[kind_of(self.key)]
 
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         return self.runner(images, self.keep)

@@ -153,16 +153,17 @@ def _walk(graph: onnx.GraphProto, prefix: str = "") -> Iterator[_Node]:
                 yield from _walk(sub, f"{name}/")
 
 
-def _record(vi: onnx.ValueInfoProto, dtypes: dict[str, str], shapes: dict[str, Shape | None]) -> None:
+def _declared(vi: onnx.ValueInfoProto) -> tuple[str, Shape | None] | None:
+    """A value's declared dtype and shape (None: rank unknown), or None when it declares no tensor type."""
     tensor = vi.type.tensor_type
     if not vi.type.HasField("tensor_type") or tensor.elem_type == TensorProto.UNDEFINED:
-        return
-    dtypes[vi.name] = _dtype_name(tensor.elem_type)
-    shapes[vi.name] = (
+        return None
+    shape = (
         tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
         if tensor.HasField("shape")
         else None
     )
+    return _dtype_name(tensor.elem_type), shape
 
 
 def _constant_value(node: onnx.NodeProto) -> TensorProto | np.ndarray | None:
@@ -215,7 +216,9 @@ def _facts(model: onnx.ModelProto) -> tuple[_Facts, list[Finding]]:
     weights: dict[str, TensorProto | np.ndarray] = {}
     for graph in _graphs(inferred.graph):
         for vi in (*graph.input, *graph.output, *graph.value_info):
-            _record(vi, dtypes, shapes)
+            declared = _declared(vi)
+            if declared is not None:
+                dtypes[vi.name], shapes[vi.name] = declared
         for init in graph.initializer:
             dtypes[init.name] = _dtype_name(init.data_type)
             shapes[init.name] = tuple(init.dims)

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import torch
 
 from ats_deploy import __version__
+from ats_deploy.artifact import Artifact
 from ats_deploy.atomic import atomic_output
 from ats_deploy.ats import budget_int
 from ats_deploy.errors import UserError
@@ -58,20 +58,24 @@ class ExportOptions:
     opset: int = OPSET
     source: str = ""
     source_sha256: str = ""
-    extra_metadata: dict[str, str] = field(default_factory=dict)
     ats_op: str = "subgraph"
 
 
 class StaticATS(torch.nn.Module):
-    """``images -> (logits, tokens)`` with ``keep`` a constant and every length static."""
+    """``images -> (logits, tokens)`` with ``keep`` a constant and every length static.
+
+    Passes each stage's budget to the model as a Python int, so that every sequence
+    length traces as a constant (TensorRT before 8.6, DLA).
+    """
 
     def __init__(self, model: ATSVisionTransformer, keep: list[float]) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("keep", torch.tensor(keep, dtype=torch.float32))
+        self.budget = [budget_int(k, model.n0) for k in keep]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(images, self.keep)
+        return self.model(images, self.keep, static_budget=self.budget)
 
 
 def check_output_path(path: Path) -> Path:
@@ -88,35 +92,31 @@ def check_output_path(path: Path) -> Path:
 
 
 def metadata(model: ATSVisionTransformer, options: ExportOptions) -> dict[str, str]:
-    """The ``metadata_props`` of spec section 4, plus what bench needs to rebuild the reference."""
+    """The ``metadata_props`` of spec section 4: the :class:`Artifact` of this export, written once here."""
     cfg = data_config(model.vit)
     keep = validate_keep(options.keep or model.default_keep, len(model.stages))
-    props = {
-        "ats_deploy_version": __version__,
-        "arch": model.arch,
-        "stages": json.dumps(model.stages),
-        "input_size": json.dumps(list(cfg["input_size"])),
-        "mean": json.dumps(list(cfg["mean"])),
-        "std": json.dumps(list(cfg["std"])),
-        "interpolation": str(cfg["interpolation"]),
-        "crop_pct": str(cfg["crop_pct"]),
-        "num_classes": str(model.num_classes),
-        "n0": str(model.n0),
-        "dynamic": json.dumps(options.dynamic),
-        "exporter": options.exporter,
-        "keep": json.dumps(keep),
-        "source_checkpoint": options.source,
-        "source_sha256": options.source_sha256,
-    }
-    if not options.dynamic:
-        props["batch"] = str(options.batch)
-        props["budget"] = json.dumps([budget_int(k, model.n0) for k in keep])
-    props.update(options.extra_metadata)
-    return props
-
-
-def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
+    artifact = Artifact(
+        arch=model.arch,
+        stages=tuple(model.stages),
+        n0=model.n0,
+        num_classes=model.num_classes,
+        input_size=tuple(cfg["input_size"]),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=str(cfg["interpolation"]),
+        crop_pct=float(cfg["crop_pct"]),
+        keep=tuple(keep),
+        dynamic=options.dynamic,
+        exporter=options.exporter,
+        source_checkpoint=options.source,
+        source_sha256=options.source_sha256,
+        ats_deploy_version=__version__,
+        batch=None if options.dynamic else options.batch,
+        budget=None if options.dynamic else tuple(budget_int(k, model.n0) for k in keep),
+        ats_op=options.ats_op,
+        prefix_tokens=model.vit.num_prefix_tokens,
+    )
+    return artifact.to_metadata()
 
 
 def _trace(model: ATSVisionTransformer, options: ExportOptions, path: Path) -> None:
@@ -233,18 +233,11 @@ def export(model: ATSVisionTransformer, output: Path, options: ExportOptions) ->
     if options.batch < 1:
         raise UserError(f"--batch must be at least 1, got {options.batch}.")
     output = check_output_path(output)
-    model.static_budget = None
-    if not options.dynamic:
-        keep = validate_keep(options.keep or model.default_keep, len(model.stages))
-        model.static_budget = [budget_int(k, model.n0) for k in keep]
-    try:
-        with atomic_output(output) as tmp:
-            _trace(model, options, tmp)
-            graph = declare_outputs(clean(onnx.load(str(tmp))), model, options)
-            graph = name_kept_masks(graph, len(model.stages))
-            graph = finalize(graph, metadata(model, options))
-            graph = apply_ats_op(graph, options.ats_op)
-            onnx.save(graph, str(tmp))
-    finally:
-        model.static_budget = None
+    with atomic_output(output) as tmp:
+        _trace(model, options, tmp)
+        graph = declare_outputs(clean(onnx.load(str(tmp))), model, options)
+        graph = name_kept_masks(graph, len(model.stages))
+        graph = finalize(graph, metadata(model, options))
+        graph = apply_ats_op(graph, options.ats_op)
+        onnx.save(graph, str(tmp))
     return output

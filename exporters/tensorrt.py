@@ -42,11 +42,11 @@ import onnx
 import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
+from ..artifact import SIDECAR_KEY, maybe_of_onnx, sidecar_metadata
 from ..atomic import atomic_output, write_atomic
 from ..errors import BackendUnavailable, UserError
 from ..profiles import Profile
 from .custom_op import uses_custom_op
-from .onnx_export import read_metadata
 from .trt_plugin import register_plugin
 
 if TYPE_CHECKING:
@@ -74,9 +74,7 @@ class EngineSpec:
 
     ``batch`` is (min, opt, max) of the batch dimension; equal for a static export.
     ``keep_len`` is S, the number of ATS stages (length of the ``keep`` input), or
-    ``None`` for a static export whose budget is baked in. ``keep_dynamic`` is true
-    only if the ONNX leaves the length of ``keep`` open, which then needs an
-    optimization profile too.
+    ``None`` for a static export whose budget is baked in.
     """
 
     onnx: Path
@@ -86,7 +84,6 @@ class EngineSpec:
     batch: tuple[int, int, int]
     image_shape: tuple[int, int, int]
     keep_len: int | None
-    keep_dynamic: bool
     static: bool
     dla_core: int | None
     gpu_fallback: bool
@@ -101,7 +98,6 @@ class _Interface:
     batch: int | None  # None: dynamic
     image_shape: tuple[int, int, int]
     keep_len: int | None  # None: no `keep` input (baked in)
-    keep_dynamic: bool
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | None]:
@@ -120,19 +116,6 @@ def _load_graph(path: Path) -> onnx.ModelProto:
         raise UserError(f"cannot read {path} as an ONNX model: {exc}") from None
 
 
-def _stage_count(model: onnx.ModelProto) -> int | None:
-    """S from the ``tokens`` output ``[batch, S]``, else from the ``stages`` metadata."""
-    for output in model.graph.output:
-        if output.name == "tokens":
-            dims = _dims(output)
-            if len(dims) == 2 and dims[1] is not None:
-                return dims[1]
-    for prop in model.metadata_props:
-        if prop.key == "stages":
-            return len(json.loads(prop.value))
-    return None
-
-
 def _interface(model: onnx.ModelProto, path: Path) -> _Interface:
     initializers = {init.name for init in model.graph.initializer}
     inputs = {i.name: i for i in model.graph.input if i.name not in initializers}
@@ -145,18 +128,16 @@ def _interface(model: onnx.ModelProto, path: Path) -> _Interface:
     if len(images) != 4 or None in images[1:]:
         shown = "x".join("?" if d is None else str(d) for d in images)
         raise UserError(f"{path}: 'images' must be [batch, 3, H, W] with fixed channels, H and W, got {shown}.")
-    keep_len, keep_dynamic = None, False
+    keep_len = None
     if "keep" in inputs:
         keep = _dims(inputs["keep"])
-        if len(keep) != 1:
-            raise UserError(f"{path}: 'keep' must be a 1-D tensor [S], got {len(keep)} dimensions.")
-        keep_dynamic = keep[0] is None
-        keep_len = _stage_count(model) if keep_dynamic else keep[0]
-        if keep_len is None:
-            raise UserError(f"{path}: cannot tell the number of ATS stages: 'keep' has no fixed length.")
-    return _Interface(
-        batch=images[0], image_shape=(images[1], images[2], images[3]), keep_len=keep_len, keep_dynamic=keep_dynamic
-    )
+        if len(keep) != 1 or keep[0] is None:
+            raise UserError(
+                f"{path}: 'keep' must be a 1-D tensor [S] of fixed length S (the ATS stages), as "
+                "`ats-deploy export` writes it (ATS_SPEC.md section 4); export the model again."
+            )
+        keep_len = keep[0]
+    return _Interface(batch=images[0], image_shape=(images[1], images[2], images[3]), keep_len=keep_len)
 
 
 def _static_batch(profile: Profile, fixed: int, path: Path) -> tuple[int, int, int]:
@@ -216,7 +197,6 @@ def spec_from(
         batch=batch,
         image_shape=io.image_shape,
         keep_len=io.keep_len,
-        keep_dynamic=io.keep_dynamic,
         static=static,
         dla_core=profile.dla_core,
         gpu_fallback=profile.gpu_fallback,
@@ -243,8 +223,8 @@ def uses_strong_typing(spec: EngineSpec, tensorrt_major: int) -> bool:
 
 
 def _needs_shapes(spec: EngineSpec) -> bool:
-    """Whether some input has a dynamic dimension, which needs an optimization profile."""
-    return not spec.static or spec.keep_dynamic
+    """Whether some input has a dynamic dimension (the batch), which needs an optimization profile."""
+    return not spec.static
 
 
 # --------------------------------------------------------------------------- trtexec
@@ -252,12 +232,9 @@ def _needs_shapes(spec: EngineSpec) -> bool:
 
 def _shapes_flag(spec: EngineSpec, batch: int) -> str:
     channels, height, width = spec.image_shape
-    shapes = f"images:{batch}x{channels}x{height}x{width}"
-    # `keep` is an execution tensor of static length S in our exports (float inputs cannot
-    # be shape tensors); trtexec only wants shapes for inputs with a dynamic dimension.
-    if spec.keep_dynamic:
-        shapes += f",keep:{spec.keep_len}"
-    return shapes
+    # `keep` is an execution tensor of static length S (float inputs cannot be shape
+    # tensors); trtexec only wants shapes for inputs with a dynamic dimension.
+    return f"images:{batch}x{channels}x{height}x{width}"
 
 
 def trtexec_command(spec: EngineSpec, tensorrt_major: int = DEFAULT_TRTEXEC_MAJOR) -> str:
@@ -650,13 +627,15 @@ def _image_config(model: onnx.ModelProto, image_shape: tuple[int, int, int]) -> 
     """The preprocessing ``ats-deploy export`` recorded in the metadata; timm's ImageNet defaults otherwise."""
     from timm.data.constants import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    meta = read_metadata(model)
+    artifact = maybe_of_onnx(model)
+    if artifact is not None:
+        return {**artifact.data_config, "input_size": image_shape}
     return {
         "input_size": image_shape,
-        "mean": tuple(json.loads(meta["mean"])) if "mean" in meta else IMAGENET_DEFAULT_MEAN,
-        "std": tuple(json.loads(meta["std"])) if "std" in meta else IMAGENET_DEFAULT_STD,
-        "interpolation": meta.get("interpolation", "bicubic"),
-        "crop_pct": float(meta.get("crop_pct", DEFAULT_CROP_PCT)),
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "interpolation": "bicubic",
+        "crop_pct": DEFAULT_CROP_PCT,
     }
 
 
@@ -666,8 +645,9 @@ def _agreement_keep(model: onnx.ModelProto, spec: EngineSpec, keep: Sequence[flo
         return None
     if keep is not None:
         return list(keep)
-    recorded = json.loads(read_metadata(model).get("keep", "[]"))
-    return [float(v) for v in recorded] if len(recorded) == spec.keep_len else [1.0] * spec.keep_len
+    artifact = maybe_of_onnx(model)
+    recorded = list(artifact.keep) if artifact is not None else []
+    return recorded if len(recorded) == spec.keep_len else [1.0] * spec.keep_len
 
 
 def _run_all(session, images: np.ndarray, keep: list[float] | None, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -736,16 +716,13 @@ def _parse(trt, network, logger, source: Path):
 
 
 def _add_optimization_profile(builder, config, spec: EngineSpec) -> None:
-    """Batch range of ``images`` (and the length of ``keep`` if open); static engines need none."""
+    """Batch range of ``images``; static engines need none."""
     if not _needs_shapes(spec):
         return
     profile = builder.create_optimization_profile()
     channels, height, width = spec.image_shape
     low, opt, high = ((batch, channels, height, width) for batch in spec.batch)
     profile.set_shape("images", low, opt, high)
-    if spec.keep_dynamic:
-        length = (spec.keep_len,)
-        profile.set_shape("keep", length, length, length)
     config.add_optimization_profile(profile)
 
 
@@ -781,7 +758,7 @@ def _engine_info(spec: EngineSpec, trt, strong: bool) -> dict[str, Any]:
     model = onnx.load(str(spec.onnx), load_external_data=False)
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(spec).items()}
     return {
-        "onnx_metadata": {prop.key: prop.value for prop in model.metadata_props},
+        SIDECAR_KEY: sidecar_metadata(model),
         "tensorrt_version": trt.__version__,
         "gpu": _gpu_name(),
         "strongly_typed": strong,
@@ -913,7 +890,7 @@ class TensorRTRunner:
         torch = self._torch = _import_cuda_torch()
         self._logger = trt.Logger(trt.Logger.WARNING)  # must outlive the runtime
         self._runtime = trt.Runtime(self._logger)
-        if self._built_for().get("onnx_metadata", {}).get("ats_op") == "custom":
+        if self._built_for().get(SIDECAR_KEY, {}).get("ats_op") == "custom":
             register_plugin()
         dla_core = self._built_for().get("dla_core")
         if dla_core is not None:

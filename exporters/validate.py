@@ -16,7 +16,6 @@ patches, and logits within ``atol``. Every other difference fails.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +29,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ats_deploy import ats
+from ats_deploy.artifact import read
 from ats_deploy.errors import UserError
 from ats_deploy.model import ATSVisionTransformer, validate_keep
 
 from . import custom_op
-from .onnx_export import kept_name, read_metadata
+from .onnx_export import kept_name
 
 DEFAULT_KEEPS = (1.0, 0.87, 0.72, 0.5)
 DEFAULT_BATCHES = (1, 4)
@@ -480,10 +480,10 @@ def validate(
     console: Console | None = None,
 ) -> Report:
     """Run ``onnx_path`` (onnxruntime CPU) and ``model`` on ``images`` for every keep and batch size."""
-    meta = read_metadata(onnx.load(onnx_path, load_external_data=False))
-    if meta.get("dynamic", "true") != "true":
-        keeps = [[float(v) for v in json.loads(meta["keep"])]]
-        batches = [int(meta["batch"])]
+    artifact = read(onnx_path)
+    if not artifact.dynamic:
+        keeps = [list(artifact.keep)]
+        batches = [artifact.batch]
     tapped = TappedSession(onnx_path)
     mismatch = interface_mismatch(model, tapped.stages, len(tapped.taps))
     if mismatch is not None:  # its keep input would not even take the reference's rows

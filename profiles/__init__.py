@@ -26,10 +26,10 @@ from typing import Any
 
 import yaml
 
+from .. import backends
 from ..atomic import write_atomic
 from ..errors import UserError
 
-BACKENDS = ("tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt", "pytorch")
 PRECISIONS = ("fp32", "fp16")
 LOCAL_DIR = "profiles"
 SUFFIX = ".yaml"
@@ -229,10 +229,11 @@ def _check_target(profile: Profile, check: _Checker) -> None:
     shapes = profile.shapes
     if profile.static and not (shapes.min == shapes.opt == shapes.max == profile.batch):
         raise check.fail("static", "is true, so batch and shapes min, opt and max must all be equal")
-    if profile.backend != "tensorrt":
-        for key, used in (("dla_core", profile.dla_core is not None), ("gpu_fallback", profile.gpu_fallback)):
-            if used:
-                raise check.fail(key, f"only applies to the tensorrt backend, not '{profile.backend}'")
+    backend = backends.get(profile.backend)
+    for key, used in (("dla_core", profile.dla_core is not None), ("gpu_fallback", profile.gpu_fallback)):
+        if used and key not in backend.profile_keys:
+            owners = " or ".join(b.name for b in backends.all_backends() if key in b.profile_keys)
+            raise check.fail(key, f"only applies to the {owners} backend, not '{profile.backend}'")
     if profile.gpu_fallback and profile.dla_core is None:
         raise check.fail("gpu_fallback", "only applies when dla_core is set")
     if profile.dla_core is not None:
@@ -240,8 +241,9 @@ def _check_target(profile: Profile, check: _Checker) -> None:
             raise check.fail("precision", "must be fp16 with dla_core: the DLA runs fp16 or int8 only")
         if not profile.static:
             raise check.fail("static", "must be true with dla_core: DLA engines have static shapes")
-    if profile.backend == "onnxruntime" and profile.precision == "fp16":
-        raise check.fail("precision", "fp16 is not useful on the onnxruntime CPU backend; use fp32")
+    if profile.precision not in backend.precisions:
+        runs = " or ".join(backend.precisions)
+        raise check.fail("precision", f"{profile.precision} is not useful on the {backend.label} backend; use {runs}")
 
 
 def parse_profile(data: dict, name: str, path: Path | None) -> Profile:
@@ -257,7 +259,7 @@ def parse_profile(data: dict, name: str, path: Path | None) -> Profile:
         path=path,
         description=check.text(data, "description"),
         source=check.text(data, "source"),
-        backend=check.choice(data, "backend", BACKENDS),
+        backend=check.choice(data, "backend", backends.names()),
         precision=_precision(data, check),
         keep=_keep(data, check),
         batch=batch,

@@ -20,6 +20,7 @@ from cli_helpers import fast_profile, invoke, plain
 from PIL import Image
 from typer.testing import CliRunner
 
+from ats_deploy.artifact import read
 from ats_deploy.bench import run, tune
 from ats_deploy.bench.data import image_folder, read_class_map
 from ats_deploy.bench.source import Exported, check_static, engine_for, open_model, reference
@@ -178,8 +179,8 @@ def test_user_errors_come_before_any_work(exported, args, message):
     assert "Traceback" not in result.output
 
 
-def test_an_engine_runs_only_on_tensorrt(here):
-    meta = {"arch": "deit_tiny_patch16_224", "stages": "[3]", "keep": "[1.0]", "n0": "197", "num_classes": "1000"}
+def test_an_engine_runs_only_on_tensorrt(here, tiny_ats_onnx):
+    meta = read(tiny_ats_onnx).to_metadata()
     Path("model.plan").write_bytes(b"engine")
     Path("model.plan.json").write_text(json.dumps({"onnx_metadata": meta, "precision": "fp16"}))
     assert open_model(Path("model.plan")).is_engine
@@ -243,9 +244,9 @@ def test_a_bad_class_map_is_refused(tmp_path, text, message):
         read_class_map(tmp_path / "absent.json", 10)
 
 
-def test_static_exports_bake_batch_and_keep():
-    meta = {"dynamic": "false", "batch": "1", "keep": json.dumps([0.7] * 9), "n0": "197"}
-    static = Exported(Path("static.onnx"), meta)
+def test_static_exports_bake_batch_and_keep(tiny_ats_onnx):
+    baked = dataclasses.replace(read(tiny_ats_onnx), dynamic=False, batch=1, keep=(0.7,) * 9, budget=(138,) * 9)
+    static = Exported(Path("static.onnx"), baked)
     jetson = load_profile("jetson")
     check_static(static, [0.7] * 9, "profile 'jetson'", jetson)
     with pytest.raises(UserError, match=r"static export with keep 0.7 \(--keep asks for keep 0.5\) baked in"):
@@ -254,17 +255,18 @@ def test_static_exports_bake_batch_and_keep():
         check_static(static, [0.7] * 9, "--keep", load_profile("cpu-batch"))
 
 
-def test_the_reference_comes_from_the_recorded_checkpoint(tmp_path):
+def test_the_reference_comes_from_the_recorded_checkpoint(tmp_path, tiny_ats_onnx):
     checkpoint = save_checkpoint(load_model("random:0", arch="deit_tiny_patch16_224"), tmp_path / "tiny.pt")
-    meta = {"arch": "deit_tiny_patch16_224", "stages": "[3, 4]", "source_checkpoint": str(checkpoint),
-            "source_sha256": "0" * 64}
+    recorded = dataclasses.replace(
+        read(tiny_ats_onnx), stages=(3, 4), keep=(1.0, 1.0), source_checkpoint=str(checkpoint), source_sha256="0" * 64
+    )
     warnings: list[str] = []
-    model = reference(Exported(tmp_path / "m.onnx", meta), None, False, warnings)
+    model = reference(Exported(tmp_path / "m.onnx", recorded), None, False, warnings)
     assert model.stages == [3, 4]
     assert len(warnings) == 1 and "is not the file" in warnings[0]
     checkpoint.unlink()
     with pytest.raises(UserError, match="is gone") as caught:
-        reference(Exported(tmp_path / "m.onnx", meta), None, False, [])
+        reference(Exported(tmp_path / "m.onnx", recorded), None, False, [])
     assert "--checkpoint PATH" in str(caught.value)
 
 

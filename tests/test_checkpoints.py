@@ -16,7 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ats_deploy import checkpoints
 from ats_deploy.checkpoints import infer_arch, load_model, read_checkpoint, save_checkpoint, sha256_file
 from ats_deploy.errors import UserError
-from ats_deploy.model import build
+from ats_deploy.model import build, with_input_size
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 REAL_DEIT_TINY = WEIGHTS / "deit_tiny_patch16_224_wvfunc_bittrue_reconstructed.pth"
@@ -118,6 +118,13 @@ def test_each_format_loads_back_identical_weights(name: str, random_deit_tiny: V
     assert model.source == path
     assert model.checkpoint_format == ckpt.format
     assert not model.training
+
+
+def test_a_resized_model_keeps_where_its_weights_came_from(random_deit_tiny, tmp_path: Path):
+    path = write_deit_release(state_dict_of(random_deit_tiny), tmp_path / "weights.pth")
+    resized = with_input_size(load_model(path), 160)
+    assert resized.input_size == (3, 160, 160)
+    assert (resized.source, resized.checkpoint_format) == (path, "deit-release")
 
 
 def test_deit_release_prefers_deit_name_and_timm_train_keeps_its_arch(random_deit_tiny, tmp_path: Path):

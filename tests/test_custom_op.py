@@ -16,9 +16,10 @@ from onnx import TensorProto, helper
 from timm.models.vision_transformer import VisionTransformer
 
 from ats_deploy import ats
+from ats_deploy.artifact import read_metadata
 from ats_deploy.errors import BackendUnavailable, UserError
 from ats_deploy.exporters import custom_op, trt_plugin
-from ats_deploy.exporters.onnx_export import ExportOptions, export, read_metadata
+from ats_deploy.exporters.onnx_export import ExportOptions, export
 from ats_deploy.exporters.tensorrt import TensorRTRunner, build_engine, spec_from
 from ats_deploy.exporters.validate import Case, Judge, TappedSession, compare_batch, reference_samples, samples
 from ats_deploy.model import build

@@ -13,10 +13,11 @@ import onnx
 import pytest
 import torch
 
+from ats_deploy.artifact import read_metadata
 from ats_deploy.errors import UserError
 from ats_deploy.exporters import onnx_export
 from ats_deploy.exporters.compat import check_model
-from ats_deploy.exporters.onnx_export import ExportOptions, export, read_metadata
+from ats_deploy.exporters.onnx_export import ExportOptions, export
 from ats_deploy.exporters.validate import session
 from ats_deploy.images import data_config, random_images
 from ats_deploy.model import build
@@ -112,7 +113,7 @@ def test_linear_layers_export_as_gemm_with_their_bias(dynamic_onnx, tiny):
 
 
 def test_every_reshape_reads_the_batch_size_from_one_tensor(dynamic_onnx):
-    """The way back from 2-D token rows takes the batch size from one tensor (``ats.reshape_rows``),
+    """The way back from 2-D token rows takes the batch size from one tensor (``lowering.reshape_rows``),
     so that onnxruntime merges every block's ``Shape`` + ``Concat`` into one of each."""
     graph = onnx.load(str(dynamic_onnx)).graph
     leading = [

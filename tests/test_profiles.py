@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ats_deploy import backends
 from ats_deploy.errors import UserError
 from ats_deploy.profiles import (
-    BACKENDS,
     Profile,
     Shapes,
     dump_profile,
@@ -19,7 +19,7 @@ from ats_deploy.profiles import (
     parse_profile,
 )
 
-BUILTINS = ["cpu", "cpu-batch", "desktop-gpu", "jetson", "jetson-dla", "server-gpu"]
+BUILTINS = ["cpu", "cpu-batch", "cpu-openvino", "desktop-gpu", "jetson", "jetson-dla", "server-gpu"]
 
 VALID = {
     "description": "a test target",
@@ -58,7 +58,7 @@ def test_every_builtin_loads(name):
     profile = load_profile(name)
     assert profile.name == name
     assert profile.path is not None and profile.path.name == f"{name}.yaml"
-    assert profile.backend in BACKENDS
+    assert profile.backend in backends.names()
     assert profile.shapes.min <= profile.batch <= profile.shapes.max
     assert "ats-deploy tune" in profile.source
     assert len(profile.keep_for(9)) == 9
@@ -74,6 +74,8 @@ def test_builtin_targets():
     assert (cpu.backend, cpu.precision, cpu.batch) == ("onnxruntime", "fp32", 1)
     assert cpu.threads is not None
     assert load_profile("cpu-batch").batch == 8
+    openvino = load_profile("cpu-openvino")
+    assert (openvino.backend, openvino.precision, openvino.batch, openvino.threads) == ("openvino", "fp32", 1, 4)
 
 
 def test_list_profiles_gives_the_builtins():

@@ -181,6 +181,24 @@ def test_the_last_block_computes_only_the_rows_the_head_reads(pool, stages):
         np.testing.assert_allclose(logits[b].numpy(), expected.logits, atol=1e-4, rtol=0)
 
 
+def test_a_static_budget_pads_every_stage_to_it_and_changes_nothing_else(random_deit_tiny):
+    """Static exports pass each stage's K as an int: every stage is then min(K, its input) tokens
+    long, padded, with the same kept tokens and logits as the run-time budget."""
+    model = build(random_deit_tiny, "deit_tiny_patch16_224")
+    images, keep = random_images(2, data_config(random_deit_tiny), seed=4), [0.5] * len(model.stages)
+    budgets = [ats.budget_int(k, model.n0) for k in keep]
+    with torch.no_grad():
+        dynamic = model.forward_details(images, keep)
+        static = model.forward_details(images, keep, static_budget=budgets)
+        static_logits, static_tokens = model(images, keep, static_budget=budgets)
+    assert budgets == [99] * 9 and [p.shape[1] for p in static.positions] == budgets
+    assert torch.equal(static.tokens, dynamic.tokens) and torch.equal(static_tokens, dynamic.tokens)
+    torch.testing.assert_close(static.logits, dynamic.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(static_logits, static.logits, atol=0, rtol=0)
+    for padded, compact in zip(static.positions, dynamic.positions, strict=True):
+        assert torch.equal(padded[:, : compact.shape[1]], compact) and (padded[:, compact.shape[1] :] == -1).all()
+
+
 def test_keep_one_without_duplicates_equals_dense_model(monkeypatch):
     """Spec section 5: when no stage draws a duplicate, keep = 1.0 is the dense model.
 

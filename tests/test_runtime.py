@@ -16,7 +16,7 @@ import torch
 from cli_helpers import invoke, plain
 from onnx import TensorProto, helper
 
-from ats_deploy import runtime
+from ats_deploy import artifact, runtime
 from ats_deploy.errors import BackendUnavailable, UserError
 from ats_deploy.images import data_config, preprocess
 
@@ -154,7 +154,7 @@ def test_files_that_cannot_be_run_are_refused_by_name(tmp_path):
         runtime.open(not_ats_onnx(tmp_path / "plain.onnx"))
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x08\x07not an onnx file at all\xff\xff")
-    with pytest.raises(UserError, match=r"cannot read .*corrupt\.onnx as an ONNX model"):
+    with pytest.raises(UserError, match=r"(?s)corrupt\.onnx is corrupt or not an ONNX file: .*Re-export it with"):
         runtime.open(corrupt)
     with pytest.raises(UserError, match="is a directory"):
         runtime.open(tmp_path)
@@ -165,7 +165,7 @@ def test_engine_needs_its_build_record_and_tensorrt(tiny_ats_onnx, tmp_path):
     engine.write_bytes(b"not really an engine")
     with pytest.raises(UserError, match=r"model\.plan\.json is missing.*ats-deploy build"):
         runtime.open(engine)
-    meta = {p.key: p.value for p in onnx.load(str(tiny_ats_onnx), load_external_data=False).metadata_props}
+    meta = artifact.read(tiny_ats_onnx).to_metadata()
     (tmp_path / "model.plan.json").write_text(json.dumps({"onnx_metadata": meta}))
     try:
         import tensorrt  # noqa: F401
@@ -223,7 +223,6 @@ def test_a_version_2_file_gets_one_keep_row_per_image(tiny_ats_onnx, photos):
         seen.append(keep)
         return np.zeros((len(pixels), 1000), np.float32), np.zeros((len(pixels), 9), np.int64)
 
-    meta = {p.key: p.value for p in onnx.load(str(tiny_ats_onnx), load_external_data=False).metadata_props}
-    model = runtime.ExportedModel(tiny_ats_onnx, meta, backend, keep_rank=2)
+    model = runtime.ExportedModel(tiny_ats_onnx, artifact.read(tiny_ats_onnx), backend, keep_rank=2)
     model.predict(images[:3], keep=0.7)
     np.testing.assert_array_equal(seen[0], np.full((3, 9), 0.7, dtype=np.float32))

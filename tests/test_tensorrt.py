@@ -127,7 +127,7 @@ def static_onnx(tmp_path) -> Path:
 def test_spec_from_dynamic_export(dynamic_onnx, profile, batch):
     spec = spec_from(dynamic_onnx, load_profile(profile))
     assert spec.batch == batch
-    assert (spec.static, spec.keep_len, spec.keep_dynamic) == (False, STAGES, False)
+    assert (spec.static, spec.keep_len) == (False, STAGES)
     assert spec.image_shape == (3, SIZE, SIZE)
     assert (spec.precision, spec.dla_core, spec.gpu_fallback) == ("fp16", None, False)
     assert spec.engine == dynamic_onnx.with_name(f"model.{profile}.plan")
@@ -143,13 +143,14 @@ def test_spec_from_static_export_for_dla(static_onnx):
 def test_spec_from_static_export_with_a_keep_input(tmp_path):
     path = save(ats_like_model(batch=1, keep_input=True), tmp_path / "static_keep.onnx")
     spec = spec_from(path, load_profile("jetson-dla"))
-    assert (spec.static, spec.keep_len, spec.keep_dynamic) == (True, STAGES, False)
+    assert (spec.static, spec.keep_len) == (True, STAGES)
 
 
-def test_spec_from_open_keep_length(tmp_path):
+def test_an_open_keep_length_is_refused(tmp_path):
+    """Exports give ``keep`` its fixed length S; a file that leaves it open was not written by ``ats-deploy export``."""
     path = save(ats_like_model(keep_len=None), tmp_path / "open.onnx")
-    spec = spec_from(path, load_profile("jetson"))
-    assert (spec.keep_len, spec.keep_dynamic) == (STAGES, True)
+    with pytest.raises(UserError, match=r"'keep' must be a 1-D tensor \[S\] of fixed length S"):
+        spec_from(path, load_profile("jetson"))
 
 
 def test_dla_profile_needs_a_static_export(dynamic_onnx):
@@ -241,12 +242,6 @@ def test_trtexec_for_jetson_dla(static_onnx):
     assert not any("Shapes=" in a for a in args), "a static export takes no shape flags"
     assert {"--useDLACore=0", "--allowGPUFallback", "--fp16"} <= set(args)
     assert "--stronglyTyped" not in args
-
-
-def test_trtexec_lists_keep_only_when_its_length_is_open(tmp_path):
-    path = save(ats_like_model(keep_len=None), tmp_path / "open.onnx")
-    args = flags(trtexec_command(spec_from(path, load_profile("desktop-gpu"))))
-    assert "--optShapes=images:8x3x32x32,keep:3" in args
 
 
 @pytest.mark.parametrize("profile", ["jetson", "jetson-dla"])

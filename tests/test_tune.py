@@ -22,6 +22,7 @@ from cli_helpers import fast_profile, invoke, plain
 from onnx import TensorProto, helper
 from PIL import Image
 
+from ats_deploy.artifact import read
 from ats_deploy.bench import tune
 from ats_deploy.bench.tune import Log, Measurement, Objective, pareto_front
 from ats_deploy.checkpoints import load_model
@@ -266,7 +267,7 @@ def test_a_backend_missing_here_is_refused_naming_the_override(exported, no_meas
     assert "profile 'jetson' runs on tensorrt" in output and "--backend onnxruntime" in output
 
 
-def test_a_static_export_is_refused(here, no_measuring):
+def test_a_static_export_is_refused(here, no_measuring, tiny_ats_onnx):
     graph = helper.make_graph(
         [helper.make_node("Identity", ["images"], ["logits"])],
         "static",
@@ -274,9 +275,10 @@ def test_a_static_export_is_refused(here, no_measuring):
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 224, 224])],
     )
     model = helper.make_model(graph)
-    meta = {"arch": ARCH, "stages": "[3, 4]", "dynamic": "false", "batch": "1", "keep": "[0.7, 0.7]", "n0": "197",
-            "num_classes": "1000"}
-    helper.set_model_props(model, meta)
+    static = dataclasses.replace(
+        read(tiny_ats_onnx), stages=(3, 4), dynamic=False, batch=1, keep=(0.7, 0.7), budget=(138, 138)
+    )
+    helper.set_model_props(model, static.to_metadata())
     onnx.save(model, "static.onnx")
     result = invoke("tune", "static.onnx", "--profile", "cpu", "--data", "data", "--max-drop", "1")
     assert result.exit_code == 2

@@ -1,0 +1,100 @@
+"""The token budget ``keep`` (ATS_SPEC.md section 2), parsed, checked, broadcast and formatted in one place.
+
+A user gives keep as text (``--keep 0.7``, ``--keep 0.9,0.8,0.7``), a profile as a
+number or a list, Python as a float or a sequence; every one of them becomes a
+:class:`Keep`, so the rules (finite, positive, no fractional absolute budget, one
+value or one per stage) and the way keep is printed and named exist once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import UserError
+
+USAGE = "give a fraction in (0, 1] of the model's tokens (e.g. 0.7) or a whole number of tokens (e.g. 98)"
+
+
+@dataclass(frozen=True)
+class Keep:
+    """One keep value for every ATS stage, or one per stage; every value checked on creation."""
+
+    values: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.values:
+            raise UserError(f"keep is empty: {USAGE}.")
+        for value in self.values:
+            _check(value)
+
+    @classmethod
+    def parse(cls, keep: Keep | str | float | Sequence[float]) -> Keep:
+        """``"0.7"``, ``"0.9,0.8,0.7"``, ``0.7``, ``[0.9, 0.8]`` or a :class:`Keep`."""
+        if isinstance(keep, Keep):
+            return keep
+        if isinstance(keep, str):
+            try:
+                values = [float(v) for v in keep.split(",") if v.strip()]
+            except ValueError:
+                raise UserError(
+                    f"cannot read keep '{keep}': give numbers, e.g. --keep 0.7 or --keep 0.9,0.8,0.7."
+                ) from None
+            return cls(tuple(values))
+        if isinstance(keep, int | float):
+            return cls((float(keep),))
+        return cls(tuple(float(v) for v in keep))
+
+    def per_stage(self, stages: int) -> list[float]:
+        """One value per ATS stage: a single value applies to all."""
+        if len(self.values) == 1:
+            return list(self.values) * stages
+        if len(self.values) != stages:
+            raise UserError(
+                f"keep has {len(self.values)} values but the model has {stages} ATS stages; "
+                "give one value for all stages or one per stage."
+            )
+        return list(self.values)
+
+    def budgets(self, stages: int, n0: int) -> list[int]:
+        """The per-stage budget K of spec section 2, computed in float32 as an exported graph does."""
+        from .ats import budget_int
+
+        return [budget_int(v, n0) for v in self.per_stage(stages)]
+
+    def notes(self, n0: int) -> list[str]:
+        """Values that the budget floors of spec section 2 give more tokens than they ask for."""
+        from .ats import budget_int
+
+        notes = []
+        for value in sorted(set(self.values)):
+            asked = math.floor(value * n0 + 0.5) if value <= 1 else math.floor(value)
+            k = budget_int(value, n0)
+            if k > asked:
+                notes.append(f"keep {value:g} gives K = {k} tokens, the floor of spec section 2 (it asks for {asked})")
+        return notes
+
+    def __str__(self) -> str:
+        """``0.7`` when every stage has it, else ``0.9,0.8,0.7``: for reports and file names alike."""
+        return f"{self.values[0]:g}" if len(set(self.values)) == 1 else ",".join(f"{v:g}" for v in self.values)
+
+
+def _check(value: float) -> None:
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"keep value {value} is invalid: {USAGE}.")
+    if value > 1 and value != int(value):
+        raise UserError(
+            f"keep value {value:g} is above 1, so it would be an absolute budget of floor({value:g}) = "
+            f"{int(value)} tokens: {USAGE}."
+        )
+
+
+def per_stage(keep: Keep | str | float | Sequence[float], stages: int) -> list[float]:
+    """Shorthand for ``Keep.parse(keep).per_stage(stages)``: the checked per-stage list."""
+    return Keep.parse(keep).per_stage(stages)
+
+
+def format_keep(keep: Sequence[float]) -> str:
+    """``str(Keep)`` of a per-stage list; ``-`` for a model without ATS stages."""
+    return str(Keep(tuple(keep))) if keep else "-"

@@ -1,0 +1,58 @@
+"""The keep type: one place that parses, checks, broadcasts and formats the budget (ATS_SPEC.md section 2)."""
+
+from __future__ import annotations
+
+import pytest
+from yardstick import budget as spec_budget
+
+from ats_deploy.errors import UserError
+from ats_deploy.keep import Keep, format_keep, per_stage
+
+
+@pytest.mark.parametrize(
+    ("given", "values"),
+    [("0.7", (0.7,)), (" 0.9, 0.8 ,0.7", (0.9, 0.8, 0.7)), (0.5, (0.5,)), (98, (98.0,)), ([1.0, 40.0], (1.0, 40.0))],
+)
+def test_every_form_parses_to_the_same_type(given, values):
+    keep = Keep.parse(given)
+    assert keep.values == values and Keep.parse(keep) is keep
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("nan", "is invalid"),
+        ("inf", "is invalid"),
+        ("0", "is invalid"),
+        ("-0.5", "is invalid"),
+        ("1.5", "absolute budget of floor(1.5) = 1 tokens"),
+        ("", "keep is empty"),
+        ("0.7,x", "cannot read keep '0.7,x'"),
+    ],
+)
+def test_bad_values_are_refused_with_one_message(given, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Keep.parse(given)
+
+
+def test_one_value_broadcasts_and_a_list_must_match_the_stages():
+    assert per_stage("0.7", 3) == [0.7, 0.7, 0.7]
+    assert per_stage("0.9,0.8,0.7", 3) == [0.9, 0.8, 0.7]
+    with pytest.raises(UserError, match="keep has 2 values but the model has 3 ATS stages"):
+        per_stage("0.9,0.8", 3)
+
+
+@pytest.mark.parametrize("value", [1e-6, 0.01, 0.3, 0.5, 0.7, 1.0, 2.0, 40.0, 197.0, 1000.0])
+def test_budgets_are_the_spec_budgets(value):
+    assert Keep((value,)).budgets(2, 197) == [spec_budget(value, 197)] * 2
+
+
+def test_notes_name_values_the_floors_raise():
+    floor = "keep 1e-09 gives K = 8 tokens, the floor of spec section 2 (it asks for 0)"
+    assert Keep((1e-9, 0.7)).notes(197) == [floor]
+    assert Keep((0.7, 98.0)).notes(197) == []
+
+
+def test_formatting_is_one_value_or_the_list():
+    assert str(Keep((0.7, 0.7))) == "0.7" and str(Keep((0.9, 0.8))) == "0.9,0.8"
+    assert format_keep([]) == "-" and format_keep([0.5] * 9) == "0.5"
