@@ -241,7 +241,7 @@ def read(path: str | Path) -> Artifact:
 
 def read_engine(engine: Path) -> tuple[Artifact, dict[str, Any]]:
     """An engine's artifact and the whole ``<engine>.json`` ``ats-deploy build`` wrote beside it (build settings)."""
-    from .exporters.tensorrt import engine_info_path
+    from .exporters.tensorrt.plan import engine_info_path
 
     sidecar = engine_info_path(engine)
     rebuild = "Rebuild the engine with `ats-deploy build MODEL.onnx --profile NAME`."

@@ -93,15 +93,10 @@ def command(*args, **kwargs) -> Callable:
 
 
 def parse_keep(text: str | None) -> list[float] | None:
-    """``"0.7"`` or ``"0.9,0.8,0.7"`` -> floats (checked against the stages later)."""
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(
-            f"cannot read --keep '{text}': give numbers, e.g. --keep 0.7 or --keep 0.9,0.8,0.7"
-        ) from None
+    """``--keep`` text -> checked floats (:class:`~ats_deploy.keep.Keep`; the stage count is checked later)."""
+    from .keep import Keep
+
+    return None if text is None else list(Keep.parse(text).values)
 
 
 def _version(value: bool) -> None:
@@ -134,7 +129,7 @@ def inspect(
 ) -> None:
     """Show a checkpoint's architecture, parameters, ATS stages, default keep and dense GFLOPs."""
     from .flops import CostModel
-    from .model import format_keep
+    from .keep import format_keep
 
     model = _load(checkpoint, arch, stages, None, trust_checkpoint)
     cost = CostModel.of(model)
@@ -167,7 +162,7 @@ def convert(
 ) -> None:
     """Write a self-describing ats-deploy checkpoint (arch, stages, default keep, weights)."""
     from .checkpoints import save_checkpoint
-    from .model import format_keep
+    from .keep import format_keep
 
     model = _load(checkpoint, arch, stages, keep, trust_checkpoint)
     path = save_checkpoint(model, output)
@@ -257,32 +252,6 @@ ProfileOpt = Annotated[
 ]
 
 
-def _source_of(model, checkpoint: str) -> tuple[str, str]:
-    """What export records so that bench can rebuild the reference: the checkpoint's path and sha256.
-
-    Random weights (no file) are recorded as the ``random:SEED`` they were made from.
-    """
-    from .checkpoints import sha256_file
-
-    if model.source is None:
-        return checkpoint, ""
-    path = model.source.resolve()
-    return str(path), sha256_file(path)
-
-
-def _default_onnx_name(checkpoint: str, arch: str, dynamic: bool, ats_op: str, batch: int, keep: list[float]) -> Path:
-    """One name per export kind, so a static or custom-op export never replaces the dynamic one.
-
-    ``deit_s_ats.onnx`` (dynamic), ``deit_s_ats.custom-op.onnx``, ``deit_s_ats.static-b1-k0.7.onnx``.
-    """
-    from .model import format_keep
-
-    stem = f"{arch}_ats" if checkpoint.startswith("random:") else Path(checkpoint).stem
-    kind = "" if dynamic else f".static-b{batch}-k{format_keep(keep)}"
-    op = ".custom-op" if ats_op == "custom" else ""
-    return Path(f"{stem}{kind}{op}.onnx")
-
-
 @command()
 def export(
     checkpoint: CheckpointArg,
@@ -342,53 +311,26 @@ def export(
     """
     import time
 
-    from .exporters.custom_op import ATS_OPS
-    from .exporters.onnx_export import EXPORTERS, ExportOptions, check_output_path
     from .exporters.onnx_export import export as run_export
-    from .model import keep_warnings, validate_keep, with_input_size
+    from .exporters.request import ExportRequest, plan
 
-    if exporter not in EXPORTERS:
-        raise UserError(f"unknown --exporter '{exporter}'; choose one of: {', '.join(EXPORTERS)}.")
-    if ats_op not in ATS_OPS:
-        raise UserError(f"unknown --ats-op '{ats_op}'; choose one of: {', '.join(ATS_OPS)}.")
-    if ats_op == "custom" and exporter != "torchscript":
-        raise UserError("--ats-op custom needs --exporter torchscript (it replaces the sampler subgraphs by name).")
-    if batch is not None and batch < 1:
-        raise UserError(f"--batch must be at least 1, got {batch}.")
-    if batch is not None and dynamic:
-        raise UserError("--batch fixes the batch of a static export; with --dynamic the batch is a run-time input.")
-    keep_values = parse_keep(keep)
-    if output is not None:
-        check_output_path(output)
-    prof = _profile(profile) if profile else None
-    model = _load(checkpoint, arch, stages, None, trust_checkpoint)
-    if img_size is not None:
-        model = with_input_size(model, img_size)
-    if keep_values is None and prof is not None:
-        keep_values = prof.keep_for(len(model.stages))
-    keep_values = validate_keep(keep_values or model.default_keep, len(model.stages))
-    if batch is None:
-        batch = prof.batch if prof is not None and not dynamic else 1
-    output = check_output_path(
-        output or _default_onnx_name(checkpoint, model.arch, dynamic, ats_op, batch, keep_values)
+    request = ExportRequest(
+        checkpoint=checkpoint, output=output, dynamic=dynamic, keep=parse_keep(keep), batch=batch,
+        exporter=exporter, arch=arch, stages=stages, img_size=img_size, ats_op=ats_op, opset=opset,
+        trust_checkpoint=trust_checkpoint, profile=_profile(profile) if profile else None,
     )
-    for note in keep_warnings(keep_values, model.n0):
+    planned = plan(request)
+    for note in planned.notes:
         err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
-    source, sha = _source_of(model, checkpoint)
-    options = ExportOptions(
-        dynamic=dynamic, exporter=exporter, batch=batch, keep=keep_values, source=source, source_sha256=sha,
-        ats_op=ats_op, opset=opset,
-    )
     start = time.perf_counter()
-    with console.status(f"exporting {model.arch} with the {exporter} exporter"):
-        path = run_export(model, output, options)
-    kind = "dynamic (batch and keep are inputs)" if dynamic else f"static (batch {batch}, keep baked in)"
+    with console.status(f"exporting {planned.model.arch} with the {exporter} exporter"):
+        path = run_export(planned.model, planned.output, planned.options)
     console.print(
-        f"exported [bold]{escape(str(path))}[/] ({path.stat().st_size / 1e6:.1f} MB, {kind}) "
+        f"exported [bold]{escape(str(path))}[/] ({path.stat().st_size / 1e6:.1f} MB, {planned.kind}) "
         f"in {time.perf_counter() - start:.1f} s"
     )
     if validate_:
-        _validate(path, model, prof, atol)
+        _validate(path, planned.model, request.profile, atol)
 
 
 def _profile(name: str):
@@ -709,7 +651,10 @@ def tune(
     latency_ms: Annotated[
         float | None,
         typer.Option(
-            "--latency-ms", metavar="MS", help="Choose the most accurate setting with p50 <= MS at the profile's batch."
+            "--latency-ms",
+            metavar="MS",
+            help="Choose the most accurate setting with p50 <= MS at the profile's batch. Without --max-drop or "
+            "--latency-ms, the profile's `latency_budget_ms:` is MS.",
         ),
     ] = None,
     output: Annotated[
@@ -797,24 +742,26 @@ def build(
     """
     from .exporters.custom_op import uses_custom_op
     from .exporters.onnx_export import check_output_path
-    from .exporters.tensorrt import build_engine, spec_from, trtexec_command, uses_strong_typing, write_fp16_onnx
+    from .exporters.tensorrt.build import build_engine, write_converted_onnx
+    from .exporters.tensorrt.plan import spec_from, uses_strong_typing
+    from .exporters.tensorrt.trtexec import trtexec_command
 
     if not model.is_file():
         raise UserError(f"ONNX file not found: {model}; export one with `ats-deploy export CHECKPOINT --dynamic`.")
     prof = _profile(profile)
     spec = spec_from(model, prof, output, workspace_mb=workspace_mb)
     check_output_path(spec.engine)
-    fp16_onnx = None
+    converted = None
     if uses_custom_op(model):
         console.print("this model holds ats-deploy's AdaptiveTokenSampler nodes: their TensorRT plugin is "
                       "Python (TensorRT >= 10.6), which `ats-deploy build` registers and plain trtexec cannot load.")
     else:
         if uses_strong_typing(spec, 10):
             keep = prof.keep_for(spec.keep_len) if spec.keep_len else None
-            fp16_onnx = write_fp16_onnx(spec, console, keep)
+            converted = write_converted_onnx(spec, console, keep)
         console.print("[bold]equivalent trtexec command[/] (TensorRT 10):")
         console.print(Text(trtexec_command(spec)), soft_wrap=True, highlight=False)
-    engine = build_engine(spec, console, fp16_onnx)
+    engine = build_engine(spec, console, converted)
     console.print(f"built [bold]{escape(str(engine))}[/]")
 
 

@@ -39,21 +39,21 @@ class Keep:
                 values = [float(v) for v in keep.split(",") if v.strip()]
             except ValueError:
                 raise UserError(
-                    f"cannot read keep '{keep}': give numbers, e.g. --keep 0.7 or --keep 0.9,0.8,0.7."
+                    f"cannot read --keep '{keep}': give numbers, e.g. --keep 0.7 or --keep 0.9,0.8,0.7."
                 ) from None
             return cls(tuple(values))
         if isinstance(keep, int | float):
             return cls((float(keep),))
         return cls(tuple(float(v) for v in keep))
 
-    def per_stage(self, stages: int) -> list[float]:
-        """One value per ATS stage: a single value applies to all."""
+    def per_stage(self, stages: int, owner: str | None = None) -> list[float]:
+        """One value per ATS stage: a single value applies to all. ``owner`` (a profile) is named in the error."""
         if len(self.values) == 1:
             return list(self.values) * stages
         if len(self.values) != stages:
+            given = f"{owner} gives {len(self.values)} keep values" if owner else f"keep has {len(self.values)} values"
             raise UserError(
-                f"keep has {len(self.values)} values but the model has {stages} ATS stages; "
-                "give one value for all stages or one per stage."
+                f"{given} but the model has {stages} ATS stages; give one value for all stages or one per stage."
             )
         return list(self.values)
 
@@ -91,7 +91,9 @@ def _check(value: float) -> None:
 
 
 def per_stage(keep: Keep | str | float | Sequence[float], stages: int) -> list[float]:
-    """Shorthand for ``Keep.parse(keep).per_stage(stages)``: the checked per-stage list."""
+    """Shorthand for ``Keep.parse(keep).per_stage(stages)``: the checked per-stage list (none without stages)."""
+    if stages == 0 and not isinstance(keep, str | int | float | Keep) and not len(keep):
+        return []  # a model without ATS stages has no budget
     return Keep.parse(keep).per_stage(stages)
 
 

@@ -9,7 +9,8 @@ linear layers go through :mod:`ats_deploy.lowering`, which fixes the graph ops t
 
 ``forward(images, keep) -> (logits, tokens)`` is exactly the exported interface
 (spec section 4); :meth:`ATSVisionTransformer.forward_details` also returns the
-original patch positions of the kept tokens, for plots.
+original patch positions of the kept tokens, for plots. Which timm models it runs,
+with how many prefix tokens and which head, is :mod:`ats_deploy.families`'.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
 from . import ats, lowering
 from .errors import UserError
+from .families import Family, family_of
+from .keep import per_stage
 
 
 @dataclass
@@ -68,31 +70,6 @@ class TokenSampler(nn.Module):
         return ats.compact(kept, count, self.n0, length)
 
 
-def check_supported(vit: nn.Module) -> None:
-    """Refuse, with the reason, a model the ATS reference cannot run faithfully."""
-    if not isinstance(vit, VisionTransformer):
-        raise UserError(
-            f"{type(vit).__name__} is not a timm VisionTransformer; ATS needs a ViT/DeiT with a class token."
-        )
-    name = getattr(vit, "default_cfg", {}).get("architecture", type(vit).__name__)
-    if vit.cls_token is None:
-        raise UserError(f"{name} has no class token; ATS scores tokens by the class token's attention.")
-    if vit.num_prefix_tokens != 1:
-        raise UserError(
-            f"{name} has {vit.num_prefix_tokens} prefix tokens (distillation or register tokens); "
-            "ATS is defined for exactly one class token."
-        )
-    if vit.global_pool not in ("token", "avg"):
-        raise UserError(f"{name} pools with '{vit.global_pool}'; supported: class token or average pooling.")
-    if getattr(vit, "dynamic_img_size", False):
-        raise UserError(f"{name} uses dynamic image size; export needs a fixed input size.")
-    for i, block in enumerate(vit.blocks):
-        if type(block) is not Block or type(block.attn) is not Attention:
-            raise UserError(
-                f"{name} block {i} is a {type(block).__name__}; ATS supports timm's standard ViT Block."
-            )
-
-
 class ATSVisionTransformer(nn.Module):
     """A timm ViT with Adaptive Token Sampling in the blocks listed in ``stages``.
 
@@ -112,7 +89,7 @@ class ATSVisionTransformer(nn.Module):
         checkpoint_format: str = "random",
     ) -> None:
         super().__init__()
-        check_supported(vit)
+        self.family = family_of(vit)  # refuses, with the reason, a model no family runs faithfully
         depth = len(vit.blocks)
         stages = sorted(set(int(s) for s in stages))
         bad = [s for s in stages if not 0 <= s < depth]
@@ -121,10 +98,10 @@ class ATSVisionTransformer(nn.Module):
         self.vit = vit.eval()
         self.arch = arch
         self.stages = stages
-        self.n0 = vit.patch_embed.num_patches + 1
+        self.n0 = vit.patch_embed.num_patches + self.family.prefix_tokens(vit)
         self.samplers = nn.ModuleList(TokenSampler(self.n0) for _ in stages)
         keep = list(default_keep) if default_keep is not None else [1.0] * len(stages)
-        self.default_keep = validate_keep(keep, len(stages))
+        self.default_keep = per_stage(keep, len(stages))
         self.source = source
         self.checkpoint_format = checkpoint_format
 
@@ -148,7 +125,7 @@ class ATSVisionTransformer(nn.Module):
             return keep
         values = keep.tolist() if isinstance(keep, torch.Tensor) else keep
         values = [values] if isinstance(values, int | float) else list(values)
-        return torch.tensor(validate_keep(values, len(self.stages)), dtype=torch.float32)
+        return torch.tensor(per_stage(values, len(self.stages)), dtype=torch.float32)
 
     def forward(
         self,
@@ -191,7 +168,7 @@ class ATSVisionTransformer(nn.Module):
         bias: torch.Tensor | None = None
         kept, kept_positions = [], []
         batch = x  # every block reads the batch size from this one tensor (see lowering.reshape_rows)
-        last = class_only_block(vit)
+        last = class_only_block(vit, self.family)
         for i, block in enumerate(vit.blocks):
             if i not in self.stages:
                 x = dense_block(block, x, bias, batch, rows=1 if i == last else None)
@@ -211,7 +188,7 @@ class ATSVisionTransformer(nn.Module):
             kept.append(n_kept)
             positions = torch.where(mask[..., 0] == 0, torch.gather(positions, 1, index[..., 0]), -1)
             kept_positions.append(positions)
-        logits = head(vit, vit.norm(x), None if mask is None else mask[..., 0] == 0)
+        logits = self.family.head(vit, vit.norm(x), None if mask is None else mask[..., 0] == 0)
         if kept:
             token_counts = (torch.cat(kept, dim=1) - 1).to(torch.int64)  # K' excludes the class token
         else:
@@ -219,20 +196,9 @@ class ATSVisionTransformer(nn.Module):
         return ATSOutput(logits, token_counts, kept_positions)
 
 
-def class_only_block(vit: VisionTransformer) -> int | None:
+def class_only_block(vit: VisionTransformer, family: Family) -> int | None:
     """The block that computes only the class token's row: the last, when the head reads just that token."""
-    return len(vit.blocks) - 1 if vit.global_pool == "token" else None
-
-
-def head(vit: VisionTransformer, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """timm's classifier head; average pooling counts only valid patch tokens."""
-    if vit.global_pool == "avg":
-        weight = torch.ones_like(x[:, :, :1]) if valid is None else valid.unsqueeze(-1).to(x.dtype)
-        weight = F.pad(weight[:, 1:], (0, 0, 1, 0))
-        pooled = (x * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)
-    else:
-        pooled = x[:, 0]
-    return vit.head(vit.head_drop(vit.fc_norm(pooled)))
+    return len(vit.blocks) - 1 if family.pools_class_token(vit) else None
 
 
 def _qkv_tokens(
@@ -377,53 +343,6 @@ def ats_block(
     o = _merge_heads(attn, _attend(q_rows, k_t, v, attn.scale, bias))
     h_rows = lowering.gather_rows(h, rows) if getattr(attn, "gate", None) is not None else h
     return _finish(block, lowering.gather_rows(x, rows), h_rows, o, batch), mask, rows, n_kept
-
-
-def validate_keep(keep: Sequence[float], stages: int) -> list[float]:
-    """Check a keep list against spec section 2: finite, positive, one per stage (or one for all).
-
-    Values above 1 are absolute token counts, read as ``floor(keep)``: a value such
-    as 1.5 is refused, since it almost always means a fraction (0.15?) and would
-    give the smallest budget without a word.
-    """
-    values = [float(v) for v in keep]
-    if len(values) == 1 and stages != 1:
-        values = values * stages
-    if len(values) != stages:
-        raise UserError(
-            f"keep has {len(values)} values but the model has {stages} ATS stages; "
-            "give one value for all stages or one per stage."
-        )
-    for v in values:
-        if not (v == v and abs(v) != float("inf")) or v <= 0:
-            raise UserError(
-                f"keep value {v} is invalid: use a fraction in (0, 1] of the token count, "
-                "or an absolute token budget > 1."
-            )
-        if v > 1 and v != int(v):
-            raise UserError(
-                f"keep value {v:g} is above 1, so it would be an absolute budget of floor({v:g}) = {int(v)} "
-                "tokens: give a fraction in (0, 1] (e.g. 0.7) or a whole number of tokens (e.g. 98)."
-            )
-    return values
-
-
-def keep_warnings(keep: Sequence[float], n0: int) -> list[str]:
-    """What the budget floors of spec section 2 change in ``keep``: values that give more tokens than asked."""
-    notes = []
-    for v in sorted(set(keep)):
-        k = ats.budget_int(v, n0)
-        asked = v * n0 + 0.5 if v <= 1 else v
-        if k > asked:
-            notes.append(f"keep {v:g} gives K = {k} tokens, the floor of spec section 2 (it asks for {int(asked)})")
-    return notes
-
-
-def format_keep(keep: Sequence[float]) -> str:
-    """One value when every stage has it (``0.7``), else the per-stage list (``0.9,0.8,0.7``); ``-`` for none."""
-    if not keep:
-        return "-"
-    return f"{keep[0]:g}" if len(set(keep)) == 1 else ",".join(f"{v:g}" for v in keep)
 
 
 def build(

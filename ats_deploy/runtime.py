@@ -102,7 +102,7 @@ def _onnx_backend(path: Path, threads: int | None, takes_keep: bool) -> Backend:
 
 def _open_engine(path: Path) -> ExportedModel:
     """An engine's artifact is the one ``ats-deploy build`` copied into ``<engine>.json``."""
-    from .exporters.tensorrt import TensorRTRunner
+    from .exporters.tensorrt.runner import TensorRTRunner
 
     artifact, _ = read_engine(path)
     runner = TensorRTRunner(path)
@@ -164,11 +164,11 @@ class ExportedModel:
 
         A static export runs only the keep baked into it: any other is refused by name.
         """
-        from .model import format_keep, validate_keep
+        from .keep import format_keep, per_stage
 
         if keep is None:
             return self.default_keep
-        values = validate_keep(_numbers(keep), len(self.stages))
+        values = per_stage(_numbers(keep), len(self.stages))
         if self._keep_rank is None and self._budgets(values) != self._budgets(self.default_keep):
             raise UserError(
                 f"{self.path} is a static export with keep {format_keep(self.default_keep)} baked in; it cannot run "
@@ -246,11 +246,11 @@ class ReferenceModel:
         import torch
 
         from .images import data_config, preprocess
-        from .model import validate_keep
+        from .keep import per_stage
 
         images = _as_list(images)
         _check_top(top)
-        values = validate_keep(self.model.default_keep if keep is None else _numbers(keep), len(self.stages))
+        values = per_stage(self.model.default_keep if keep is None else _numbers(keep), len(self.stages))
         pixels = preprocess([as_rgb(image) for image in images], data_config(self.model.vit))
         with torch.no_grad():
             logits, tokens = self.model(pixels, torch.tensor(values, dtype=torch.float32))
@@ -282,7 +282,7 @@ def rank(logits: np.ndarray, tokens: np.ndarray, top: int) -> Prediction:
 
 
 def _numbers(keep: float | Sequence[float]) -> list[float]:
-    """``keep`` as a list of floats (checked against the stages by :func:`ats_deploy.model.validate_keep`)."""
+    """``keep`` (a number, a list, a numpy array) as a list of floats, for :func:`ats_deploy.keep.per_stage`."""
     try:
         return [float(v) for v in np.atleast_1d(np.asarray(keep, dtype=np.float64))]
     except (TypeError, ValueError):

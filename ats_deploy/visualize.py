@@ -20,7 +20,8 @@ from PIL import Image
 from .atomic import write_atomic
 from .errors import UserError
 from .images import data_config, load_image, preprocess, sample_images
-from .model import ATSVisionTransformer, validate_keep
+from .keep import per_stage
+from .model import ATSVisionTransformer
 
 DROPPED_BRIGHTNESS = 0.15  # what is left of a dropped patch: dark, yet the image stays recognisable
 PANEL_INCHES = 1.7
@@ -74,7 +75,7 @@ def token_grid(model: ATSVisionTransformer, image: Image.Image, keeps: Sequence[
     """Run ``model`` on ``image`` at every keep; ``keeps`` are checked against the model's stages."""
     if not model.stages:
         raise UserError(f"{model.arch} has no ATS stages, so no tokens are dropped; load it with --stages.")
-    checked = [validate_keep(keep, len(model.stages)) for keep in keeps]
+    checked = [per_stage(keep, len(model.stages)) for keep in keeps]
     config = data_config(model.vit)
     batch = preprocess([image], config)
     kept = np.stack([kept_patches(model, batch, keep) for keep in checked])

@@ -28,20 +28,22 @@ TIMING_BATCHES = 4  # latency cycles through the first few batches, so it sees s
 
 @dataclass
 class Tally:
-    """One variant's hits and kept tokens over the data."""
+    """One variant's top-1 class and kept tokens of every image, in order."""
 
-    correct: int = 0
-    images: int = 0
+    top1: list[np.ndarray] = field(default_factory=list)
     tokens: list[np.ndarray] = field(default_factory=list)
 
-    def add(self, logits: np.ndarray, tokens: np.ndarray, truth: np.ndarray) -> None:
-        self.correct += int((logits.argmax(axis=-1) == truth).sum())
-        self.images += len(truth)
+    def add(self, logits: np.ndarray, tokens: np.ndarray) -> None:
+        self.top1.append(logits.argmax(axis=-1))
         self.tokens.append(tokens)
 
     @property
-    def accuracy(self) -> float:
-        return self.correct / self.images
+    def images(self) -> int:
+        return sum(len(top1) for top1 in self.top1)
+
+    def predictions(self) -> np.ndarray:
+        """``[images]`` top-1 class indices."""
+        return np.concatenate(self.top1)
 
     def all_tokens(self) -> np.ndarray:
         """``[images, S]`` kept tokens per stage."""
@@ -50,13 +52,32 @@ class Tally:
 
 @dataclass
 class Evaluation:
+    """What every variant predicted, kept and (the compared ones) how it compared with the reference.
+
+    Scores are computed here, not while running, so that a caller that ran the PyTorch dense model in another pass
+    (tune measures it once, then one keep setting at a time) scores against the same truth.
+    """
+
     tallies: dict[str, Tally]
     cases: dict[str, Case]  # per compared variant key: its comparison with the reference
     timing_inputs: list[torch.Tensor]
+    labels: np.ndarray | None  # None: unlabelled images, scored by agreement with the PyTorch dense model
 
     @property
     def images(self) -> int:
         return next(iter(self.tallies.values())).images
+
+    def truth(self) -> np.ndarray:
+        """The labels; for unlabelled images the PyTorch dense model's top-1, so that scores become agreement."""
+        return self.labels if self.labels is not None else self.tallies[PYTORCH_DENSE].predictions()
+
+    def correct(self, key: str, truth: np.ndarray | None = None) -> np.ndarray:
+        """``[images]`` whether variant ``key`` got each image right, against ``truth`` (default: :meth:`truth`)."""
+        return self.tallies[key].predictions() == (self.truth() if truth is None else truth)
+
+    def accuracy(self, key: str) -> float:
+        """Top-1 accuracy (or agreement) of variant ``key``."""
+        return float(self.correct(key).mean())
 
 
 def pad(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -73,34 +94,38 @@ def evaluate(
     atols: Mapping[str, float],
     on_batch: Callable[[int], None],
 ) -> Evaluation:
-    """Run ``variants`` on ``batches``; the PyTorch ATS outputs are validation's reference samples.
+    """Run ``variants`` on ``batches``; with comparisons, the PyTorch ATS outputs are validation's reference samples.
 
     ``atols`` names the variants compared with the reference (each backend's exported ATS model) and the largest
-    |logit difference| each may show on an image that kept the reference's patches.
+    |logit difference| each may show on an image that kept the reference's patches; comparing needs the
+    PyTorch ATS variant, whose keep they run at. Without comparisons every variant simply runs.
     """
-    keep = variants[PYTORCH_ATS].keep
-    tallies = {key: Tally() for key in variants}
+    keep = variants[PYTORCH_ATS].keep if atols else torch.zeros(0)
     cases = {key: Case(keep=keep.tolist(), batch=batch_size) for key in atols}
     judges = {key: Judge(reference, atol) for key, atol in atols.items()}
+    tallies = {key: Tally() for key in variants}
+    labels: list[np.ndarray] = []
     timing_inputs: list[torch.Tensor] = []
     for batch in batches:
         count = len(batch.names)
         images = pad(batch.images, batch_size)
-        expected = reference_samples(reference, images, keep)
-        outputs = {key: variant(images) for key, variant in variants.items() if key != PYTORCH_ATS and key not in cases}
-        outputs[PYTORCH_ATS] = _stack(expected)
-        for key, case in cases.items():
-            observed = variants[key].samples(images)
-            outputs[key] = _stack(observed)
-            compare_batch(case, judges[key], batch.names, images, keep, observed, expected)
-        labels = batch.labels.numpy() if batch.labels is not None else None
-        truth = labels if labels is not None else outputs[PYTORCH_DENSE][0][:count].argmax(axis=-1)
+        compared = {PYTORCH_ATS, *cases} if cases else set()
+        outputs = {key: variant(images) for key, variant in variants.items() if key not in compared}
+        if cases:
+            expected = reference_samples(reference, images, keep)
+            outputs[PYTORCH_ATS] = _stack(expected)
+            for key, case in cases.items():
+                observed = variants[key].samples(images)
+                outputs[key] = _stack(observed)
+                compare_batch(case, judges[key], batch.names, images, keep, observed, expected)
         for key, (logits, tokens) in outputs.items():
-            tallies[key].add(logits[:count], tokens[:count], truth)
+            tallies[key].add(logits[:count], tokens[:count])
+        if batch.labels is not None:
+            labels.append(batch.labels.numpy())
         if len(timing_inputs) < TIMING_BATCHES:
             timing_inputs.append(images)
         on_batch(count)
-    return Evaluation(tallies, cases, timing_inputs)
+    return Evaluation(tallies, cases, timing_inputs, np.concatenate(labels) if labels else None)
 
 
 def _stack(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ats_deploy.exporters.validate import Case
-from ats_deploy.model import format_keep
+from ats_deploy.keep import format_keep
 from ats_deploy.profiles import Profile
 
 from .timing import Latency, paired_ratio

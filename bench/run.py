@@ -29,7 +29,8 @@ from ats_deploy.errors import UserError
 from ats_deploy.exporters.onnx_export import ExportOptions, export
 from ats_deploy.flops import CostModel
 from ats_deploy.images import data_config
-from ats_deploy.model import ATSVisionTransformer, build, validate_keep
+from ats_deploy.keep import per_stage
+from ats_deploy.model import ATSVisionTransformer, build
 from ats_deploy.profiles import Profile, load_profile
 
 from . import machine, report
@@ -37,7 +38,7 @@ from .data import ImageFolder, SampleImages, Skipped, folder_batches, image_fold
 from .evaluate import Evaluation, evaluate
 from .results import BenchResult, VariantResult
 from .source import Exported, check_engine, check_static, engine_for, find_model, open_model, reference
-from .timing import Latency, interleaved
+from .timing import Latency, cycling, interleaved
 from .variants import EXPORTED_ATS, EXPORTED_DENSE, PYTORCH_ATS, PYTORCH_DENSE, Variant, exported_key
 
 DEFAULT_SAMPLE_IMAGES = 16
@@ -146,8 +147,8 @@ def output_folder(out: Path | None, profile: str) -> Path:
 
 def _keep(request: Request, profile: Profile, stages: int) -> tuple[list[float], str]:
     if request.keep is not None:
-        return validate_keep(request.keep, stages), "--keep"
-    return validate_keep(profile.keep_for(stages), stages), f"profile '{profile.name}'"
+        return per_stage(request.keep, stages), "--keep"
+    return profile.keep_for(stages), f"profile '{profile.name}'"
 
 
 def _measured_file(exported: Exported, profile: Profile, backend: Backend) -> Path:
@@ -242,7 +243,11 @@ def exported_runners(
     return backend.open(target.measured, options), backend.open(dense_file, options)
 
 
-def _variants(plan: Plan, model: ATSVisionTransformer, workdir: Path, status: Console) -> dict[str, Variant]:
+def build_variants(plan: Plan, model: ATSVisionTransformer, workdir: Path, status: Console) -> dict[str, Variant]:
+    """PyTorch dense and ATS, and each exporting target's exported dense and ATS models, at the plan's keep.
+
+    Bench measures them all once; tune measures the same variants, its ATS ones at each keep it tries.
+    """
     dense = build(model.vit, model.arch, stages=[])
     cost, dense_cost = CostModel.of(model), CostModel.of(dense)
     keep, none = torch.tensor(plan.keep, dtype=torch.float32), torch.zeros(0)
@@ -294,10 +299,7 @@ def _accuracy_pass(
 def _latency_pass(
     plan: Plan, variants: dict[str, Variant], evaluation: Evaluation, status: Console
 ) -> dict[str, Latency]:
-    inputs, profile = evaluation.timing_inputs, plan.profile
-    calls: dict[str, Callable[[int], object]] = {
-        key: (lambda round_, v=variant: v(inputs[round_ % len(inputs)])) for key, variant in variants.items()
-    }
+    calls, profile = cycling(variants, evaluation.timing_inputs), plan.profile
     with Progress(console=status, transient=True) as progress:
         rounds = profile.warmup + profile.iterations
         task = progress.add_task(f"latency: {len(calls)} variants interleaved, batch {profile.batch}", total=rounds)
@@ -309,10 +311,9 @@ def _variant_results(
 ) -> list[VariantResult]:
     results = []
     for key, variant in variants.items():
-        tally = evaluation.tallies[key]
-        tokens = tally.all_tokens()
+        tokens = evaluation.tallies[key].all_tokens()
         gflops = float(variant.cost.gflops(tokens).mean())
-        results.append(VariantResult(key, variant.runtime, tally.accuracy, gflops, tokens, latencies[key]))
+        results.append(VariantResult(key, variant.runtime, evaluation.accuracy(key), gflops, tokens, latencies[key]))
     return results
 
 
@@ -345,7 +346,7 @@ def bench(request: Request, status: Console) -> tuple[BenchResult, list[Path]]:
     skipped = Skipped()
     threads = checked.profile.threads or torch.get_num_threads()
     with torch_threads(threads), tempfile.TemporaryDirectory(prefix="ats-bench-") as workdir:
-        variants = _variants(checked, model, Path(workdir), status)
+        variants = build_variants(checked, model, Path(workdir), status)
         evaluation = _accuracy_pass(checked, model, variants, skipped, status)
         latencies = _latency_pass(checked, variants, evaluation, status)
         environment = machine.describe(checked.profile.threads, [t.backend for t in checked.targets])

@@ -16,7 +16,8 @@ from ats_deploy.artifact import ENGINE_SUFFIXES, REEXPORT, Artifact, read, read_
 from ats_deploy.ats import budget_int
 from ats_deploy.checkpoints import load_model, sha256_file
 from ats_deploy.errors import UserError
-from ats_deploy.model import ATSVisionTransformer, format_keep
+from ats_deploy.keep import format_keep
+from ats_deploy.model import ATSVisionTransformer
 from ats_deploy.profiles import Profile
 
 # `ats-deploy build` writes <engine>.fp16.onnx for strongly typed fp16 builds: a build input, not an export.
@@ -118,7 +119,7 @@ def engine_for(exported: Exported, profile: Profile) -> Path:
 
     bench does not build engines itself: a build takes minutes and has options of its own.
     """
-    from ats_deploy.exporters.tensorrt import spec_from
+    from ats_deploy.exporters.tensorrt.plan import spec_from
 
     engine = spec_from(exported.path, profile).engine
     build = f"ats-deploy build {exported.path} --profile {profile.name}"

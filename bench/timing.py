@@ -9,10 +9,16 @@ are taken per variant over the rounds, warm-up rounds excluded.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from .variants import Variant
 
 
 @dataclass
@@ -79,6 +85,14 @@ def interleaved(
         if on_round is not None:
             on_round()
     return {name: Latency(values, batch) for name, values in samples.items()}
+
+
+def cycling(variants: Mapping[str, Variant], inputs: Sequence[torch.Tensor]) -> dict[str, Callable[[int], object]]:
+    """:func:`interleaved`'s calls for ``variants``: round ``r`` runs each one on ``inputs[r % len(inputs)]``.
+
+    Cycling through a few batches (the accuracy pass's first ones) lets latency see several images' token counts.
+    """
+    return {key: (lambda round_, v=variant: v(inputs[round_ % len(inputs)])) for key, variant in variants.items()}
 
 
 def paired_ratio(numerator: Latency, denominator: Latency) -> float:

@@ -29,7 +29,8 @@ from ats_deploy.atomic import atomic_output
 from ats_deploy.ats import budget_int
 from ats_deploy.errors import UserError
 from ats_deploy.images import data_config
-from ats_deploy.model import ATSVisionTransformer, validate_keep
+from ats_deploy.keep import per_stage
+from ats_deploy.model import ATSVisionTransformer
 
 from .custom_op import apply_ats_op
 
@@ -94,7 +95,7 @@ def check_output_path(path: Path) -> Path:
 def metadata(model: ATSVisionTransformer, options: ExportOptions) -> dict[str, str]:
     """The ``metadata_props`` of spec section 4: the :class:`Artifact` of this export, written once here."""
     cfg = data_config(model.vit)
-    keep = validate_keep(options.keep or model.default_keep, len(model.stages))
+    keep = per_stage(options.keep or model.default_keep, len(model.stages))
     artifact = Artifact(
         arch=model.arch,
         stages=tuple(model.stages),
@@ -128,7 +129,7 @@ def _trace(model: ATSVisionTransformer, options: ExportOptions, path: Path) -> N
         args: tuple = (images, model.default_keep_tensor())
         input_names = list(INPUTS)
     else:
-        keep = validate_keep(options.keep or model.default_keep, len(model.stages))
+        keep = per_stage(options.keep or model.default_keep, len(model.stages))
         module = StaticATS(model, keep)
         args = (images,)
         input_names = ["images"]

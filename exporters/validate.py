@@ -31,7 +31,8 @@ from rich.table import Table
 from ats_deploy import ats
 from ats_deploy.artifact import read
 from ats_deploy.errors import UserError
-from ats_deploy.model import ATSVisionTransformer, validate_keep
+from ats_deploy.keep import per_stage
+from ats_deploy.model import ATSVisionTransformer
 
 from . import custom_op
 from .onnx_export import kept_name
@@ -587,5 +588,5 @@ def validate_file(
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     names, images = folder_inputs(model, data, limit, console) if data else default_inputs(model, limit or 8)
     stages = len(model.stages)
-    keeps = [validate_keep(k, stages) for k in keeps] if keeps else [[k] * stages for k in DEFAULT_KEEPS]
+    keeps = [per_stage(k, stages) for k in keeps] if keeps else [[k] * stages for k in DEFAULT_KEEPS]
     return validate(str(path), model, names, images, keeps, batches, atol, console)

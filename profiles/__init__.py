@@ -29,8 +29,10 @@ import yaml
 from .. import backends
 from ..atomic import write_atomic
 from ..errors import UserError
+from ..exporters import precisions
+from ..keep import Keep
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = precisions.names()  # the registry of ats_deploy.exporters.precisions
 LOCAL_DIR = "profiles"
 SUFFIX = ".yaml"
 
@@ -75,7 +77,7 @@ class Profile:
     iterations: int
     threads: int | None = None
     static: bool = False
-    latency_budget_ms: float | None = None
+    latency_budget_ms: float | None = None  # tune's --latency-ms when no objective is given
     dla_core: int | None = None
     gpu_fallback: bool = False
     # Where a profile lives does not change what it says: two profiles read from
@@ -84,16 +86,7 @@ class Profile:
 
     def keep_for(self, stages: int) -> list[float]:
         """The ``keep`` value of each of the model's ``stages`` ATS stages."""
-        if isinstance(self.keep, float):
-            return [self.keep] * stages
-        if len(self.keep) == 1:
-            return list(self.keep) * stages
-        if len(self.keep) != stages:
-            raise UserError(
-                f"profile '{self.name}' gives {len(self.keep)} keep values but the model has {stages} "
-                "ATS stages; give one value for all stages or one per stage."
-            )
-        return list(self.keep)
+        return Keep.parse(self.keep).per_stage(stages, owner=f"profile '{self.name}'")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -192,8 +185,14 @@ def _keep(data: dict, check: _Checker) -> float | tuple[float, ...]:
     if isinstance(value, list):
         if not value:
             raise check.fail("keep", "must not be an empty list")
-        return tuple(check.finite_positive("keep", v, expected) for v in value)
-    return check.finite_positive("keep", value, expected)
+        values = tuple(check.finite_positive("keep", v, expected) for v in value)
+    else:
+        values = (check.finite_positive("keep", value, expected),)
+    try:
+        Keep(values)  # the rules every keep follows (ats_deploy.keep), e.g. no fractional absolute budget
+    except UserError as err:
+        raise check.fail("keep", err.message) from None
+    return values if isinstance(value, list) else values[0]
 
 
 def _precision(data: dict, check: _Checker) -> str:

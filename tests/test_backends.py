@@ -18,7 +18,7 @@ from PIL import Image
 
 from ats_deploy import backends
 from ats_deploy.backends import RunOptions
-from ats_deploy.bench import tune
+from ats_deploy.bench.tune import search
 from ats_deploy.checkpoints import load_model
 from ats_deploy.errors import BackendUnavailable, UserError
 from ats_deploy.exporters.validate import Case, Judge, compare_batch, folder_inputs, reference_samples
@@ -240,8 +240,8 @@ def test_bench_refuses_an_unknown_backend_among_several(exported):
 
 def test_tune_on_the_cpu_openvino_profile(exported, monkeypatch):
     """A short search (two coarse settings, no refinement) on OpenVINO writes a tuned openvino profile."""
-    monkeypatch.setattr(tune, "COARSE", (1.0, 0.6))
-    monkeypatch.setattr(tune, "ROUNDS", 0)
+    monkeypatch.setattr(search, "COARSE", (1.0, 0.6))
+    monkeypatch.setattr(search, "ROUNDS", 0)
     fast_profile("cpu-openvino")
     folder = Path("data") / "n01440764"
     folder.mkdir(parents=True)

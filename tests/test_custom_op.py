@@ -20,7 +20,9 @@ from ats_deploy.artifact import read_metadata
 from ats_deploy.errors import BackendUnavailable, UserError
 from ats_deploy.exporters import custom_op, trt_plugin
 from ats_deploy.exporters.onnx_export import ExportOptions, export
-from ats_deploy.exporters.tensorrt import TensorRTRunner, build_engine, spec_from
+from ats_deploy.exporters.tensorrt.build import build_engine
+from ats_deploy.exporters.tensorrt.plan import spec_from
+from ats_deploy.exporters.tensorrt.runner import TensorRTRunner
 from ats_deploy.exporters.validate import Case, Judge, TappedSession, compare_batch, reference_samples, samples
 from ats_deploy.model import build
 from ats_deploy.profiles import Profile, Shapes, load_profile

@@ -27,7 +27,7 @@ def test_every_form_parses_to_the_same_type(given, values):
         ("-0.5", "is invalid"),
         ("1.5", "absolute budget of floor(1.5) = 1 tokens"),
         ("", "keep is empty"),
-        ("0.7,x", "cannot read keep '0.7,x'"),
+        ("0.7,x", "cannot read --keep '0.7,x'"),
     ],
 )
 def test_bad_values_are_refused_with_one_message(given, message):
@@ -56,3 +56,9 @@ def test_notes_name_values_the_floors_raise():
 def test_formatting_is_one_value_or_the_list():
     assert str(Keep((0.7, 0.7))) == "0.7" and str(Keep((0.9, 0.8))) == "0.9,0.8"
     assert format_keep([]) == "-" and format_keep([0.5] * 9) == "0.5"
+
+
+def test_a_model_without_ats_stages_has_no_budget():
+    assert per_stage([], 0) == []
+    with pytest.raises(UserError, match="keep is empty"):
+        per_stage([], 3)

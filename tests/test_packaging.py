@@ -30,6 +30,8 @@ def test_wheel_claims_only_ats_deploy(wheel):
     assert {t for t in top if not t.endswith(".dist-info")} == {"ats_deploy"}
     for expected in (
         "ats_deploy/exporters/onnx_export.py",
+        "ats_deploy/exporters/tensorrt/build.py",
+        "ats_deploy/exporters/precisions/fp16.py",
         "ats_deploy/bench/__init__.py",
         "ats_deploy/profiles/jetson.yaml",
         "ats_deploy/profiles/cpu.yaml",
@@ -47,7 +49,7 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(wheel, tmp_path):
     # ats_deploy is a .pth hook, which PYTHONPATH entries do not run.
     env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]}
     code = (
-        "import ats_deploy, ats_deploy.exporters.onnx_export, ats_deploy.bench;"
+        "import ats_deploy, ats_deploy.exporters.onnx_export, ats_deploy.exporters.tensorrt.build, ats_deploy.bench;"
         "from ats_deploy.profiles import load_profile;"
         "print(ats_deploy.__file__, load_profile('jetson').backend)"
     )

@@ -13,6 +13,7 @@ import yardstick
 from ats_deploy import ats
 from ats_deploy.errors import UserError
 from ats_deploy.images import data_config, preprocess, random_images
+from ats_deploy.keep import per_stage
 from ats_deploy.model import (
     ATSVisionTransformer,
     TokenSampler,
@@ -20,7 +21,6 @@ from ats_deploy.model import (
     build,
     dense_block,
     parse_stages,
-    validate_keep,
 )
 
 SPEC_KEEPS = (1.0, 0.87, 0.72, 0.5, 50.0, 120.0)
@@ -284,7 +284,7 @@ def test_stage_lists():
 @pytest.mark.parametrize("bad", [[float("nan")], [float("inf")], [0.0], [-0.5], [0.5, 0.5]])
 def test_bad_keep_values_are_refused(bad):
     with pytest.raises(UserError, match="keep"):
-        validate_keep(bad, 3)
+        per_stage(bad, 3)
 
 
 def test_default_stages_are_the_papers(random_deit_tiny):

@@ -1,4 +1,4 @@
-"""TensorRT engine planning, the trtexec command, fp16 conversion, and (on a GPU) a real build."""
+"""TensorRT engine planning, the trtexec command, the fp16 conversion it reads, and (on a GPU) a real build."""
 
 from __future__ import annotations
 
@@ -15,19 +15,16 @@ from cli_helpers import invoke, plain
 from onnx import TensorProto, helper, numpy_helper
 
 from ats_deploy.errors import BackendUnavailable, UserError
-from ats_deploy.exporters import tensorrt
 from ats_deploy.exporters.onnx_export import ExportOptions, export
-from ats_deploy.exporters.tensorrt import (
-    EngineSpec,
-    TensorRTRunner,
-    build_engine,
-    engine_info_path,
-    fp16_onnx_path,
-    spec_from,
-    to_fp16,
-    trtexec_command,
-    write_fp16_onnx,
-)
+from ats_deploy.exporters.precisions import FP16
+from ats_deploy.exporters.precisions import agreement as cpu_agreement
+from ats_deploy.exporters.precisions import fp16 as fp16_conversion
+from ats_deploy.exporters.precisions.fp16 import to_fp16
+from ats_deploy.exporters.tensorrt import build as trt_build
+from ats_deploy.exporters.tensorrt.build import build_engine, write_converted_onnx
+from ats_deploy.exporters.tensorrt.plan import EngineSpec, converted_onnx_path, engine_info_path, spec_from
+from ats_deploy.exporters.tensorrt.runner import TensorRTRunner
+from ats_deploy.exporters.tensorrt.trtexec import trtexec_command
 from ats_deploy.model import build
 from ats_deploy.profiles import load_profile, parse_profile
 
@@ -213,8 +210,8 @@ def test_trtexec_for_jetson(dynamic_onnx):
     """fp16 on the GPU: the converted ONNX as a strongly typed network (module docstring)."""
     spec = spec_from(dynamic_onnx, load_profile("jetson"))
     args = flags(trtexec_command(spec))
-    assert args[:2] == [f"--onnx={fp16_onnx_path(spec)}", f"--saveEngine={spec.engine}"]
-    assert fp16_onnx_path(spec) == dynamic_onnx.with_name("model.jetson.fp16.onnx")
+    assert args[:2] == [f"--onnx={converted_onnx_path(spec)}", f"--saveEngine={spec.engine}"]
+    assert converted_onnx_path(spec) == dynamic_onnx.with_name("model.jetson.fp16.onnx")
     assert "--minShapes=images:1x3x32x32" in args
     assert "--optShapes=images:1x3x32x32" in args
     assert "--maxShapes=images:4x3x32x32" in args
@@ -250,7 +247,7 @@ def test_trtexec_for_tensorrt_11(dynamic_onnx, static_onnx, profile):
     spec = spec_from(static_onnx if profile == "jetson-dla" else dynamic_onnx, load_profile(profile))
     args = flags(trtexec_command(spec, tensorrt_major=11))
     assert "--fp16" not in args and "--stronglyTyped" not in args
-    assert args[0] == f"--onnx={fp16_onnx_path(spec)}"
+    assert args[0] == f"--onnx={converted_onnx_path(spec)}"
 
 
 def test_trtexec_fp32_and_quoting(tmp_path):
@@ -273,10 +270,10 @@ def test_trtexec_fp32_and_quoting(tmp_path):
     assert args[0] == f"--onnx={path}"
 
 
-def test_write_fp16_onnx(dynamic_onnx):
+def test_write_converted_onnx_in_fp16(dynamic_onnx):
     spec = spec_from(dynamic_onnx, load_profile("desktop-gpu"))
-    written = write_fp16_onnx(spec)
-    assert written == fp16_onnx_path(spec)
+    written = write_converted_onnx(spec)
+    assert written == converted_onnx_path(spec) == dynamic_onnx.with_name("model.desktop-gpu.fp16.onnx")
     model = onnx.load(str(written))
     assert {init.data_type for init in model.graph.initializer if init.name.startswith("w")} == {TensorProto.FLOAT16}
     assert spec_from(written, load_profile("desktop-gpu")).image_shape == (3, SIZE, SIZE), "same interface"
@@ -284,10 +281,13 @@ def test_write_fp16_onnx(dynamic_onnx):
 
 def test_an_fp16_conversion_that_changes_most_predictions_is_not_written(dynamic_onnx, monkeypatch):
     spec = spec_from(dynamic_onnx, load_profile("desktop-gpu"))
-    poor = tensorrt.Fp16Agreement(photos=4, images=8, keep=None, top1=3, tokens=8, max_logit_diff=9.0)
-    monkeypatch.setattr(tensorrt, "fp16_agreement", lambda *_args: poor)
+    poor = cpu_agreement.Agreement(
+        precision="fp16", required=FP16.min_top1_agreement, photos=4, images=8, keep=None, top1=3, tokens=8,
+        max_logit_diff=9.0,
+    )
+    monkeypatch.setattr(cpu_agreement, "measure", lambda *_args: poor)
     with pytest.raises(UserError, match=r"changes the top-1 class of 5 of 8 images \(at least 50% must agree\)"):
-        write_fp16_onnx(spec)
+        write_converted_onnx(spec)
     assert sorted(p.name for p in dynamic_onnx.parent.iterdir()) == [dynamic_onnx.name], "nothing half-written"
 
 
@@ -302,14 +302,14 @@ class _TensorRTThatStopsAtTheNetwork:
 
 def test_build_converts_once_beside_the_engine_and_reports_agreement_first(exported, monkeypatch):
     conversions: list[str] = []
-    convert = tensorrt.to_fp16
+    convert = fp16_conversion.to_fp16
 
     def counted(model: onnx.ModelProto) -> onnx.ModelProto:
         conversions.append(model.graph.name)
         return convert(model)
 
-    monkeypatch.setattr(tensorrt, "to_fp16", counted)
-    monkeypatch.setattr(tensorrt, "_import_tensorrt", _TensorRTThatStopsAtTheNetwork)
+    monkeypatch.setattr(fp16_conversion, "to_fp16", counted)
+    monkeypatch.setattr(trt_build, "import_tensorrt", _TensorRTThatStopsAtTheNetwork)
     Path("engines").mkdir()
     result = invoke("build", exported.name, "--profile", "jetson", "-o", "engines")
     assert result.exit_code == 3, result.output
@@ -329,7 +329,7 @@ def test_build_into_an_unwritable_folder_is_refused_before_converting(exported, 
     def refuse(*_args):
         raise AssertionError("converted to fp16")
 
-    monkeypatch.setattr(tensorrt, "to_fp16", refuse)
+    monkeypatch.setattr(fp16_conversion, "to_fp16", refuse)
     result = invoke("build", exported, "--profile", "jetson", "-o", read_only_dir / "model.plan")
     assert result.exit_code == 2, result.output
     assert "permission denied; choose another -o" in plain(result.output) and "Traceback" not in result.output

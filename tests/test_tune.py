@@ -24,12 +24,13 @@ from PIL import Image
 
 from ats_deploy.artifact import read
 from ats_deploy.bench import tune
-from ats_deploy.bench.tune import Log, Measurement, Objective, pareto_front
+from ats_deploy.bench.tune import Log, Measurement, Objective, pareto_front, search
 from ats_deploy.checkpoints import load_model
 from ats_deploy.errors import UserError
 from ats_deploy.images import data_config, preprocess
-from ats_deploy.model import build, format_keep
-from ats_deploy.profiles import load_profile
+from ats_deploy.keep import format_keep
+from ats_deploy.model import build
+from ats_deploy.profiles import dump_profile, load_profile
 
 ARCH = "deit_tiny_patch16_224"
 IMAGES = 8
@@ -107,14 +108,16 @@ def test_max_drop_picks_the_fastest_setting_within_the_drop(tuned, there):
     header, dense, settings = records[0], records[1], records[2:]
     assert header["kind"] == "header" and header["conditions"]["images"] == IMAGES
     assert dense["kind"] == "dense" and accuracy(dense) == 1.0  # labelled by the dense model itself
-    assert len(tune.COARSE) < len(settings) <= tune.evaluations_bound(9)
+    assert len(search.COARSE) < len(settings) <= search.evaluations_bound(9)
     assert any(accuracy(s) < 1.0 for s in settings)  # the drop constraint binds somewhere
+    # Every setting went through bench's accuracy pass: the export compared with the reference, and agreeing.
+    assert all(s["failures"] == [] for s in settings)
     profile = load_profile("profiles/cpu-tuned.yaml")
     keep = profile.keep_for(9)
     chosen = next(s for s in settings if s["keep"] == keep)
     assert 100 * (accuracy(dense) - accuracy(chosen)) <= MAX_DROP
     # The refinement starts from the fastest uniform setting within the drop and only moves to faster ones.
-    uniform = [s for s in settings[: len(tune.COARSE)] if 100 * (accuracy(dense) - accuracy(s)) <= MAX_DROP]
+    uniform = [s for s in settings[: len(search.COARSE)] if 100 * (accuracy(dense) - accuracy(s)) <= MAX_DROP]
     assert chosen["p50_ms"] <= min(s["p50_ms"] for s in uniform)
     assert profile == dataclasses.replace(load_profile("cpu"), name="cpu-tuned", keep=profile.keep)
     assert isinstance(profile.keep, float) == (len(set(keep)) == 1)
@@ -180,7 +183,7 @@ def test_an_impossible_latency_budget_names_the_closest_setting(there):
     settings = read_log(log)[2:]
     closest = next(s for s in settings if format_keep(s["keep"]) == named[1])
     # Nothing meets the budget, so the search ranks by latency: from the fastest uniform setting on, only faster.
-    assert closest["p50_ms"] <= min(s["p50_ms"] for s in settings[: len(tune.COARSE)])
+    assert closest["p50_ms"] <= min(s["p50_ms"] for s in settings[: len(search.COARSE)])
     assert f"p50 {closest['p50_ms']:.2f} ms" in output
     # The plot of a failed run says so in its name: no profile matches it.
     assert not Path("fast.yaml").exists() and Path("fast.failed.pareto.png").is_file()
@@ -205,13 +208,35 @@ def test_the_choice_comes_from_every_setting_in_the_log(there, tmp_path, no_meas
     log = Path(shutil.copy("profiles/cpu-tuned.log.jsonl", tmp_path / "earlier.log.jsonl"))
     keep = (0.95, *[0.1] * 8)  # further from a uniform keep than the refinement's steps reach
     off_path = Measurement(keep, np.ones(IMAGES, dtype=bool), gflops=0.1, p50_ms=0.001, dense_p50_ms=1.0,
-                           tokens=[187.0, *[20.0] * 8], speedup=1000.0)
+                           tokens=[187.0, *[20.0] * 8], speedup=1000.0, failures=["image0.png: logits differ"])
     with log.open("a") as handle:
         handle.write(json.dumps(off_path.to_record(197)) + "\n")
     result = invoke("tune", *TUNE, "--max-drop", MAX_DROP, "--log", log, "-o", tmp_path / "choice.yaml")
     assert result.exit_code == 0, result.output
     assert load_profile(str(tmp_path / "choice.yaml")).keep == keep
     assert "0 measured now" in plain(result.output)
+    # What validation's comparison found at the chosen keep is said, and written into the profile.
+    warning = f"At keep {format_keep(keep)} the export disagrees with the PyTorch reference: image0.png: logits"
+    assert warning in plain(result.output) and warning in plain((tmp_path / "choice.yaml").read_text())
+
+
+def test_the_profiles_latency_budget_is_the_default_objective(there, tmp_path, monkeypatch, no_measuring):
+    """No --max-drop or --latency-ms: the profile's latency_budget_ms is the budget, and every report says so."""
+    monkeypatch.setattr(search, "COARSE", (1.0, 0.6))  # settings the fixture's run measured: nothing to measure
+    monkeypatch.setattr(search, "ROUNDS", 0)
+    budgeted = dataclasses.replace(load_profile("cpu"), name="budgeted", latency_budget_ms=100000.0)
+    dump_profile(budgeted, tmp_path / "budgeted.yaml", ["cpu with a latency budget"])
+    log = shutil.copy("profiles/cpu-tuned.log.jsonl", tmp_path / "budget.log.jsonl")
+    args = ("--profile", tmp_path / "budgeted.yaml", "--data", "data", "--class-map", "classes.json")
+    result = invoke("tune", *args, "--log", log, "-o", tmp_path / "out.yaml")
+    assert result.exit_code == 0, result.output
+    said = "with p50 <= 100000 ms (latency_budget_ms of profile 'budgeted')"
+    assert said in plain(result.output) and said in plain((tmp_path / "out.yaml").read_text())
+    assert load_profile(str(tmp_path / "out.yaml")).latency_budget_ms == 100000.0
+    # An objective on the command line wins over the profile's budget.
+    result = invoke("tune", *args, "--max-drop", MAX_DROP, "--log", log, "-o", tmp_path / "drop.yaml")
+    assert result.exit_code == 0, result.output
+    assert "latency_budget_ms" not in plain(result.output)
 
 
 def test_a_log_from_other_conditions_is_not_reused(there, tmp_path, monkeypatch):
@@ -325,11 +350,11 @@ def test_the_search_refines_stage_by_stage_within_its_bound():
 
     calls: list[tuple[float, ...]] = []
     objective = Objective(max_drop=5.0, latency_ms=None, dense_accuracy=1.0)
-    best = tune.search(measure, objective.rank, 3)
+    best = search.coordinate_search(measure, objective.rank, 3)
     # Coarse: 0.7 for all; each round lowers stages 1 and 2 by one step (0.05) while stage 0 stays.
     assert best.keep == (0.7, 0.55, 0.55)
-    assert len(calls) <= tune.evaluations_bound(3)
-    assert calls[: len(tune.COARSE)] == [(v,) * 3 for v in tune.COARSE]
+    assert len(calls) <= search.evaluations_bound(3)
+    assert calls[: len(search.COARSE)] == [(v,) * 3 for v in search.COARSE]
 
 
 def test_the_search_never_moves_to_a_neighbour_that_keeps_the_same_tokens():
@@ -342,7 +367,7 @@ def test_the_search_never_moves_to_a_neighbour_that_keeps_the_same_tokens():
 
     objective = Objective(max_drop=1.0, latency_ms=None, dense_accuracy=1.0)
     # From 0.3 everywhere, each round lowers stage 0 one step; stage 1's neighbours compute the same as it does.
-    assert tune.search(measure, objective.rank, 2).keep == (0.15, 0.3)
+    assert search.coordinate_search(measure, objective.rank, 2).keep == (0.15, 0.3)
 
 
 def test_objectives_rank_feasible_settings_first():
@@ -363,6 +388,12 @@ def test_a_setting_keeps_its_paired_speedup_and_older_logs_fall_back():
     assert Measurement.from_record(record).speedup == 1.4
     del record["speedup"]
     assert Measurement.from_record(record).speedup == 1.5
+    assert record["failures"] is None  # not compared (made up here)
+    del record["failures"]  # logs written before tune compared with the reference
+    assert Measurement.from_record(record).failures is None
+    record["keep"] = [0.0]
+    with pytest.raises(UserError):  # a damaged keep is refused like any bad value, so the log names the record
+        Measurement.from_record(record)
 
 
 def test_an_unfinished_last_log_line_is_dropped(tmp_path):

@@ -2,8 +2,8 @@
 
 The CPU backend taps every stage's kept-token mask (a second session with extra outputs,
 :class:`~ats_deploy.exporters.validate.TappedSession`), so validation compares kept patches;
-the GPU providers report token counts. fp16 is the TensorRT provider's flag, or (CUDA) an
-fp16 copy of the ONNX file.
+the GPU providers report token counts. fp16 is the TensorRT provider's flag, or (CUDA) the
+fp16 copy of the ONNX file that :mod:`ats_deploy.exporters.precisions` converts.
 """
 
 from __future__ import annotations
@@ -93,16 +93,15 @@ def _gpu_session(path: Path, backend: OnnxRuntime, options: RunOptions):
     import onnx
     import onnxruntime as ort
 
-    from ats_deploy.exporters import custom_op
+    from ats_deploy.exporters import custom_op, precisions
 
     settings: dict[str, Any] = {}
-    if options.precision == "fp16" and backend.fp16 is not None:
+    precision = precisions.get(options.precision)
+    if precision.name == "fp16" and backend.fp16 is not None:
         settings.update(backend.fp16)
-    elif options.precision == "fp16":
-        from ats_deploy.exporters.tensorrt import to_fp16
-
-        converted = (options.workdir or path.parent) / f"{path.stem}.fp16.onnx"
-        onnx.save(to_fp16(onnx.load(str(path))), str(converted))
+    elif precision.converted:
+        converted = (options.workdir or path.parent) / f"{path.stem}.{precision.name}.onnx"
+        onnx.save(precision.convert(onnx.load(str(path))), str(converted))
         path = converted
     session_options = ort.SessionOptions()
     session_options.log_severity_level = 3

@@ -1,4 +1,4 @@
-"""TensorRT engines, through :class:`ats_deploy.exporters.tensorrt.TensorRTRunner`.
+"""TensorRT engines, through :class:`ats_deploy.exporters.tensorrt.runner.TensorRTRunner`.
 
 The engine of an ONNX file is the one ``ats-deploy build FILE --profile NAME`` wrote (a build
 takes minutes and has options of its own); bench builds only its dense baseline, reusing the
@@ -44,7 +44,8 @@ class TensorRT(Backend):
         return EngineRunner(path)
 
     def prepare(self, onnx_path: Path, profile: Profile, like: Path, workdir: Path, status: Console) -> Path:
-        from ats_deploy.exporters.tensorrt import build_engine, spec_from
+        from ats_deploy.exporters.tensorrt.build import build_engine
+        from ats_deploy.exporters.tensorrt.plan import spec_from
 
         cache = like.with_name(f"{profile.name}.timing.cache")  # the engine ``like``'s kernel timings
         spec = replace(spec_from(onnx_path, profile, output=workdir), timing_cache=cache)
@@ -57,7 +58,7 @@ class EngineRunner:
     label = TensorRT.label
 
     def __init__(self, path: Path) -> None:
-        from ats_deploy.exporters.tensorrt import TensorRTRunner
+        from ats_deploy.exporters.tensorrt.runner import TensorRTRunner
 
         self.runner = TensorRTRunner(path)
 

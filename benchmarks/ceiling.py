@@ -1,7 +1,9 @@
 """How close the exported ATS graph comes to the speed its token counts allow.
 
-``python -m ats_deploy.bench.ceiling`` exports DeiT-S (random weights: speed does
-not depend on them) three ways and times them in onnxruntime on the CPU:
+A research benchmark, not part of the installed package: from the repository root,
+``python benchmarks/ceiling.py --iterations 100`` (it imports the installed ``ats_deploy``).
+It exports DeiT-S (random weights: speed does not depend on them) three ways and times
+them in onnxruntime on the CPU:
 
 * dense: no token sampling;
 * ATS: the ``--dynamic`` export, one file for every ``keep``;
@@ -15,7 +17,8 @@ speedup = ceiling time / ATS time``: what remains of the ideal after the overhea
 of sampling. Variants are interleaved and the ratios taken round by round
 (:func:`~ats_deploy.bench.timing.paired_ratio`, median over rounds), so that the
 machine's drift cancels; the JSON also keeps ``efficiency_of_medians``, the
-ratio of the two medians. Sessions never spin idle threads.
+ratio of the two medians. Sessions never spin idle threads. Figures and how to read
+them: ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from ats_deploy.exporters.onnx_export import ExportOptions, export
 from ats_deploy.exporters.validate import session
 from ats_deploy.flops import CostModel
 from ats_deploy.images import data_config, preprocess, random_images, sample_images
-from ats_deploy.model import ATSVisionTransformer, build, class_only_block, dense_block, head
+from ats_deploy.model import ATSVisionTransformer, build, class_only_block, dense_block
 
 
 class Ceiling(nn.Module):
@@ -55,7 +58,8 @@ class Ceiling(nn.Module):
         vit = self.model.vit
         x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
         batch = x
-        last = class_only_block(vit)  # as in the ATS model
+        family = self.model.family  # its head and last block, as in the ATS model
+        last = class_only_block(vit, family)
         for i, block in enumerate(vit.blocks):
             if i == last:
                 rows = 1
@@ -64,7 +68,7 @@ class Ceiling(nn.Module):
             else:
                 rows = None
             x = dense_block(block, x, None, batch, rows=rows)
-        return head(vit, vit.norm(x), None)
+        return family.head(vit, vit.norm(x), None)
 
 
 def export_ceiling(model: ATSVisionTransformer, lengths: list[int], batch: int, path: Path) -> Path:

@@ -1,0 +1,122 @@
+"""What ``ats-deploy export`` will do, settled before any work: the model, the output file and the options.
+
+Everything a user can get wrong (flag combinations, an unwritable output, a bad
+keep, an unknown profile) fails here, before the checkpoint is traced; the CLI
+only parses, calls :func:`plan` and :func:`~.onnx_export.export`, and prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ats_deploy.errors import UserError
+from ats_deploy.keep import Keep, format_keep, per_stage
+
+from .custom_op import ATS_OPS
+from .onnx_export import EXPORTERS, OPSET, ExportOptions, check_output_path
+
+if TYPE_CHECKING:
+    from ats_deploy.model import ATSVisionTransformer
+    from ats_deploy.profiles import Profile
+
+
+@dataclass
+class ExportRequest:
+    """What the user asked for; ``None`` means "from the profile, else the checkpoint's default"."""
+
+    checkpoint: str
+    output: Path | None = None
+    dynamic: bool = False
+    keep: list[float] | None = None
+    profile: Profile | None = None
+    batch: int | None = None
+    exporter: str = "torchscript"
+    arch: str | None = None
+    stages: str | None = None
+    img_size: int | None = None
+    ats_op: str = "subgraph"
+    opset: int = OPSET
+    trust_checkpoint: bool = False
+
+
+@dataclass
+class ExportPlan:
+    """The loaded model, the checked output path, the options, and notes worth saying before the export."""
+
+    model: ATSVisionTransformer
+    output: Path
+    options: ExportOptions
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        if self.options.dynamic:
+            return "dynamic (batch and keep are inputs)"
+        return f"static (batch {self.options.batch}, keep baked in)"
+
+
+def check_flags(request: ExportRequest) -> None:
+    """Refuse contradictory or unknown flags before anything is loaded."""
+    if request.exporter not in EXPORTERS:
+        raise UserError(f"unknown --exporter '{request.exporter}'; choose one of: {', '.join(EXPORTERS)}.")
+    if request.ats_op not in ATS_OPS:
+        raise UserError(f"unknown --ats-op '{request.ats_op}'; choose one of: {', '.join(ATS_OPS)}.")
+    if request.ats_op == "custom" and request.exporter != "torchscript":
+        raise UserError("--ats-op custom needs --exporter torchscript (it replaces the sampler subgraphs by name).")
+    if request.batch is not None and request.batch < 1:
+        raise UserError(f"--batch must be at least 1, got {request.batch}.")
+    if request.batch is not None and request.dynamic:
+        raise UserError("--batch fixes the batch of a static export; with --dynamic the batch is a run-time input.")
+    if request.output is not None:
+        check_output_path(request.output)
+
+
+def default_name(checkpoint: str, arch: str, options: ExportOptions) -> Path:
+    """One name per export kind, so a static or custom-op export never replaces the dynamic one.
+
+    ``deit_s_ats.onnx`` (dynamic), ``deit_s_ats.custom-op.onnx``, ``deit_s_ats.static-b1-k0.7.onnx``.
+    """
+    stem = f"{arch}_ats" if checkpoint.startswith("random:") else Path(checkpoint).stem
+    kind = "" if options.dynamic else f".static-b{options.batch}-k{format_keep(options.keep or [])}"
+    op = ".custom-op" if options.ats_op == "custom" else ""
+    return Path(f"{stem}{kind}{op}.onnx")
+
+
+def source_of(model: ATSVisionTransformer, checkpoint: str) -> tuple[str, str]:
+    """What export records so that bench can rebuild the reference: the checkpoint's path and sha256.
+
+    Random weights (no file) are recorded as the ``random:SEED`` they were made from.
+    """
+    from ats_deploy.checkpoints import sha256_file
+
+    if model.source is None:
+        return checkpoint, ""
+    path = model.source.resolve()
+    return str(path), sha256_file(path)
+
+
+def plan(request: ExportRequest) -> ExportPlan:
+    """Load the model and settle keep, batch, options and the output path (checked for writing)."""
+    from ats_deploy.checkpoints import load_model
+    from ats_deploy.model import with_input_size
+
+    check_flags(request)
+    model = load_model(
+        request.checkpoint, arch=request.arch, stages=request.stages, trust_code=request.trust_checkpoint
+    )
+    if request.img_size is not None:
+        model = with_input_size(model, request.img_size)
+    stages, profile = len(model.stages), request.profile
+    keep = request.keep if request.keep is not None else profile.keep_for(stages) if profile else None
+    keep = per_stage(keep or model.default_keep, stages)
+    batch = request.batch or (profile.batch if profile is not None and not request.dynamic else 1)
+    source, sha = source_of(model, request.checkpoint)
+    options = ExportOptions(
+        dynamic=request.dynamic, exporter=request.exporter, batch=batch, keep=keep, source=source,
+        source_sha256=sha, ats_op=request.ats_op, opset=request.opset,
+    )
+    output = check_output_path(request.output or default_name(request.checkpoint, model.arch, options))
+    notes = Keep.parse(keep).notes(model.n0) if keep else []
+    return ExportPlan(model, output, options, notes)
