@@ -22,20 +22,23 @@ from .lowering import l2_norm, leading, reshape_tail, top_rows
 
 # Smallest normal float32: the spec's ``tiny`` guard against an all-zero score row.
 TINY = float(torch.finfo(torch.float32).tiny)
-MIN_FRACTION_BUDGET = 8
-MIN_ABSOLUTE_BUDGET = 2
+# Section 2's budget floors are ``P + 7`` (fraction) and ``P + 1`` (absolute): these
+# are the patch-token parts, the draws ``D = K - P`` a floor leaves.
+MIN_FRACTION_DRAWS = 7
+MIN_ABSOLUTE_DRAWS = 1
 # The class token's count in :func:`sample`: above the ``c_{-1} = 0`` it is compared
 # with, and below every count of a kept patch token (>= 1), so that the counts of
 # the kept tokens, class token included, strictly increase with the position.
+# With ``P`` prefix tokens, prefix token ``i`` counts ``(i + 1) / (P + 1)`` (0.5 for P = 1).
 CLASS_TOKEN_COUNT = 0.5
 
 
-def budget(keep: torch.Tensor, n0: int) -> torch.Tensor:
-    """Section 2: the number of tokens ``K`` (class token included) per stage.
+def budget(keep: torch.Tensor, n0: int, prefix: int = 1) -> torch.Tensor:
+    """Section 2: the number of tokens ``K`` (the ``prefix`` tokens included) per stage.
 
     ``keep`` is float32 ``[S]``; values in ``(0, 1]`` are fractions of ``n0``,
     values above 1 absolute counts. Every step is float32, as in an exported graph.
-    Returns float32 ``[S]`` holding whole numbers in ``[2, n0]``.
+    Returns float32 ``[S]`` holding whole numbers in ``[P + 1, n0]``.
 
     Every float has a defined budget, so a bad value from a caller never reaches
     the sampler: values <= 0 (and ``-inf``) get the fraction floor, ``+inf`` the
@@ -45,33 +48,33 @@ def budget(keep: torch.Tensor, n0: int) -> torch.Tensor:
     """
     keep = keep.to(torch.float32)
     keep = torch.where(keep == keep, keep, torch.ones_like(keep))
-    fraction = torch.floor(keep * float(n0) + 0.5).clamp(MIN_FRACTION_BUDGET, n0)
-    absolute = torch.floor(keep).clamp(MIN_ABSOLUTE_BUDGET, n0)
+    fraction = torch.floor(keep * float(n0) + 0.5).clamp(prefix + MIN_FRACTION_DRAWS, n0)
+    absolute = torch.floor(keep).clamp(prefix + MIN_ABSOLUTE_DRAWS, n0)
     return torch.where(keep <= 1.0, fraction, absolute)
 
 
-def budget_int(keep: float, n0: int) -> int:
+def budget_int(keep: float, n0: int, prefix: int = 1) -> int:
     """:func:`budget` for one Python float (static exports, reports)."""
-    return int(budget(torch.tensor([keep], dtype=torch.float32), n0)[0])
+    return int(budget(torch.tensor([keep], dtype=torch.float32), n0, prefix)[0])
 
 
-def quantiles(k: torch.Tensor, grid: int) -> torch.Tensor:
-    """Section 1, step 4 for every stage at once: ``u_i = i / (K-1)``, ``i = 1..K-1``.
+def quantiles(k: torch.Tensor, grid: int, prefix: int = 1) -> torch.Tensor:
+    """Section 1, step 4 for every stage at once: ``u_i = i / D``, ``i = 1..D``, ``D = K - P`` draws.
 
-    ``k``: float32 ``[S]`` budgets. Returns ``[S, grid]``; slots past ``K-1`` hold
+    ``k``: float32 ``[S]`` budgets. Returns ``[S, grid]``; slots past ``D`` hold
     ``+inf`` so that no cdf value reaches them. Computed once per forward, so each
     stage only reads its row.
     """
     slots = torch.arange(1, grid + 1, device=k.device, dtype=torch.float32)
-    q = (k - 1.0).unsqueeze(1)
+    q = (k - float(prefix)).unsqueeze(1)
     return torch.where(slots <= q, slots / q, torch.full_like(slots, float("inf")))
 
 
 def drawn_quantiles(u: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """A stage's row ``[1, G]`` of :func:`quantiles` cut to the ``K-1`` it draws (``count``: int64 ``[1]``).
+    """A stage's row ``[1, G]`` of :func:`quantiles` cut to the ``D = K-P`` it draws (``count``: int64 ``[1]``).
 
-    The slots past ``K-1`` hold ``+inf`` and never count; cutting them off shrinks
-    the ``[B, N-1, G]`` comparison of :func:`sample` to ``[B, N-1, K-1]``. The row
+    The slots past ``D`` hold ``+inf`` and never count; cutting them off shrinks
+    the ``[B, N-P, G]`` comparison of :func:`sample` to ``[B, N-P, D]``. The row
     stays 2-D (``u[s : s + 1]``), so it broadcasts against the cdf ``[B, N-1, 1]`` as it is.
     """
     return leading(u, count)
@@ -84,15 +87,15 @@ def significance(cls_attention: torch.Tensor, tokens: torch.Tensor) -> torch.Ten
     (zero at padded keys). ``tokens``: the values ``[B, N, C]`` with all heads
     concatenated, as the qkv projection lays them out (before the split into
     heads), so the norm reduces a contiguous last axis. Returns ``[B, N, 1]``
-    (tokens on dim 1, as :func:`sample` wants them; token 0, the class token,
-    included: callers drop it).
+    (tokens on dim 1, as :func:`sample` wants them; the prefix tokens included:
+    callers drop them).
     """
     heads = reshape_tail(cls_attention.sum(dim=1), 1, -1, 1)
     return heads * l2_norm(tokens)
 
 
 def cdf(scores: torch.Tensor, clamp: torch.Tensor | None = None) -> torch.Tensor:
-    """Section 1, step 3: normalised scores ``[B, N-1, 1]`` cumulated in token order (float32, dim 1).
+    """Section 1, step 3: normalised scores ``[B, N-P, 1]`` cumulated in token order (float32, dim 1).
 
     With ``clamp`` (:func:`clamp_bias`) subtracted before cumulating, the cdf is
     ``+inf`` from the last valid token on and unchanged before it.
@@ -104,29 +107,45 @@ def cdf(scores: torch.Tensor, clamp: torch.Tensor | None = None) -> torch.Tensor
     return torch.cumsum(normalised, dim=1)
 
 
-def sample(scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor, prefix: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Section 1, steps 3-6: which tokens the inverse-transform sampling keeps.
 
-    ``scores``: ``[B, N-1, 1]`` significance of tokens ``1..N-1`` (zero at padding).
-    ``clamp``: ``[1 or B, N-1, 1]``, ``-inf`` from the last valid token on (:func:`clamp_bias`).
-    ``u``: ``[1, K-1]`` quantiles of this stage (:func:`drawn_quantiles`; slots holding
+    ``scores``: ``[B, N-P, 1]`` significance of the patch tokens ``P..N-1`` (zero at padding).
+    ``clamp``: ``[1 or B, N-P, 1]``, ``-inf`` from the last valid token on (:func:`clamp_bias`).
+    ``u``: ``[1, D]`` quantiles of this stage (:func:`drawn_quantiles`; slots holding
     ``+inf`` never count). Returns ``(kept, count)``, both ``[B, N, 1]`` over all
     tokens (tokens on dim 1, as :func:`compact` wants them):
-    ``kept`` the bool mask (the class token is always kept) and ``count`` the
+    ``kept`` the bool mask (the ``P`` prefix tokens are always kept) and ``count`` the
     number of quantiles at or below each token's cdf, which strictly increases
-    along the kept tokens (:data:`CLASS_TOKEN_COUNT` for the class token).
+    along the kept tokens (:data:`CLASS_TOKEN_COUNT` for the prefix tokens).
 
-    Token at position ``p`` (token ``p+1``) is the sample of quantile ``u_i`` iff
+    Token at position ``p`` (token ``p+P``) is the sample of quantile ``u_i`` iff
     ``cdf_{p-1} < u_i <= cdf_p`` (``searchsorted_left``), so with
     ``c_p = #{i : u_i <= cdf_p}`` it is kept iff ``c_p > c_{p-1}`` (``c_{-1} = 0``).
-    The clamp of step 5 sends every quantile above ``cdf_{n-3}`` to the last valid
-    token: its clamped cdf is ``+inf``, so ``c_{n-2} = K-1``. Both sides of the
-    comparison are the counts shifted by one ``Pad`` each.
+    The clamp of step 5 sends every quantile above ``cdf_{n-P-2}`` to the last valid
+    token: its clamped cdf is ``+inf``, so ``c_{n-P-1} = D``. Both sides of the
+    comparison are the counts shifted by one ``Pad`` each (with ``P > 1``, the
+    prefix counts are a constant concatenated in front instead).
     """
     counts = (u <= cdf(scores, clamp)).to(torch.float32).sum(dim=-1, keepdim=True)
-    current = F.pad(counts, (0, 0, 1, 0), value=CLASS_TOKEN_COUNT)
-    previous = F.pad(counts, (0, 0, 2, -1), value=0.0)
+    current = _with_prefix_counts(counts, prefix)
+    previous = F.pad(counts, (0, 0, prefix + 1, -1), value=0.0)
     return current > previous, current
+
+
+def _with_prefix_counts(counts: torch.Tensor, prefix: int) -> torch.Tensor:
+    """``counts [B, N-P, 1]`` behind the prefix tokens' counts ``(i + 1) / (P + 1)``: distinct, increasing, in (0, 1).
+
+    Distinct counts keep the prefix tokens in order through :func:`compact`'s top-k.
+    One token is one ``Pad``; more are a constant ``[1, P, 1]``, broadcast to the
+    batch through ``counts[:, :1] * 0``, and one ``Concat``.
+    """
+    if prefix == 1:
+        return F.pad(counts, (0, 0, 1, 0), value=CLASS_TOKEN_COUNT)
+    steps = torch.arange(1, prefix + 1, dtype=torch.float32, device=counts.device) / (prefix + 1)
+    return torch.cat([counts[:, :1] * 0.0 + steps.reshape(1, prefix, 1), counts], dim=1)
 
 
 def compact(
@@ -160,18 +179,20 @@ def key_bias(mask: torch.Tensor) -> torch.Tensor:
     return reshape_tail(mask, 1, 1, 1, -1)
 
 
-def clamp_bias(mask: torch.Tensor | None, n: int, device: torch.device | None = None) -> torch.Tensor:
-    """Float ``[B or 1, n-1, 1]`` over tokens ``1..n-1``: ``-inf`` from the last valid token on, else 0.
+def clamp_bias(
+    mask: torch.Tensor | None, n: int, device: torch.device | None = None, prefix: int = 1
+) -> torch.Tensor:
+    """Float ``[B or 1, n-P, 1]`` over the patch tokens ``P..n-1``: ``-inf`` from the last valid token on, else 0.
 
     :func:`cdf` subtracts it, so the cdf is ``+inf`` there and every quantile is
-    counted by the last valid token: step 5's clamp ``min(t_i, n-2)``. Position
-    ``p`` (token ``p+1``) is the last valid token or later iff token ``p+2`` is
+    counted by the last valid token: step 5's clamp ``min(t_i, n-P-1)``. Position
+    ``p`` (token ``p+P``) is the last valid token or later iff token ``p+P+1`` is
     padding or past the end: the stage's key mask (from :func:`compact`) shifted
-    left by two and padded with ``-inf``, one ``Pad``. ``mask`` is ``None`` while nothing
+    left by ``P+1`` and padded with ``-inf``, one ``Pad``. ``mask`` is ``None`` while nothing
     is padded (``n`` is then the model's constant token count): only the last token.
     """
     if mask is None:
-        clamp = torch.zeros(1, int(n) - 1, 1, device=device)
+        clamp = torch.zeros(1, int(n) - prefix, 1, device=device)
         clamp[:, -1] = float("-inf")
         return clamp
-    return F.pad(mask, (0, 0, -2, 1), value=float("-inf"))
+    return F.pad(mask, (0, 0, -(prefix + 1), 1), value=float("-inf"))

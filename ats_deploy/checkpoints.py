@@ -236,11 +236,11 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor], checkpoint_format: str | 
 
 
 def _refuse_distilled(state_dict: Mapping[str, torch.Tensor]) -> None:
-    """A distilled DeiT has a second prefix token that ATS has no place for."""
+    """Architecture inference covers the one-class-token ViTs; a distilled DeiT is named with --arch."""
     if "dist_token" in state_dict or any(k.startswith("head_dist.") for k in state_dict):
         raise UserError(
-            "this is a distilled DeiT checkpoint (it has a distillation token and head); ATS needs exactly "
-            "one class token. Use the non-distilled DeiT weights (e.g. deit_small_patch16_224)."
+            "this is a distilled DeiT checkpoint (it has a distillation token and head), whose architecture is "
+            "not inferred: pass --arch, e.g. --arch deit_small_distilled_patch16_224."
         )
 
 

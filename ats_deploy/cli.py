@@ -127,7 +127,7 @@ def inspect(
     stages: StagesOpt = None,
     trust_checkpoint: TrustOpt = False,
 ) -> None:
-    """Show a checkpoint's architecture, parameters, ATS stages, default keep and dense GFLOPs."""
+    """Show a checkpoint's architecture, family, prefix tokens, parameters, stages, default keep and dense GFLOPs."""
     from .flops import CostModel
     from .keep import format_keep
 
@@ -136,6 +136,8 @@ def inspect(
     table = Table(title=Text(checkpoint), show_header=False)
     rows = [
         ("architecture", model.arch),
+        ("model family", model.family.name),
+        ("prefix tokens (P)", str(model.prefix_tokens)),
         ("checkpoint format", model.checkpoint_format),
         ("parameters", f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"),
         ("input size", "x".join(str(v) for v in model.input_size)),
@@ -261,7 +263,8 @@ def export(
             "-o",
             "--output",
             help="ONNX file to write. Default: the checkpoint's stem + .onnx for --dynamic, "
-            "+ .static-b<batch>-k<keep>.onnx for a static export, + .custom-op before .onnx with --ats-op custom.",
+            "+ .static-b<batch>-k<keep>.onnx for a static export, + .custom-op before .onnx with --ats-op custom, "
+            "+ .int8 before .onnx with --precision int8.",
         ),
     ] = None,
     dynamic: Annotated[
@@ -303,6 +306,21 @@ def export(
         typer.Option("--opset", min=17, max=18, help="ONNX opset: 18 (default) or 17 (TensorRT 8.6's parser)."),
     ] = 18,
     trust_checkpoint: TrustOpt = False,
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="fp32 (default) or int8: Q/DQ around the matrix work, calibrated on --calibration; "
+            "the ATS sampling stays float32. int8 needs --dynamic.",
+        ),
+    ] = "fp32",
+    calibration: Annotated[
+        Path | None,
+        typer.Option("--calibration", help="INT8: a folder of real images to calibrate on (ImageFolder or flat)."),
+    ] = None,
+    calibration_images: Annotated[
+        int, typer.Option("--calibration-images", help="INT8: how many images of --calibration to calibrate on.")
+    ] = 100,
 ) -> None:
     """Export to ONNX and validate against the PyTorch reference.
 
@@ -318,6 +336,7 @@ def export(
         checkpoint=checkpoint, output=output, dynamic=dynamic, keep=parse_keep(keep), batch=batch,
         exporter=exporter, arch=arch, stages=stages, img_size=img_size, ats_op=ats_op, opset=opset,
         trust_checkpoint=trust_checkpoint, profile=_profile(profile) if profile else None,
+        precision=precision, calibration=calibration, calibration_images=calibration_images,
     )
     planned = plan(request)
     for note in planned.notes:
@@ -329,7 +348,9 @@ def export(
         f"exported [bold]{escape(str(path))}[/] ({path.stat().st_size / 1e6:.1f} MB, {planned.kind}) "
         f"in {time.perf_counter() - start:.1f} s"
     )
-    if validate_:
+    if validate_ and planned.options.calibration is not None:
+        _validate_int8(path, planned.model, planned.options.calibration)
+    elif validate_:
         _validate(path, planned.model, request.profile, atol)
 
 
@@ -337,6 +358,15 @@ def _profile(name: str):
     from .profiles import load_profile
 
     return load_profile(name)
+
+
+def _validate_int8(path: Path, model, calibration) -> None:
+    """INT8 against the float32 PyTorch reference on held-out images, by agreement (ATS_SPEC.md section 5)."""
+    from .exporters.validate import validate_reduced
+
+    agreement = validate_reduced(path, model, calibration)
+    console.print(escape(agreement.describe()), highlight=False)
+    agreement.check(path)
 
 
 def _validate(path: Path, model, prof, atol: float) -> None:
@@ -571,11 +601,10 @@ def profiles_command() -> None:
     profiles are still listed and the exit status stays 0 (--profile with that name fails with the same message).
     """
     from . import profiles as profiles_package
-    from .profiles import list_profiles
+    from .profiles import scan_profiles
 
     builtin_dir = Path(profiles_package.__file__).parent
-    problems: list[str] = []
-    found = list_profiles(problems)
+    found, problems = scan_profiles()
     table = Table(title="device profiles (use as --profile NAME)", title_justify="left")
     for column in ("name", "backend"):  # never cut: they are what the user types
         table.add_column(column, min_width=max(len(getattr(p, column)) for p in found))

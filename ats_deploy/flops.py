@@ -28,6 +28,7 @@ class CostModel:
     patch_macs: int
     head_macs: int
     stages: tuple[int, ...]
+    prefix: int = 1  # P prefix tokens: a stage outputs P + K' tokens
 
     @classmethod
     def of(cls, model) -> CostModel:
@@ -45,6 +46,7 @@ class CostModel:
             patch_macs=patch_macs,
             head_macs=vit.embed_dim * classes,
             stages=tuple(model.stages),
+            prefix=vit.num_prefix_tokens,  # timm counts the prefix tokens as the families do
         )
 
     def block_macs(self, n: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -59,10 +61,10 @@ class CostModel:
         n = torch.full(tokens.shape[:1], float(self.n0), dtype=torch.float64)
         total = torch.full_like(n, float(self.patch_macs + self.head_macs))
         for i in range(self.depth):
-            m = tokens[:, self.stages.index(i)] + 1 if i in self.stages else n
+            m = tokens[:, self.stages.index(i)] + self.prefix if i in self.stages else n
             total += self.block_macs(n, m)
             n = m
         return total / 1e9
 
     def dense_gflops(self) -> float:
-        return float(self.gflops(torch.zeros((1, len(self.stages))) + self.n0 - 1)[0])
+        return float(self.gflops(torch.zeros((1, len(self.stages))) + self.n0 - self.prefix)[0])

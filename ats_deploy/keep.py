@@ -57,20 +57,20 @@ class Keep:
             )
         return list(self.values)
 
-    def budgets(self, stages: int, n0: int) -> list[int]:
-        """The per-stage budget K of spec section 2, computed in float32 as an exported graph does."""
+    def budgets(self, stages: int, n0: int, prefix: int = 1) -> list[int]:
+        """The per-stage budget K of spec section 2 (``prefix``: P), computed in float32 as an exported graph does."""
         from .ats import budget_int
 
-        return [budget_int(v, n0) for v in self.per_stage(stages)]
+        return [budget_int(v, n0, prefix) for v in self.per_stage(stages)]
 
-    def notes(self, n0: int) -> list[str]:
+    def notes(self, n0: int, prefix: int = 1) -> list[str]:
         """Values that the budget floors of spec section 2 give more tokens than they ask for."""
         from .ats import budget_int
 
         notes = []
         for value in sorted(set(self.values)):
             asked = math.floor(value * n0 + 0.5) if value <= 1 else math.floor(value)
-            k = budget_int(value, n0)
+            k = budget_int(value, n0, prefix)
             if k > asked:
                 notes.append(f"keep {value:g} gives K = {k} tokens, the floor of spec section 2 (it asks for {asked})")
         return notes

@@ -34,8 +34,8 @@ from .keep import per_stage
 class ATSOutput:
     """Everything one forward computes.
 
-    ``positions[s]`` is ``[B, 1 + max K']``: the original token index (0 is the
-    class token, ``j >= 1`` is patch ``j - 1`` in raster order) of every token
+    ``positions[s]`` is ``[B, P + max K']``: the original token index (``0..P-1`` the
+    prefix tokens, ``j >= P`` patch ``j - P`` in raster order) of every token
     that stage ``s`` kept, ``-1`` in padded slots.
     """
 
@@ -45,7 +45,7 @@ class ATSOutput:
 
 
 # Called by an ATS stage once its significance scores are known, with
-# ``(stage, scores [B, N-1, 1], clamp, u [1, K-1])``; returns the quantiles the
+# ``(stage, scores [B, N-P, 1], clamp, u [1, K-P])``; returns the quantiles the
 # stage draws. Validation uses it to see how close each sample came to a float
 # tie and to replay the reference with one tie resolved the other way.
 QuantileHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -59,14 +59,15 @@ class TokenSampler(nn.Module):
     with one ``ats_deploy::AdaptiveTokenSampler`` node.
     """
 
-    def __init__(self, n0: int) -> None:
+    def __init__(self, n0: int, prefix: int = 1) -> None:
         super().__init__()
         self.n0 = n0
+        self.prefix = prefix
 
     def forward(
         self, scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor, length: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        kept, count = ats.sample(scores, clamp, u)
+        kept, count = ats.sample(scores, clamp, u, self.prefix)
         return ats.compact(kept, count, self.n0, length)
 
 
@@ -98,8 +99,9 @@ class ATSVisionTransformer(nn.Module):
         self.vit = vit.eval()
         self.arch = arch
         self.stages = stages
-        self.n0 = vit.patch_embed.num_patches + self.family.prefix_tokens(vit)
-        self.samplers = nn.ModuleList(TokenSampler(self.n0) for _ in stages)
+        self.prefix_tokens = self.family.prefix_tokens(vit)
+        self.n0 = vit.patch_embed.num_patches + self.prefix_tokens
+        self.samplers = nn.ModuleList(TokenSampler(self.n0, self.prefix_tokens) for _ in stages)
         keep = list(default_keep) if default_keep is not None else [1.0] * len(stages)
         self.default_keep = per_stage(keep, len(stages))
         self.source = source
@@ -111,7 +113,8 @@ class ATSVisionTransformer(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.vit.num_classes
+        """The width of ``logits``: the classes, or the pooled feature of a model without a head (num_classes=0)."""
+        return self.vit.num_classes or self.vit.num_features
 
     def default_keep_tensor(self) -> torch.Tensor:
         return torch.tensor(self.default_keep, dtype=torch.float32)
@@ -161,9 +164,10 @@ class ATSVisionTransformer(nn.Module):
         x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
         images_in = x.shape[0]
         positions = torch.arange(self.n0, device=x.device).unsqueeze(0).expand(images_in, -1)
-        k = ats.budget(keep.to(x.device), self.n0)
-        u = ats.quantiles(k, self.n0 - 1)
-        drawn = (k - 1.0).to(torch.int64)
+        prefix = self.prefix_tokens
+        k = ats.budget(keep.to(x.device), self.n0, prefix)
+        u = ats.quantiles(k, self.n0 - prefix, prefix)
+        drawn = (k - float(prefix)).to(torch.int64)
         mask: torch.Tensor | None = None
         bias: torch.Tensor | None = None
         kept, kept_positions = [], []
@@ -177,12 +181,13 @@ class ATSVisionTransformer(nn.Module):
             if static_budget is None:
                 length, u_s = None, ats.drawn_quantiles(u[s : s + 1], drawn[s : s + 1])
             else:
-                length, u_s = min(static_budget[s], x.shape[1]), u[s : s + 1, : static_budget[s] - 1]
+                length, u_s = min(static_budget[s], x.shape[1]), u[s : s + 1, : static_budget[s] - prefix]
             sampler = functools.partial(self.samplers[s], length=length)
-            clamp = ats.clamp_bias(mask, x.shape[1], x.device)
+            clamp = ats.clamp_bias(mask, x.shape[1], x.device, prefix)
             stage_hook = None if hook is None else functools.partial(hook, s)
             x, mask, index, n_kept = ats_block(
-                block, x, bias, clamp, u_s, sampler, batch, stage_hook, all_rows=s > 0, class_only=i == last
+                block, x, bias, clamp, u_s, sampler, batch, stage_hook,
+                all_rows=s > 0, class_only=i == last, prefix=prefix,
             )
             bias = ats.key_bias(mask)
             kept.append(n_kept)
@@ -190,7 +195,7 @@ class ATSVisionTransformer(nn.Module):
             kept_positions.append(positions)
         logits = self.family.head(vit, vit.norm(x), None if mask is None else mask[..., 0] == 0)
         if kept:
-            token_counts = (torch.cat(kept, dim=1) - 1).to(torch.int64)  # K' excludes the class token
+            token_counts = (torch.cat(kept, dim=1) - float(prefix)).to(torch.int64)  # K' counts patches only
         else:
             token_counts = torch.zeros((images_in, 0), dtype=torch.int64, device=x.device)
         return ATSOutput(logits, token_counts, kept_positions)
@@ -302,14 +307,16 @@ def ats_block(
     hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     all_rows: bool = False,
     class_only: bool = False,
+    prefix: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One ATS stage (spec section 1). Returns ``(tokens, mask, index, n_kept)`` (see :func:`ats.compact`).
 
     ``bias``: the key bias of the input's padding (:func:`ats.key_bias`), ``clamp``
     its :func:`ats.clamp_bias`, ``u`` the stage's drawn quantiles, ``batch`` as in
     :func:`dense_block`. ``hook(scores, clamp, u)``, when given, returns the quantiles to draw instead of ``u``.
+    ``prefix``: the model's ``P`` prefix tokens, kept first and never scored (spec section 1).
 
-    Only the kept tokens' attention rows are needed (class token first). With
+    Only the kept tokens' attention rows are needed (prefix tokens first). With
     ``all_rows=False`` only they are computed: the class token's row first, for
     the scores, then the kept rows. That is what makes the cost follow the
     budget when a stage drops many of its tokens. A stage whose input was
@@ -328,7 +335,7 @@ def ats_block(
     q, k, v = _heads(attn, q_tokens[:, :1] if class_row else q_tokens, k_tokens, v_tokens)
     k_t = k.transpose(-2, -1)  # shared by the class-token row and the kept rows
     probs = _attention(q, k_t, attn.scale, bias)
-    scores = ats.significance(probs if class_row else probs[:, :, :1], v_tokens)[:, 1:]
+    scores = ats.significance(probs if class_row else probs[:, :, :1], v_tokens)[:, prefix:]
     if hook is not None:
         u = hook(scores, clamp, u)
     rows, mask, n_kept = sampler(scores, clamp, u)

@@ -179,7 +179,7 @@ class ExportedModel:
     def _budgets(self, keep: Sequence[float]) -> list[int]:
         from .ats import budget_int
 
-        return [budget_int(k, self.artifact.n0) for k in keep]
+        return [budget_int(k, self.artifact.n0, self.artifact.prefix_tokens) for k in keep]
 
     def run(self, pixels: np.ndarray, keep: KeepLike = None) -> tuple[np.ndarray, np.ndarray]:
         """``(logits [N, classes], tokens [N, S])`` for pre-processed ``pixels [N, 3, H, W]``.

@@ -64,7 +64,7 @@ def kept_tokens(result: BenchResult) -> Figure:
     """
     exported = [v for v in result.variants if v.kind == EXPORTED_ATS]
     variant = exported[0] if exported else next(v for v in result.variants if v.key == PYTORCH_ATS)
-    stages, n0 = result.model["stages"], result.model["n0"]
+    stages, n0, prefix = result.model["stages"], result.model["n0"], result.model.get("prefix_tokens", 1)
     columns = min(len(stages), 3)
     rows = math.ceil(len(stages) / columns)
     figure = Figure(figsize=(3.2 * columns, 2.4 * rows), layout="constrained")
@@ -74,7 +74,7 @@ def kept_tokens(result: BenchResult) -> Figure:
     for s, block in enumerate(stages):
         axes = figure.add_subplot(rows, columns, s + 1)
         axes.hist(variant.tokens[:, s], bins=bins, color="tab:blue")
-        budget = budget_int(result.keep[s], n0) - 1
+        budget = budget_int(result.keep[s], n0, prefix) - prefix  # the most patch tokens the stage can keep
         if low <= budget <= high:
             axes.axvline(budget, color="tab:red", linestyle="--", linewidth=1)
         axes.set_title(f"block {block}", fontsize=9)

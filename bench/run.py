@@ -37,7 +37,7 @@ from . import machine, report
 from .data import ImageFolder, SampleImages, Skipped, folder_batches, image_folder, sample_batches
 from .evaluate import Evaluation, evaluate
 from .results import BenchResult, VariantResult
-from .source import Exported, check_engine, check_static, engine_for, find_model, open_model, reference
+from .source import Exported, changed_source, check_engine, check_static, engine_for, find_model, open_model, reference
 from .timing import Latency, cycling, interleaved
 from .variants import EXPORTED_ATS, EXPORTED_DENSE, PYTORCH_ATS, PYTORCH_DENSE, Variant, exported_key
 
@@ -342,7 +342,8 @@ def bench(request: Request, status: Console) -> tuple[BenchResult, list[Path]]:
     check_folder(checked.folder, "--out")  # here, not in plan: tune plans too, and writes no results folder
     print_warnings(checked.warnings, status)
     with status.status("loading the PyTorch reference"):
-        model = reference(checked.exported, request.checkpoint, request.trust_checkpoint, checked.warnings)
+        model = reference(checked.exported, request.checkpoint, request.trust_checkpoint)
+        checked.warnings.extend(filter(None, [changed_source(checked.exported, request.checkpoint)]))
     skipped = Skipped()
     threads = checked.profile.threads or torch.get_num_threads()
     with torch_threads(threads), tempfile.TemporaryDirectory(prefix="ats-bench-") as workdir:

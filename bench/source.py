@@ -67,6 +67,7 @@ class Exported:
             "arch": self.arch,
             "stages": self.stages,
             "n0": self.artifact.n0,
+            "prefix_tokens": self.artifact.prefix_tokens,
             "dynamic": self.dynamic,
             "exported_batch": self.batch,
             "source_checkpoint": self.artifact.source_checkpoint,
@@ -160,7 +161,8 @@ def check_static(exported: Exported, keep: list[float], keep_origin: str, profil
     problems = []
     if exported.batch != profile.batch:
         problems.append(f"batch {exported.batch} (profile '{profile.name}' asks for batch {profile.batch})")
-    if [budget_int(k, n0) for k in exported.keep] != [budget_int(k, n0) for k in keep]:
+    prefix = exported.artifact.prefix_tokens
+    if [budget_int(k, n0, prefix) for k in exported.keep] != [budget_int(k, n0, prefix) for k in keep]:
         problems.append(f"keep {format_keep(exported.keep)} ({keep_origin} asks for keep {format_keep(keep)})")
     if problems:
         raise UserError(
@@ -171,8 +173,8 @@ def check_static(exported: Exported, keep: list[float], keep_origin: str, profil
         )
 
 
-def reference(exported: Exported, checkpoint: str | None, trust: bool, warnings: list[str]) -> ATSVisionTransformer:
-    """The PyTorch ATS model ``exported`` came from (or ``checkpoint``), warning when its file has changed."""
+def reference(exported: Exported, checkpoint: str | None, trust: bool) -> ATSVisionTransformer:
+    """The PyTorch ATS model ``exported`` came from (or ``checkpoint``); :func:`changed_source` says if it moved."""
     source = checkpoint or exported.artifact.source_checkpoint
     if not source:
         raise UserError(
@@ -185,13 +187,19 @@ def reference(exported: Exported, checkpoint: str | None, trust: bool, warnings:
             f"the checkpoint {exported.path} was exported from is gone: {source}.",
             hint="Pass --checkpoint PATH with the same weights (bench needs them for the PyTorch reference).",
         )
-    model = load_model(source, arch=exported.arch, stages=exported.stages, trust_code=trust)
+    return load_model(source, arch=exported.arch, stages=exported.stages, trust_code=trust)
+
+
+def changed_source(exported: Exported, checkpoint: str | None) -> str | None:
+    """A warning when the reference's checkpoint is not the file ``exported`` was exported from (by sha256)."""
+    source = checkpoint or exported.artifact.source_checkpoint
     expected = exported.artifact.source_sha256
-    if expected and not random:
-        actual = sha256_file(source)
-        if actual != expected:
-            warnings.append(
-                f"{source} is not the file {exported.path} was exported from (sha256 {actual[:12]}..., "
-                f"recorded {expected[:12]}...): the reference may differ from the exported model."
-            )
-    return model
+    if not expected or source.startswith("random:") or not Path(source).is_file():
+        return None
+    actual = sha256_file(source)
+    if actual == expected:
+        return None
+    return (
+        f"{source} is not the file {exported.path} was exported from (sha256 {actual[:12]}..., "
+        f"recorded {expected[:12]}...): the reference may differ from the exported model."
+    )

@@ -973,6 +973,13 @@ def _load(model: onnx.ModelProto | str | Path) -> tuple[onnx.ModelProto, Path | 
     return proto, path
 
 
+def _qdq_findings(model: onnx.ModelProto) -> list[Finding]:
+    """Q/DQ placement of an INT8 export: what TensorRT 10's explicit quantization takes, the sampling path float32."""
+    from .precisions.int8 import placement_problems
+
+    return [Finding("error", node, op, why) for node, op, why in placement_problems(model)]
+
+
 def check_model(model: onnx.ModelProto | str | Path, target: str) -> CompatReport:
     """Report which nodes of ``model`` ``target`` cannot run (errors) or runs with caveats (warnings)."""
     if target not in TARGETS:
@@ -987,6 +994,7 @@ def check_model(model: onnx.ModelProto | str | Path, target: str) -> CompatRepor
         findings += dla_findings
     else:
         findings += _check_trt(facts, _TRT[target])
+        findings += _qdq_findings(proto) if target == "tensorrt-10" else []
     ops = Counter(
         n.proto.op_type if n.proto.domain in _DEFAULT_DOMAINS else f"{n.proto.domain}.{n.proto.op_type}"
         for n in facts.nodes

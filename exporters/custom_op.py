@@ -109,6 +109,13 @@ def replace_samplers(model: onnx.ModelProto) -> onnx.ModelProto:
     props = {p.key: p.value for p in model.metadata_props}
     if props.get("exporter") == "dynamo":
         raise _needs_torchscript("it was exported with the dynamo exporter")
+    if props.get("prefix_tokens", "1") != "1":
+        # The op's body and its TensorRT plugin keep exactly one class token first (no P attribute yet).
+        raise UserError(
+            f"--ats-op custom supports models with one class token; this one has {props['prefix_tokens']} "
+            "prefix tokens (distillation or register tokens).",
+            hint="Export it with --ats-op subgraph (the default): the standard-ONNX sampler handles any prefix tokens.",
+        )
     graph = gs.import_onnx(model)
     stages = _find_stages(graph)
     _check_stage_count(stages, props, graph)

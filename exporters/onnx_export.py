@@ -19,6 +19,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import torch
@@ -34,11 +35,14 @@ from ats_deploy.model import ATSVisionTransformer
 
 from .custom_op import apply_ats_op
 
+if TYPE_CHECKING:
+    from .precisions.int8 import Calibration
+
 EXPORTERS = ("torchscript", "dynamo")
 OPSET = 18
 INPUTS = ("images", "keep")
 OUTPUTS = ("logits", "tokens")
-# Each ATS stage's kept-token mask (bool [B, N, 1], the class token first) carries
+# Each ATS stage's kept-token mask (bool [B, N, 1], the P prefix tokens first) carries
 # this name in the file, so that validation can compare which patches were kept.
 KEPT = "ats_kept_{}"
 
@@ -60,6 +64,11 @@ class ExportOptions:
     source: str = ""
     source_sha256: str = ""
     ats_op: str = "subgraph"
+    calibration: Calibration | None = None  # INT8: quantize the float32 export on these images
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.calibration is None else "int8"
 
 
 class StaticATS(torch.nn.Module):
@@ -73,7 +82,7 @@ class StaticATS(torch.nn.Module):
         super().__init__()
         self.model = model
         self.register_buffer("keep", torch.tensor(keep, dtype=torch.float32))
-        self.budget = [budget_int(k, model.n0) for k in keep]
+        self.budget = [budget_int(k, model.n0, model.prefix_tokens) for k in keep]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(images, self.keep, static_budget=self.budget)
@@ -113,9 +122,10 @@ def metadata(model: ATSVisionTransformer, options: ExportOptions) -> dict[str, s
         source_sha256=options.source_sha256,
         ats_deploy_version=__version__,
         batch=None if options.dynamic else options.batch,
-        budget=None if options.dynamic else tuple(budget_int(k, model.n0) for k in keep),
+        budget=None if options.dynamic else tuple(budget_int(k, model.n0, model.prefix_tokens) for k in keep),
         ats_op=options.ats_op,
-        prefix_tokens=model.vit.num_prefix_tokens,
+        precision=options.precision,
+        prefix_tokens=model.prefix_tokens,
     )
     return artifact.to_metadata()
 
@@ -241,4 +251,22 @@ def export(model: ATSVisionTransformer, output: Path, options: ExportOptions) ->
         graph = finalize(graph, metadata(model, options))
         graph = apply_ats_op(graph, options.ats_op)
         onnx.save(graph, str(tmp))
+        if options.calibration is not None:
+            _quantize(model, tmp, options.calibration)
     return output
+
+
+def _quantize(model: ATSVisionTransformer, path: Path, calibration: Calibration) -> None:
+    """Replace the float32 export at ``path`` by its INT8 QDQ copy, metadata kept (precisions/int8.py)."""
+    import tempfile
+
+    from .precisions import int8
+
+    files = int8.calibration_files(calibration, model.num_classes)[: calibration.images]
+    images = int8.load_images(files, data_config(model.vit))
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    with tempfile.TemporaryDirectory() as work:
+        quantized = Path(work) / "int8.onnx"
+        int8.quantize(path, quantized, images, calibration)
+        graph = onnx.load(str(quantized))
+    onnx.save(finalize(graph, props), str(path))

@@ -16,6 +16,10 @@ from ats_deploy.keep import Keep, format_keep, per_stage
 
 from .custom_op import ATS_OPS
 from .onnx_export import EXPORTERS, OPSET, ExportOptions, check_output_path
+from .precisions.int8 import DEFAULT_IMAGES, Calibration
+
+# What an export writes: float32, or INT8 Q/DQ calibrated at export (fp16 is converted at build time).
+EXPORT_PRECISIONS = ("fp32", "int8")
 
 if TYPE_CHECKING:
     from ats_deploy.model import ATSVisionTransformer
@@ -39,6 +43,9 @@ class ExportRequest:
     ats_op: str = "subgraph"
     opset: int = OPSET
     trust_checkpoint: bool = False
+    precision: str = "fp32"
+    calibration: Path | None = None  # int8: the folder of real images to calibrate on
+    calibration_images: int = DEFAULT_IMAGES
 
 
 @dataclass
@@ -69,19 +76,52 @@ def check_flags(request: ExportRequest) -> None:
         raise UserError(f"--batch must be at least 1, got {request.batch}.")
     if request.batch is not None and request.dynamic:
         raise UserError("--batch fixes the batch of a static export; with --dynamic the batch is a run-time input.")
+    check_precision(request)
     if request.output is not None:
         check_output_path(request.output)
+
+
+def check_precision(request: ExportRequest) -> None:
+    """INT8 needs the dynamic subgraph export and real images to calibrate on; fp32 takes none."""
+    if request.precision not in EXPORT_PRECISIONS:
+        raise UserError(
+            f"export writes --precision {' or '.join(EXPORT_PRECISIONS)}, not '{request.precision}'.",
+            hint="fp16 is converted from the fp32 export by `ats-deploy build` (profile precision: fp16).",
+        )
+    if request.precision == "fp32":
+        if request.calibration is not None:
+            raise UserError("--calibration is for --precision int8; an fp32 export needs no calibration images.")
+        return
+    if not request.dynamic:
+        raise UserError("--precision int8 quantizes the --dynamic export only; add --dynamic (not --static).")
+    if request.ats_op == "custom":
+        raise UserError(
+            "--precision int8 needs --ats-op subgraph: the custom sampler node would hide the sampling path "
+            "that must stay float32."
+        )
+    if request.calibration is None:
+        raise UserError("--precision int8 needs --calibration DIR: a folder of real images (ImageFolder or flat).")
+    calibration_of(request).check()
+
+
+def calibration_of(request: ExportRequest) -> Calibration | None:
+    """The INT8 calibration the request asks for; ``None`` for fp32."""
+    if request.precision != "int8" or request.calibration is None:
+        return None
+    return Calibration(Path(request.calibration), images=request.calibration_images)
 
 
 def default_name(checkpoint: str, arch: str, options: ExportOptions) -> Path:
     """One name per export kind, so a static or custom-op export never replaces the dynamic one.
 
-    ``deit_s_ats.onnx`` (dynamic), ``deit_s_ats.custom-op.onnx``, ``deit_s_ats.static-b1-k0.7.onnx``.
+    ``deit_s_ats.onnx`` (dynamic), ``deit_s_ats.custom-op.onnx``, ``deit_s_ats.static-b1-k0.7.onnx``,
+    ``deit_s_ats.int8.onnx``.
     """
     stem = f"{arch}_ats" if checkpoint.startswith("random:") else Path(checkpoint).stem
     kind = "" if options.dynamic else f".static-b{options.batch}-k{format_keep(options.keep or [])}"
     op = ".custom-op" if options.ats_op == "custom" else ""
-    return Path(f"{stem}{kind}{op}.onnx")
+    precision = "" if options.precision == "fp32" else f".{options.precision}"
+    return Path(f"{stem}{kind}{op}{precision}.onnx")
 
 
 def source_of(model: ATSVisionTransformer, checkpoint: str) -> tuple[str, str]:
@@ -115,8 +155,12 @@ def plan(request: ExportRequest) -> ExportPlan:
     source, sha = source_of(model, request.checkpoint)
     options = ExportOptions(
         dynamic=request.dynamic, exporter=request.exporter, batch=batch, keep=keep, source=source,
-        source_sha256=sha, ats_op=request.ats_op, opset=request.opset,
+        source_sha256=sha, ats_op=request.ats_op, opset=request.opset, calibration=calibration_of(request),
     )
+    if options.calibration is not None:
+        from .precisions.int8 import calibration_files
+
+        calibration_files(options.calibration, model.num_classes)  # a missing or short folder fails before tracing
     output = check_output_path(request.output or default_name(request.checkpoint, model.arch, options))
-    notes = Keep.parse(keep).notes(model.n0) if keep else []
+    notes = Keep.parse(keep).notes(model.n0, model.prefix_tokens) if keep else []
     return ExportPlan(model, output, options, notes)

@@ -337,26 +337,35 @@ def load_profile(name_or_path: str) -> Profile:
     )
 
 
-def list_profiles(problems: list[str] | None = None) -> list[Profile]:
+def list_profiles() -> list[Profile]:
     """Built-in profiles plus ``./profiles/*.yaml``; a local file overrides the built-in of its name.
 
-    With ``problems``, a local file that cannot be read is left out and described there (so one bad file
-    does not hide every good profile); a built-in it overrides is left out too, since ``--profile NAME``
-    reads the bad file. Without ``problems``, the first bad file raises its :class:`UserError`.
+    The first local file that cannot be read raises its :class:`UserError` (:func:`scan_profiles` lists around it).
+    """
+    profiles, problems = scan_profiles()
+    if problems:
+        raise problems[0]
+    return profiles
+
+
+def scan_profiles() -> tuple[list[Profile], list[UserError]]:
+    """:func:`list_profiles` without the local files that cannot be read, and their problems.
+
+    One bad file does not hide every good profile; a built-in it overrides is left out too, since
+    ``--profile NAME`` reads the bad file.
     """
     found = {name: _read_builtin(name) for name in _builtin_names()}
+    problems: list[UserError] = []
     local_dir = Path.cwd() / LOCAL_DIR
     if local_dir.is_dir():
         for path in sorted(local_dir.glob(f"*{SUFFIX}")):
             try:
                 found[path.stem] = _read_file(path)
             except UserError as err:
-                if problems is None:
-                    raise
                 hidden = found.pop(path.stem, None)
                 overrides = f" (it overrides the built-in '{hidden.name}', which is not listed)" if hidden else ""
-                problems.append(f"{err.message.rstrip('.')}{overrides}; fix or remove the file.")
-    return [found[name] for name in sorted(found)]
+                problems.append(UserError(f"{err.message.rstrip('.')}{overrides}; fix or remove the file."))
+    return [found[name] for name in sorted(found)], problems
 
 
 # --------------------------------------------------------------------------- writing

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from ats_deploy.artifact import read
 from ats_deploy.bench import run, tune
 from ats_deploy.bench.data import image_folder, read_class_map
-from ats_deploy.bench.source import Exported, check_static, engine_for, open_model, reference
+from ats_deploy.bench.source import Exported, changed_source, check_static, engine_for, open_model, reference
 from ats_deploy.bench.timing import Latency, interleaved, paired_ratio
 from ats_deploy.checkpoints import load_model, save_checkpoint
 from ats_deploy.cli import app
@@ -260,13 +260,13 @@ def test_the_reference_comes_from_the_recorded_checkpoint(tmp_path, tiny_ats_onn
     recorded = dataclasses.replace(
         read(tiny_ats_onnx), stages=(3, 4), keep=(1.0, 1.0), source_checkpoint=str(checkpoint), source_sha256="0" * 64
     )
-    warnings: list[str] = []
-    model = reference(Exported(tmp_path / "m.onnx", recorded), None, False, warnings)
+    model = reference(Exported(tmp_path / "m.onnx", recorded), None, False)
     assert model.stages == [3, 4]
-    assert len(warnings) == 1 and "is not the file" in warnings[0]
+    warning = changed_source(Exported(tmp_path / "m.onnx", recorded), None)
+    assert warning is not None and "is not the file" in warning
     checkpoint.unlink()
     with pytest.raises(UserError, match="is gone") as caught:
-        reference(Exported(tmp_path / "m.onnx", recorded), None, False, [])
+        reference(Exported(tmp_path / "m.onnx", recorded), None, False)
     assert "--checkpoint PATH" in str(caught.value)
 
 

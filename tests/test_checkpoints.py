@@ -200,12 +200,14 @@ def test_unmatched_shapes_ask_for_arch(random_deit_tiny, tmp_path: Path):
     expect_error(lambda: load_model(path), "no timm ViT/DeiT architecture", "depth 11", "--arch")
 
 
-def test_distilled_deit_is_refused(tmp_path: Path):
+def test_a_distilled_deit_loads_with_its_arch_named(tmp_path: Path):
+    """Its architecture is not inferred (the message says to name it); named, it loads as the distilled family."""
     sd = meta_state_dict("deit_tiny_distilled_patch16_224")
-    expect_error(lambda: infer_arch(sd), "distilled", "exactly one class token")
+    expect_error(lambda: infer_arch(sd), "distilled", "pass --arch")
     vit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
     path = write_deit_release(vit.state_dict(), tmp_path / "distilled.pth")
-    expect_error(lambda: load_model(path, arch="deit_tiny_distilled_patch16_224"), "exactly one class token")
+    model = load_model(path, arch="deit_tiny_distilled_patch16_224")
+    assert model.family.name == "deit_distilled" and model.prefix_tokens == 2
 
 
 # --------------------------------------------------------------------------- random weights

@@ -256,9 +256,10 @@ def test_other_timm_variants(arch):
 @pytest.mark.parametrize(
     ("arch", "kwargs", "reason"),
     [
-        ("deit_tiny_distilled_patch16_224", {}, "prefix tokens"),
+        # Distilled DeiT and register tokens with a class token are families of their own (tests/test_families.py).
+        ("deit_tiny_distilled_patch16_224", {"dynamic_img_size": True}, "dynamic image size"),
         ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg"}, "no class token"),
-        ("vit_tiny_patch16_224", {"reg_tokens": 4}, "prefix tokens"),
+        ("vit_tiny_patch16_224", {"reg_tokens": 4, "class_token": False, "global_pool": "avg"}, "no class token"),
     ],
 )
 def test_unsupported_models_are_refused_with_the_reason(arch, kwargs, reason):

@@ -118,7 +118,7 @@ def test_a_wrong_budget_rule_fails(model, inputs, tmp_path, monkeypatch):
     """An export whose K is computed from n0 - 1 tokens (one quantile fewer at keep 1.0)."""
     names, images = inputs
     right = ats.budget
-    monkeypatch.setattr(ats, "budget", lambda keep, n0: right(keep, n0 - 1))
+    monkeypatch.setattr(ats, "budget", lambda keep, n0, prefix=1: right(keep, n0 - 1, prefix))
     path = export(model, tmp_path / "wrong-budget.onnx", ExportOptions(dynamic=True))
     monkeypatch.setattr(ats, "budget", right)
     report = validate(str(path), model, names, images, KEEPS[:1], batches=(1,))
@@ -255,7 +255,7 @@ def test_a_failed_validation_keeps_the_file_and_says_so(here, monkeypatch):
     from cli_helpers import invoke, plain
 
     right = ats.budget
-    monkeypatch.setattr(ats, "budget", lambda keep, n0: right(keep, n0 - 1))
+    monkeypatch.setattr(ats, "budget", lambda keep, n0, prefix=1: right(keep, n0 - 1, prefix))
     real_validate = __import__("ats_deploy.exporters.validate", fromlist=["validate"]).validate
 
     def with_right_budget(*args, **kwargs):  # the export traced the wrong rule; the reference uses the right one

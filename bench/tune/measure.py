@@ -28,7 +28,7 @@ from ats_deploy.model import ATSVisionTransformer
 from .. import run
 from ..data import Batch, ImageFolder, Skipped, folder_batches
 from ..evaluate import Evaluation, evaluate
-from ..source import reference
+from ..source import changed_source, reference
 from ..timing import Latency, cycling, interleaved, paired_ratio
 from ..variants import EXPORTED_ATS, EXPORTED_DENSE, PYTORCH_ATS, PYTORCH_DENSE, Variant
 from .search import evaluations_bound
@@ -169,7 +169,8 @@ class Device:
     def rig(self) -> _Rig:
         plan = self.plan
         with self.status.status("loading the PyTorch reference"):
-            model = reference(plan.exported, self.checkpoint, self.trust_checkpoint, plan.warnings)
+            model = reference(plan.exported, self.checkpoint, self.trust_checkpoint)
+            plan.warnings.extend(filter(None, [changed_source(plan.exported, self.checkpoint)]))
         workdir = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="ats-tune-")))
         variants = run.build_variants(plan, model, workdir, self.status)
         assert isinstance(plan.data, ImageFolder)  # tune requires --data

@@ -78,7 +78,18 @@ FP16 = Precision(
     min_top1_agreement=0.5,
 )
 
-_REGISTERED: tuple[Precision, ...] = (FP32, FP16)
+# INT8 is calibrated at export (`ats-deploy export --precision int8 --calibration DIR`, :mod:`.int8`): the
+# file already holds its Q/DQ pairs, so nothing converts it. TensorRT 10 builds explicit quantization from
+# them; its docs ask for strong typing with no precision flag, INT8 being the weak-typing flag of older builds.
+INT8 = Precision(
+    "int8",
+    converts="nothing at build: export quantizes the matrix work (patch embedding, qkv, proj, MLP, head) with Q/DQ",
+    keeps_float32=(*ATS_FLOAT32, "class-token attention row", "||V||", "compaction"),
+    tensorrt_flag="INT8",
+    min_top1_agreement=0.6,  # exporters/validate.py INT8_MIN_TOP1_AGREEMENT_SAMPLED: sampling amplifies int8 noise
+)
+
+_REGISTERED: tuple[Precision, ...] = (FP32, FP16, INT8)
 _BY_NAME = {precision.name: precision for precision in _REGISTERED}
 
 

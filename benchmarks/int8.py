@@ -1,0 +1,148 @@
+"""INT8 ATS against fp32 ATS: top-1 on held-out real images, and onnxruntime CPU latency against dense models.
+
+Accuracy: the real DeiT-Tiny (``--weights``), calibrated on the first ``--calibration-images`` of
+imagenet-sample-dev (one image per class, so the first ~100 classes) and measured on the rest.
+Latency: DeiT-S with random weights (FLOPs, not accuracy, set the time), dense fp32 and dense
+int8 (the plain timm ViT exported and quantized the same way) against ATS int8 at keep 0.5 and
+0.3, 2 threads, spinning off, the variants interleaved round by round; medians and paired ratios.
+
+    .venv/bin/python benchmarks/int8.py --part accuracy
+    .venv/bin/python benchmarks/int8.py --part latency
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ats_deploy.bench.data import image_folder
+from ats_deploy.checkpoints import load_model
+from ats_deploy.exporters.onnx_export import ExportOptions, export
+from ats_deploy.exporters.precisions import int8
+from ats_deploy.images import data_config
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "shared/weights/deit_tiny_patch16_224_wvfunc_bittrue_reconstructed.pth"
+DATA = Path(__file__).resolve().parents[2] / "shared/data/imagenet-sample-dev"
+ACCURACY_KEEPS = (1.0, 0.72, 0.5)
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # MatMulAddFusion turns the int8 export's MatMul + Add back into a float Gemm before the Q/DQ fusion
+    # runs, which then leaves float32 products behind dequantized weights (exporters/precisions/int8.py).
+    return ort.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=["MatMulAddFusion"]
+    )
+
+
+def predict(sess: ort.InferenceSession, images: np.ndarray, keep: float | None, stages: int) -> np.ndarray:
+    out = []
+    for start in range(0, len(images), 16):
+        feed = {"images": images[start : start + 16]}
+        if keep is not None:
+            feed["keep"] = np.full(stages, keep, np.float32)
+        out.append(sess.run(["logits"], feed)[0].argmax(-1))
+    return np.concatenate(out)
+
+
+def accuracy(args: argparse.Namespace, work: Path, console: Console) -> None:
+    model = load_model(args.weights)
+    stages, config = len(model.stages), data_config(model.vit)
+    folder = image_folder(args.data, model.num_classes)
+    files, labels = zip(*folder.files, strict=True)
+    cut = args.calibration_images
+    held = int8.load_images(files[cut:], config)
+    truth = np.asarray(labels[cut:])
+    fp32 = export(model, work / "fp32.onnx", ExportOptions(dynamic=True))
+    calibration = int8.Calibration(args.data, cut, per_channel=not args.per_tensor, attention=args.attention)
+    int8.quantize(fp32, work / "int8.onnx", int8.load_images(files[:cut], config), calibration)
+    sessions = {name: session(work / f"{name}.onnx") for name in ("fp32", "int8")}
+    table = Table(title=f"DeiT-Tiny ATS, {len(truth)} held-out images, calibration {calibration}")
+    for column in ("keep", "fp32 top-1 %", "int8 top-1 %", "fp32 - int8 (points)", "top-1 agreement"):
+        table.add_column(column, justify="right")
+    losses = []
+    for keep in ACCURACY_KEEPS:
+        ref, out = (predict(sessions[n], held, keep, stages) for n in ("fp32", "int8"))
+        a, b = (ref == truth), (out == truth)
+        paired = (a.astype(float) - b.astype(float))
+        losses.append(paired.mean())
+        error = 100 * paired.std(ddof=1) / np.sqrt(len(a))
+        table.add_row(
+            f"{keep:g}", _pct(a), _pct(b), f"{100 * paired.mean():+.1f} ± {error:.1f}",
+            f"{100 * (ref == out).mean():.1f}%",
+        )
+    console.print(table)
+    console.print(f"mean top-1 loss over keeps {ACCURACY_KEEPS}: {100 * np.mean(losses):.2f} points")
+
+
+def _pct(hits: np.ndarray) -> str:
+    p = hits.mean()
+    return f"{100 * p:.1f} ± {100 * np.sqrt(p * (1 - p) / len(hits)):.1f}"
+
+
+def latency(args: argparse.Namespace, work: Path, console: Console) -> None:
+    model = load_model("random:0", arch=args.arch)
+    stages, config = len(model.stages), data_config(model.vit)
+    files = [path for path, _ in image_folder(args.data, model.num_classes).files][: args.calibration_images]
+    calib = int8.load_images(files, config)
+    export(model, work / "ats.onnx", ExportOptions(dynamic=True))
+    dense = model.vit.eval()
+    torch.onnx.export(dense, (torch.randn(2, 3, 224, 224),), str(work / "dense.onnx"), input_names=["images"],
+                      output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                      opset_version=18, dynamo=False)
+    calibration = int8.Calibration(args.data, len(files))
+    for name in ("ats", "dense"):
+        int8.quantize(work / f"{name}.onnx", work / f"{name}.int8.onnx", calib, calibration)
+    variants = {"dense fp32": ("dense.onnx", None), "dense int8": ("dense.int8.onnx", None),
+                "ATS int8 keep 0.5": ("ats.int8.onnx", 0.5), "ATS int8 keep 0.3": ("ats.int8.onnx", 0.3)}
+    sessions = {file: session(work / file) for file, _ in variants.values()}
+    table = Table(title=f"{args.arch} random weights, onnxruntime {ort.__version__} CPU, 2 threads, "
+                  f"{args.rounds} interleaved rounds")
+    for column in ("batch", "variant", "median ms", "x dense fp32", "x dense int8"):
+        table.add_column(column, justify="right")
+    for batch in (1, 8):
+        images = calib[:batch] if len(calib) >= batch else np.repeat(calib[:1], batch, 0)
+        times = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, (file, keep) in variants.items():
+                feed = {"images": images}
+                if keep is not None:
+                    feed["keep"] = np.full(stages, keep, np.float32)
+                start = time.perf_counter()
+                sessions[file].run(None, feed)
+                times[name].append(time.perf_counter() - start)
+        t = {name: np.asarray(v[1:]) for name, v in times.items()}  # the first round warms up
+        for name in variants:
+            table.add_row(str(batch), name, f"{1000 * np.median(t[name]):.1f}",
+                          f"{np.median(t['dense fp32'] / t[name]):.2f}", f"{np.median(t['dense int8'] / t[name]):.2f}")
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("accuracy", "latency"), required=True)
+    parser.add_argument("--weights", type=Path, default=WEIGHTS)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--calibration-images", type=int, default=100)
+    parser.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default per channel)")
+    parser.add_argument("--attention", action="store_true", help="also quantize Q·K^T and A·V off the sampling path")
+    parser.add_argument("--arch", default="deit_small_patch16_224")
+    parser.add_argument("--rounds", type=int, default=21)
+    args = parser.parse_args()
+    console = Console(width=140)
+    with tempfile.TemporaryDirectory() as work:
+        (accuracy if args.part == "accuracy" else latency)(args, Path(work), console)
+
+
+if __name__ == "__main__":
+    main()

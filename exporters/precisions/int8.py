@@ -1,0 +1,273 @@
+"""float32 dynamic ATS export -> INT8 export with explicit QuantizeLinear/DequantizeLinear pairs (QDQ).
+
+TensorRT 10 builds INT8 engines from Q/DQ placed in the file (explicit quantization) and
+onnxruntime runs the same file on the CPU, so the calibration happens once, here, on real
+images. Only the matrix work is quantized: the Conv of the patch embedding and every
+MatMul/Gemm with a weight (qkv, proj, MLP, head). ``ATS_SPEC.md`` section 5 keeps the
+budget, quantiles, cdf and sampling in float32, and the scores they rank come from the
+class-token attention row and ``||V||``: so every node from an ATS stage's last weighted
+matrix product to its kept-token mask (and everything computed from ``keep``) stays
+float32 (:func:`sampling_nodes`). Activations depend on K (fewer, different tokens), so
+calibration runs every image at several keeps; one file still serves every K and batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ats_deploy.errors import UserError
+
+DEFAULT_IMAGES = 100
+DEFAULT_KEEPS = (1.0, 0.5)  # activations at full and half budget: what K does to the token statistics
+CALIBRATION_BATCH = 8
+MATRIX_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+KEPT_PREFIX = "ats_kept_"  # the kept-token masks, named by exporters/onnx_export.py (``kept_name``)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where the calibration images come from and how the ranges are chosen.
+
+    ``attention`` also quantizes the activation-by-activation products (Q·K^T, A·V) outside the
+    sampling path; off by default: bench/RESULTS.md records what it costs and gains.
+    """
+
+    folder: Path
+    images: int = DEFAULT_IMAGES
+    per_channel: bool = True
+    attention: bool = False
+    keeps: tuple[float, ...] = DEFAULT_KEEPS
+
+    def check(self) -> None:
+        """Refuse a bad count before any export work."""
+        if self.images < 1:
+            raise UserError(f"--calibration-images must be at least 1, got {self.images}.")
+
+
+def calibration_files(calibration: Calibration, num_classes: int) -> list[Path]:
+    """The first ``calibration.images`` image files of the folder (ImageFolder or flat), checked to exist."""
+    from ats_deploy.bench.data import image_folder
+
+    folder = Path(calibration.folder)
+    if not folder.exists():
+        raise UserError(f"calibration folder {folder} does not exist; give --calibration a folder of real images.")
+    if folder.is_dir() and not any(folder.iterdir()):
+        raise UserError(f"calibration folder {folder} is empty; put at least {calibration.images} real images in it.")
+    files = [path for path, _ in image_folder(folder, num_classes).files]
+    if len(files) < calibration.images:
+        raise UserError(
+            f"calibration folder {folder} holds {len(files)} image(s), fewer than the {calibration.images} asked for.",
+            hint="Add images, or lower --calibration-images (a few hundred real images calibrate best).",
+        )
+    return files
+
+
+def held_out_files(calibration: Calibration, num_classes: int, count: int) -> list[Path]:
+    """Up to ``count`` files of the calibration folder after the calibrated ones: validation images it never saw."""
+    from ats_deploy.bench.data import image_folder
+
+    files = [path for path, _ in image_folder(Path(calibration.folder), num_classes).files]
+    return files[calibration.images : calibration.images + count]
+
+
+def load_images(files: Sequence[Path], config: dict) -> np.ndarray:
+    """The preprocessed float32 pixels of ``files`` (``[N, 3, H, W]``); an unreadable file fails naming it."""
+    from ats_deploy.images import load_image, preprocess
+
+    return preprocess([load_image(path) for path in files], config).numpy()
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader: every image batch at every calibration keep.
+
+    ``stages`` is None for a model without a ``keep`` input (a dense ViT, quantized the same way for comparison).
+    """
+
+    def __init__(self, images: np.ndarray, keeps: Sequence[float], stages: int | None) -> None:
+        self._feeds = iter(self._all(images, keeps if stages else (1.0,), stages))
+
+    @staticmethod
+    def _all(images: np.ndarray, keeps: Sequence[float], stages: int | None) -> Iterator[dict[str, np.ndarray]]:
+        for keep in keeps:
+            for start in range(0, len(images), CALIBRATION_BATCH):
+                feed = {"images": images[start : start + CALIBRATION_BATCH]}
+                yield feed if stages is None else {**feed, "keep": np.full(stages, keep, np.float32)}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, int]:
+    return {name: index for index, node in enumerate(graph.node) for name in node.output if name}
+
+
+def _ancestors(graph: onnx.GraphProto, tensors: Sequence[str], producers: dict[str, int]) -> set[int]:
+    """Indices of the nodes that compute any of ``tensors``, directly or through others."""
+    found: set[int] = set()
+    todo = [producers[name] for name in tensors if name in producers]
+    while todo:
+        index = todo.pop()
+        if index in found:
+            continue
+        found.add(index)
+        todo.extend(producers[name] for name in graph.node[index].input if name in producers)
+    return found
+
+
+def _weights(graph: onnx.GraphProto) -> set[str]:
+    """Initializers and what a DequantizeLinear makes of one: the tensors a weighted product multiplies by."""
+    initializers = {init.name for init in graph.initializer}
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers}
+    return initializers | dequantized
+
+
+def _is_weighted(node: onnx.NodeProto, weights: set[str]) -> bool:
+    return node.op_type in MATRIX_OPS and any(name in weights for name in node.input[1:2])
+
+
+def sampling_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of the nodes of every ATS stage's sampling path, which stay float32 (ATS_SPEC.md section 5).
+
+    For each kept-token mask: the nodes it is computed from, less the weighted matrix products
+    (the stage's qkv and everything before it). That is the class-token attention row, ``||V||``,
+    the scores, the budget from ``keep``, the quantiles, cdf and sampling. The compaction after
+    the mask holds no matrix product, so no Q/DQ can reach it.
+    """
+    graph = model.graph
+    producers = _producers(graph)
+    weights = _weights(graph)
+    masks = sorted({name for node in graph.node for name in node.output if name.startswith(KEPT_PREFIX)})
+    path: set[int] = set()
+    for mask in masks:
+        upstream = _ancestors(graph, [mask], producers)
+        weighted = [graph.node[i].output[0] for i in upstream if _is_weighted(graph.node[i], weights)]
+        path |= upstream - _ancestors(graph, weighted, producers)
+    return {graph.node[index].name for index in path}
+
+
+def matrix_nodes(model: onnx.ModelProto, attention: bool = False) -> list[str]:
+    """The nodes to quantize: weighted Conv/Gemm/MatMul; with ``attention``, the other MatMuls off the sampling path."""
+    weights = _weights(model.graph)
+    sampling = sampling_nodes(model)
+    chosen = []
+    for node in model.graph.node:
+        if node.op_type not in MATRIX_OPS or node.name in sampling:
+            continue
+        if _is_weighted(node, weights) or (attention and node.op_type == "MatMul"):
+            chosen.append(node.name)
+    return chosen
+
+
+def quantize(source: Path, output: Path, images: np.ndarray, calibration: Calibration) -> None:
+    """Write the QDQ INT8 copy of the float32 export ``source`` to ``output``, calibrated on ``images``.
+
+    MinMax ranges: onnxruntime's Entropy/Percentile calibrators stack every batch of a tensor into
+    one array, which fails on ATS tensors, whose kept-token count differs per image and per keep
+    ("inhomogeneous shape", bench/RESULTS.md). Symmetric int8 activations and weights (zero point
+    0: what TensorRT accepts), per-channel weights unless turned off, float32 biases. Only inputs
+    are quantized: a qkv output feeds the class-token row and ``||V||``, which stay float32. Each
+    quantized tensor gets its own Q/DQ pair per consumer, so a tensor shared with the sampling
+    path stays float32 there.
+    """
+    model = gemm_as_matmul(onnx.load(str(source)))
+    keep_input = next((i for i in model.graph.input if i.name == "keep"), None)
+    stages = keep_input.type.tensor_type.shape.dim[0].dim_value if keep_input is not None else None
+    reader = _Reader(images, calibration.keeps, stages)
+    logging.disable(logging.WARNING)  # onnxruntime logs advice to "pre-process" on the root logger: not the user's
+    try:
+        _quantize_static(model, output, reader, calibration)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _quantize_static(model: onnx.ModelProto, output: Path, reader: _Reader, calibration: Calibration) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        model, output, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=sorted(MATRIX_OPS),
+        per_channel=calibration.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+        nodes_to_quantize=matrix_nodes(model, calibration.attention), calibrate_method=CalibrationMethod.MinMax,
+        extra_options={
+            "ActivationSymmetric": True, "WeightSymmetric": True, "DedicatedQDQPair": True, "QuantizeBias": False,
+            "OpTypesToExcludeOutputQuantization": sorted(MATRIX_OPS),
+        },
+    )
+
+
+def gemm_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each plain ``Gemm`` with a weight -> ``MatMul`` (weight transposed) + ``Add`` of the bias, names kept.
+
+    onnxruntime's CPU provider fuses DequantizeLinear -> MatMul into an integer kernel but runs a
+    DequantizeLinear -> Gemm with a float output as float32 Gemm after dequantizing the weight
+    each call (bench/RESULTS.md, "INT8"); TensorRT takes either. The MatMul keeps the Gemm's name.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if node.op_type != "Gemm" or not plain or node.input[1] not in initializers:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(initializers[node.input[1]])
+        name = f"{node.input[1]}_matmul"
+        graph.initializer.append(numpy_helper.from_array(weight.T.copy() if attrs.get("transB", 0) else weight, name))
+        product = node.output[0] if len(node.input) < 3 or not node.input[2] else f"{node.output[0]}_nobias"
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=node.name))
+        if product != node.output[0]:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return model
+
+
+def placement_problems(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
+    """(node, op, why) for each Q/DQ TensorRT 10 would refuse or ATS_SPEC.md section 5 forbids; [] for fp32.
+
+    TensorRT's quantization is symmetric: float32 scales above 0, int8 zero points of 0; a
+    per-channel scale belongs on weights only, along an axis whose length it matches.
+    """
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    problems = []
+    for node in (n for n in graph.node if n.op_type in QDQ_OPS):
+        problems += [(node.name, node.op_type, why) for why in _qdq_problems(node, initializers)]
+    problems += [(name, "", "Q/DQ on an ATS sampling path, which stays float32 (ATS_SPEC.md section 5)")
+                 for name in sorted(sampling_nodes(model) & {n.name for n in graph.node if n.op_type in QDQ_OPS})]
+    return problems
+
+
+def _qdq_problems(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> list[str]:
+    from onnx import TensorProto, numpy_helper
+
+    scale = initializers.get(node.input[1])
+    if scale is None:
+        return ["its scale is not a constant initializer"]
+    values, problems = numpy_helper.to_array(scale), []
+    if scale.data_type != TensorProto.FLOAT or not (values > 0).all():
+        problems.append("scales must be float32 and above 0")
+    zero = initializers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if zero is not None and (zero.data_type != TensorProto.INT8 or numpy_helper.to_array(zero).any()):
+        problems.append("zero points must be int8 0 (TensorRT quantizes symmetrically)")
+    if values.size > 1:
+        weight = initializers.get(node.input[0])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if weight is None:
+            problems.append("a per-channel scale on an activation; TensorRT takes per-channel scales on weights only")
+        elif weight.dims[axis] != values.size:
+            problems.append(f"{values.size} scales for axis {axis} of a weight of shape {list(weight.dims)}")
+    return problems
