@@ -180,3 +180,14 @@ def test_the_registry_names_int8_as_calibrated_at_export_with_the_sampling_in_fl
     assert not entry.converted, "the int8 export already holds its Q/DQ: nothing converts it at build"
     assert set(precisions.ATS_FLOAT32) <= set(entry.keeps_float32)
     assert "class-token attention row" in entry.keeps_float32 and "||V||" in entry.keeps_float32
+
+
+def test_ats_deploy_sessions_recognise_a_qdq_file(tiny_ats_onnx, quantized):
+    """The onnxruntime sessions of validation and the CPU backend keep MatMulAddFusion off for Q/DQ files only."""
+    from ats_deploy.exporters.validate import quantized as is_quantized
+    from ats_deploy.exporters.validate import session
+
+    assert is_quantized(quantized) and not is_quantized(tiny_ats_onnx)
+    outputs = session(str(quantized)).run(["tokens"], {"images": np.zeros((1, 3, 224, 224), np.float32),
+                                                      "keep": np.full(9, 0.5, np.float32)})
+    assert outputs[0].shape == (1, 9)
