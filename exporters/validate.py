@@ -244,9 +244,7 @@ class TappedSession:
         for tensors in self.taps:
             for name, dtype in tensors:
                 model.graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
-        self.session = session(
-            model.SerializeToString(), threads, custom=custom_op.uses_custom_op(model), int8=quantized(model)
-        )
+        self.session = session(model, threads)
         self.takes_keep = any(i.name == "keep" for i in self.session.get_inputs())
         tokens = next(o for o in self.session.get_outputs() if o.name == "tokens")
         self.stages = tokens.shape[-1]  # static in every export (spec section 4)
@@ -271,25 +269,29 @@ def quantized(model: onnx.ModelProto | str | Path) -> bool:
     return any(node.op_type == "DequantizeLinear" for node in model.graph.node)
 
 
-def session(model, threads: int | None = None, custom: bool | None = None, int8: bool | None = None):
-    """An onnxruntime CPU session (``model``: a path or serialised bytes) that does not spin idle threads.
+def session(model: onnx.ModelProto | str | Path, threads: int | None = None):
+    """An onnxruntime CPU session of a file or a loaded model that does not spin idle threads.
 
-    For a Q/DQ model, onnxruntime's ``MatMulAddFusion`` stays off: it fuses the dequantized
-    products into float Gemms and the int8 ATS export then runs slower than the dense int8 one
-    (bench/RESULTS.md, INT8).
+    The graph is read once (no external data) to see whether it needs the custom op's kernel and
+    whether it holds Q/DQ pairs: for those, onnxruntime's ``MatMulAddFusion`` stays off, since it
+    fuses the dequantized products into float Gemms and the int8 ATS export then runs slower than
+    the dense int8 one (bench/RESULTS.md, INT8).
     """
     import onnxruntime as ort
 
+    loaded = isinstance(model, onnx.ModelProto)
+    graph = model if loaded else onnx.load(str(model), load_external_data=False)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if custom if custom is not None else custom_op.uses_custom_op(model):
+    if custom_op.uses_custom_op(graph):
         custom_op.register(options)
-    disabled = ["MatMulAddFusion"] if (int8 if int8 is not None else quantized(model)) else None
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    disabled = ["MatMulAddFusion"] if quantized(graph) else None
+    source = model.SerializeToString() if loaded else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 
 # --------------------------------------------------------------------------- the verdict
