@@ -25,8 +25,10 @@ ENGINE_SUFFIXES = (".plan", ".engine")
 SIDECAR_KEY = "onnx_metadata"
 REEXPORT = "`ats-deploy export CHECKPOINT --dynamic`"
 EXPORT_HINT = f"Export the model with {REEXPORT}, which records what running it needs."
-# The interface (ATS_SPEC.md section 4) and what files exported before these keys existed implicitly were.
-INTERFACE_VERSION = 1
+# The interface (ATS_SPEC.md section 4): 2 since keep became one row per image, [batch, S].
+INTERFACE_VERSION = 2
+# What files exported before these keys existed implicitly were.
+FIRST_INTERFACE_VERSION = 1
 PRECISION = "fp32"
 PREFIX_TOKENS = 1
 SUBGRAPH = "subgraph"
@@ -92,6 +94,7 @@ OPTIONAL: dict[str, tuple[Callable[[str], Any], str]] = {
     "precision": (_text, "a precision name"),
     "prefix_tokens": (int, "a whole number of tokens"),
     "ats_op": (_text, "subgraph or custom"),
+    "head": (_bool, "true or false"),
 }
 
 
@@ -120,6 +123,7 @@ class Artifact:
     precision: str = PRECISION
     prefix_tokens: int = PREFIX_TOKENS
     interface_version: int = INTERFACE_VERSION
+    head: bool = True  # False: a feature extractor, whose `logits` are the pooled feature (num_classes its width)
 
     def to_metadata(self) -> dict[str, str]:
         """The ONNX ``metadata_props`` (all strings, lists as JSON) that :meth:`from_metadata` reads back."""
@@ -142,6 +146,7 @@ class Artifact:
             "interface_version": str(self.interface_version),
             "precision": self.precision,
             "prefix_tokens": str(self.prefix_tokens),
+            "head": json.dumps(self.head),
         }
         if not self.dynamic:
             props["batch"] = str(self.batch)
@@ -161,12 +166,20 @@ class Artifact:
         if missing:
             raise UserError(f"{where} was not exported by ats-deploy: its metadata lacks {', '.join(missing)}.", hint)
         specs = {**expected, **{key: spec for key, spec in OPTIONAL.items() if key in meta}}
-        artifact = cls(**{key: _parse(meta, key, *spec, where, hint) for key, spec in specs.items()})
+        values = {key: _parse(meta, key, *spec, where, hint) for key, spec in specs.items()}
+        artifact = cls(**{"interface_version": FIRST_INTERFACE_VERSION, **values})
         artifact._check(where, hint)
         return artifact
 
     def _check(self, where: str, hint: str) -> None:
-        """Values that parse but do not fit together (a keep per stage, three input dimensions)."""
+        """Values that parse but do not fit together (a keep per stage, three input dimensions), or an old interface."""
+        if self.interface_version != INTERFACE_VERSION:
+            raise OutdatedInterface(
+                f"{where} has interface version {self.interface_version}; this ats-deploy runs version "
+                f"{INTERFACE_VERSION} (keep is one row per image, [batch, S]; ATS_SPEC section 4).",
+                f"Re-export it from its checkpoint with this version: {REEXPORT}"
+                + (" (then rebuild the engine with `ats-deploy build`)." if "engine" in where else "."),
+            )
         per_stage = {"keep": self.keep, **({"budget": self.budget} if self.budget is not None else {})}
         for key, values in per_stage.items():
             if len(values) != len(self.stages):
@@ -195,6 +208,10 @@ def _parse(meta: dict[str, str], key: str, parse: Callable[[str], Any], what: st
 
 def _bad(where: str, key: str, value: str, what: str, hint: str) -> UserError:
     return UserError(f"{where} has a bad '{key}' in its metadata: {value!r} is not {what}.", hint)
+
+
+class OutdatedInterface(UserError):
+    """An export of another interface version (ATS_SPEC section 4): its inputs are not what this version feeds."""
 
 
 class Unreadable(UserError):
@@ -270,6 +287,8 @@ def maybe_of_onnx(model: onnx.ModelProto) -> Artifact | None:
     """
     try:
         return of_onnx(model, "the ONNX file")
+    except OutdatedInterface:
+        raise  # an ats-deploy export after all: running it as a foreign file would feed it the wrong keep
     except UserError:
         return None
 

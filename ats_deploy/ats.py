@@ -31,14 +31,18 @@ MIN_ABSOLUTE_DRAWS = 1
 # the kept tokens, class token included, strictly increase with the position.
 # With ``P`` prefix tokens, prefix token ``i`` counts ``(i + 1) / (P + 1)`` (0.5 for P = 1).
 CLASS_TOKEN_COUNT = 0.5
+# What :func:`clamp_bias` lifts the cdf by from the last valid token on: above every
+# quantile (``u_i <= 1``) yet finite, below the ``+inf`` of the slots past an image's
+# own draws, so those slots are never counted, not even by the last valid token.
+CDF_LIFT = 2.0
 
 
 def budget(keep: torch.Tensor, n0: int, prefix: int = 1) -> torch.Tensor:
     """Section 2: the number of tokens ``K`` (the ``prefix`` tokens included) per stage.
 
-    ``keep`` is float32 ``[S]``; values in ``(0, 1]`` are fractions of ``n0``,
-    values above 1 absolute counts. Every step is float32, as in an exported graph.
-    Returns float32 ``[S]`` holding whole numbers in ``[P + 1, n0]``.
+    ``keep`` is float32 ``[B, S]`` (one row per image) or ``[S]``; values in ``(0, 1]``
+    are fractions of ``n0``, values above 1 absolute counts. Every step is float32, as
+    in an exported graph. Returns float32 of ``keep``'s shape holding whole numbers in ``[P + 1, n0]``.
 
     Every float has a defined budget, so a bad value from a caller never reaches
     the sampler: values <= 0 (and ``-inf``) get the fraction floor, ``+inf`` the
@@ -59,25 +63,36 @@ def budget_int(keep: float, n0: int, prefix: int = 1) -> int:
 
 
 def quantiles(k: torch.Tensor, grid: int, prefix: int = 1) -> torch.Tensor:
-    """Section 1, step 4 for every stage at once: ``u_i = i / D``, ``i = 1..D``, ``D = K - P`` draws.
+    """Section 1, step 4 for every image and stage at once: ``u_i = i / D``, ``i = 1..D``, ``D = K - P`` draws.
 
-    ``k``: float32 ``[S]`` budgets. Returns ``[S, grid]``; slots past ``D`` hold
-    ``+inf`` so that no cdf value reaches them. Computed once per forward, so each
-    stage only reads its row.
+    ``k``: float32 ``[B, S]`` budgets. Returns ``[B, S, grid]``; slots past an image's
+    ``D`` hold ``+inf`` so that no cdf value reaches them. Computed once per forward, so
+    each stage only reads its column.
     """
     slots = torch.arange(1, grid + 1, device=k.device, dtype=torch.float32)
-    q = (k - float(prefix)).unsqueeze(1)
+    q = (k - float(prefix)).unsqueeze(-1)
     return torch.where(slots <= q, slots / q, torch.full_like(slots, float("inf")))
 
 
-def drawn_quantiles(u: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """A stage's row ``[1, G]`` of :func:`quantiles` cut to the ``D = K-P`` it draws (``count``: int64 ``[1]``).
+def most_draws(k: torch.Tensor, prefix: int = 1) -> torch.Tensor:
+    """int64 ``[S]``: per stage, the most draws ``D = K - P`` of any image of the batch (``k``: ``[B, S]``).
 
-    The slots past ``D`` hold ``+inf`` and never count; cutting them off shrinks
-    the ``[B, N-P, G]`` comparison of :func:`sample` to ``[B, N-P, D]``. The row
-    stays 2-D (``u[s : s + 1]``), so it broadcasts against the cdf ``[B, N-1, 1]`` as it is.
+    A stage compares every cdf with that many quantile slots; an image with a smaller
+    budget holds ``+inf`` in its extra slots. The maximum is taken in float32 (TensorRT
+    8.6 reduces only floats), then cast.
     """
-    return leading(u, count)
+    return (k.amax(dim=0) - float(prefix)).to(torch.int64)
+
+
+def drawn_quantiles(u: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """A stage's quantiles ``[B, G]`` (a column of :func:`quantiles`) cut to ``count`` slots, as ``[B, 1, D]``.
+
+    ``count``: int64 ``[1]``, the batch's most draws (:func:`most_draws`). The slots
+    past ``D`` hold ``+inf`` and never count; cutting them off shrinks the
+    ``[B, N-P, G]`` comparison of :func:`sample` to ``[B, N-P, D]``. The middle axis
+    lets the rows broadcast against the cdf ``[B, N-P, 1]``.
+    """
+    return leading(u, count).unsqueeze(1)
 
 
 def significance(cls_attention: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -98,7 +113,7 @@ def cdf(scores: torch.Tensor, clamp: torch.Tensor | None = None) -> torch.Tensor
     """Section 1, step 3: normalised scores ``[B, N-P, 1]`` cumulated in token order (float32, dim 1).
 
     With ``clamp`` (:func:`clamp_bias`) subtracted before cumulating, the cdf is
-    ``+inf`` from the last valid token on and unchanged before it.
+    at least :data:`CDF_LIFT` from the last valid token on and unchanged before it.
     """
     total = scores.sum(dim=1, keepdim=True).clamp_min(TINY)
     normalised = scores / total
@@ -113,10 +128,10 @@ def sample(
     """Section 1, steps 3-6: which tokens the inverse-transform sampling keeps.
 
     ``scores``: ``[B, N-P, 1]`` significance of the patch tokens ``P..N-1`` (zero at padding).
-    ``clamp``: ``[1 or B, N-P, 1]``, ``-inf`` from the last valid token on (:func:`clamp_bias`).
-    ``u``: ``[1, D]`` quantiles of this stage (:func:`drawn_quantiles`; slots holding
-    ``+inf`` never count). Returns ``(kept, count)``, both ``[B, N, 1]`` over all
-    tokens (tokens on dim 1, as :func:`compact` wants them):
+    ``clamp``: ``[1 or B, N-P, 1]``, ``-CDF_LIFT`` from the last valid token on (:func:`clamp_bias`).
+    ``u``: ``[B or 1, 1, D]`` quantiles of this stage, one row per image
+    (:func:`drawn_quantiles`; slots holding ``+inf`` never count).
+    Returns ``(kept, count)``, both ``[B, N, 1]`` over all tokens (tokens on dim 1, as :func:`compact` wants them):
     ``kept`` the bool mask (the ``P`` prefix tokens are always kept) and ``count`` the
     number of quantiles at or below each token's cdf, which strictly increases
     along the kept tokens (:data:`CLASS_TOKEN_COUNT` for the prefix tokens).
@@ -125,7 +140,8 @@ def sample(
     ``cdf_{p-1} < u_i <= cdf_p`` (``searchsorted_left``), so with
     ``c_p = #{i : u_i <= cdf_p}`` it is kept iff ``c_p > c_{p-1}`` (``c_{-1} = 0``).
     The clamp of step 5 sends every quantile above ``cdf_{n-P-2}`` to the last valid
-    token: its clamped cdf is ``+inf``, so ``c_{n-P-1} = D``. Both sides of the
+    token: its clamped cdf is above 1, so ``c_{n-P-1} = D`` (finite: the ``+inf`` slots of an
+    image that draws fewer than the batch's most are counted nowhere). Both sides of the
     comparison are the counts shifted by one ``Pad`` each (with ``P > 1``, the
     prefix counts are a constant concatenated in front instead).
     """
@@ -182,17 +198,18 @@ def key_bias(mask: torch.Tensor) -> torch.Tensor:
 def clamp_bias(
     mask: torch.Tensor | None, n: int, device: torch.device | None = None, prefix: int = 1
 ) -> torch.Tensor:
-    """Float ``[B or 1, n-P, 1]`` over the patch tokens ``P..n-1``: ``-inf`` from the last valid token on, else 0.
+    """Float ``[B or 1, n-P, 1]`` over the patch tokens ``P..n-1``: ``-CDF_LIFT`` from the last valid token on, else 0.
 
-    :func:`cdf` subtracts it, so the cdf is ``+inf`` there and every quantile is
+    :func:`cdf` subtracts it, so the cdf exceeds 1 there and every quantile is
     counted by the last valid token: step 5's clamp ``min(t_i, n-P-1)``. Position
     ``p`` (token ``p+P``) is the last valid token or later iff token ``p+P+1`` is
-    padding or past the end: the stage's key mask (from :func:`compact`) shifted
-    left by ``P+1`` and padded with ``-inf``, one ``Pad``. ``mask`` is ``None`` while nothing
-    is padded (``n`` is then the model's constant token count): only the last token.
+    padding or past the end: the stage's key mask (from :func:`compact`, 0 or ``-inf``)
+    floored at ``-CDF_LIFT``, shifted left by ``P+1`` and padded, one ``Max`` and one ``Pad``.
+    ``mask`` is ``None`` while nothing is padded (``n`` is then the model's constant token
+    count): only the last token.
     """
     if mask is None:
         clamp = torch.zeros(1, int(n) - prefix, 1, device=device)
-        clamp[:, -1] = float("-inf")
+        clamp[:, -1] = -CDF_LIFT
         return clamp
-    return F.pad(mask, (0, 0, -(prefix + 1), 1), value=float("-inf"))
+    return F.pad(mask.clamp_min(-CDF_LIFT), (0, 0, -(prefix + 1), 1), value=-CDF_LIFT)

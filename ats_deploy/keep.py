@@ -11,8 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 USAGE = "give a fraction in (0, 1] of the model's tokens (e.g. 0.7) or a whole number of tokens (e.g. 98)"
 
@@ -95,6 +99,20 @@ def per_stage(keep: Keep | str | float | Sequence[float], stages: int) -> list[f
     if stages == 0 and not isinstance(keep, str | int | float | Keep) and not len(keep):
         return []  # a model without ATS stages has no budget
     return Keep.parse(keep).per_stage(stages)
+
+
+def keep_rows(keep: Sequence[float] | np.ndarray, batch: int) -> np.ndarray:
+    """The float32 ``[batch, S]`` an exported file's ``keep`` input takes (interface version 2, spec section 4).
+
+    One row ``[S]`` (a list, a numpy array or a CPU tensor) is repeated for every image;
+    ``[batch, S]`` rows pass as they are, so callers that run one budget need not build rows.
+    """
+    import numpy as np
+
+    values = np.asarray(keep, dtype=np.float32)
+    if values.ndim == 2:
+        return np.ascontiguousarray(values)
+    return np.ascontiguousarray(np.broadcast_to(values, (batch, values.shape[-1])))
 
 
 def format_keep(keep: Sequence[float]) -> str:

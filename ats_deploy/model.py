@@ -45,7 +45,7 @@ class ATSOutput:
 
 
 # Called by an ATS stage once its significance scores are known, with
-# ``(stage, scores [B, N-P, 1], clamp, u [1, K-P])``; returns the quantiles the
+# ``(stage, scores [B, N-P, 1], clamp, u [B, 1, D])`` (``D`` the batch's most draws); returns the quantiles the
 # stage draws. Validation uses it to see how close each sample came to a float
 # tie and to replay the reference with one tie resolved the other way.
 QuantileHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -116,19 +116,28 @@ class ATSVisionTransformer(nn.Module):
         """The width of ``logits``: the classes, or the pooled feature of a model without a head (num_classes=0)."""
         return self.vit.num_classes or self.vit.num_features
 
-    def default_keep_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.default_keep, dtype=torch.float32)
+    def default_keep_tensor(self, batch: int = 1) -> torch.Tensor:
+        """The default keep as the ``[batch, S]`` rows the exported interface takes (spec section 4)."""
+        return self.keep_rows(self.default_keep, batch)
 
-    def keep_tensor(self, keep: torch.Tensor | float | Sequence[float]) -> torch.Tensor:
-        """``keep`` as the float32 ``[S]`` the stages read: a float applies to every stage, a list is one per stage.
+    def keep_rows(self, keep: torch.Tensor | float | Sequence[float], batch: int) -> torch.Tensor:
+        """``keep`` as the float32 ``[batch, S]`` the stages read: one row per image (spec section 4).
 
-        A tensor passes as it is (exporters trace it as the ``keep`` input).
+        A float applies to every stage of every image, a list (or ``[S]`` tensor) is one row
+        repeated for every image, a ``[batch, S]`` tensor passes as it is (exporters trace it
+        as the ``keep`` input).
         """
-        if isinstance(keep, torch.Tensor) and keep.ndim == 1:
-            return keep
+        if isinstance(keep, torch.Tensor) and keep.ndim == 2:
+            if keep.shape != (batch, len(self.stages)):
+                raise UserError(
+                    f"keep has shape {list(keep.shape)}, but {batch} images on a model with {len(self.stages)} "
+                    f"ATS stages need [{batch}, {len(self.stages)}]: one row per image, one value per stage."
+                )
+            return keep.to(torch.float32)
         values = keep.tolist() if isinstance(keep, torch.Tensor) else keep
         values = [values] if isinstance(values, int | float) else list(values)
-        return torch.tensor(per_stage(values, len(self.stages)), dtype=torch.float32)
+        row = torch.tensor(per_stage(values, len(self.stages)), dtype=torch.float32)
+        return row.reshape(1, -1).expand(batch, -1)
 
     def forward(
         self,
@@ -159,15 +168,15 @@ class ATSVisionTransformer(nn.Module):
         by static exports: each stage then pads to ``min(K, its input)`` tokens, so every
         length is a constant (TensorRT < 8.6, DLA). ``keep`` must give those budgets.
         """
-        keep = self.keep_tensor(keep)
         vit = self.vit
+        keep = self.keep_rows(keep, images.shape[0])
         x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
         images_in = x.shape[0]
         positions = torch.arange(self.n0, device=x.device).unsqueeze(0).expand(images_in, -1)
         prefix = self.prefix_tokens
-        k = ats.budget(keep.to(x.device), self.n0, prefix)
+        k = ats.budget(keep.to(x.device), self.n0, prefix)  # [B, S]: each image its own budget
         u = ats.quantiles(k, self.n0 - prefix, prefix)
-        drawn = (k - float(prefix)).to(torch.int64)
+        drawn = ats.most_draws(k, prefix)
         mask: torch.Tensor | None = None
         bias: torch.Tensor | None = None
         kept, kept_positions = [], []
@@ -179,9 +188,9 @@ class ATSVisionTransformer(nn.Module):
                 continue
             s = self.stages.index(i)
             if static_budget is None:
-                length, u_s = None, ats.drawn_quantiles(u[s : s + 1], drawn[s : s + 1])
+                length, u_s = None, ats.drawn_quantiles(u[:, s], drawn[s : s + 1])
             else:
-                length, u_s = min(static_budget[s], x.shape[1]), u[s : s + 1, : static_budget[s] - prefix]
+                length, u_s = min(static_budget[s], x.shape[1]), u[:, s, None, : static_budget[s] - prefix]
             sampler = functools.partial(self.samplers[s], length=length)
             clamp = ats.clamp_bias(mask, x.shape[1], x.device, prefix)
             stage_hook = None if hook is None else functools.partial(hook, s)

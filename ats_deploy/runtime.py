@@ -9,7 +9,8 @@
 The pre-processing (resize, centre crop, mean/std) is the one the file's metadata
 records, applied by the transform the PyTorch reference uses
 (:func:`ats_deploy.images.preprocess`), so the exported model sees the reference's
-pixels. ``keep`` is checked and shaped as the file's ``keep`` input wants it.
+pixels. ``keep`` is checked and shaped as the file's ``keep [batch, S]`` input wants
+it: one value or one row serves every image, an ``[images, S]`` array gives each image its own.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 MODEL_SUFFIXES = (".onnx", *ENGINE_SUFFIXES)
 
 ImageLike = Image.Image | str | Path | np.ndarray
-KeepLike = float | Sequence[float] | None
+KeepLike = float | Sequence[float] | np.ndarray | None
 Backend = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
@@ -80,8 +81,8 @@ def _open_onnx(path: Path, threads: int | None) -> ExportedModel:
     inputs = {value.name: value for value in graph.graph.input}
     if "images" not in inputs:
         raise UserError(f"{path} has no 'images' input, so it was not exported by ats-deploy. {EXPORT_HINT}")
-    keep_rank = len(inputs["keep"].type.tensor_type.shape.dim) if "keep" in inputs else None
-    return ExportedModel(path, artifact, _onnx_backend(path, threads, keep_rank is not None), keep_rank)
+    takes_keep = "keep" in inputs
+    return ExportedModel(path, artifact, _onnx_backend(path, threads, takes_keep), takes_keep)
 
 
 def _onnx_backend(path: Path, threads: int | None, takes_keep: bool) -> Backend:
@@ -111,19 +112,17 @@ def _open_engine(path: Path) -> ExportedModel:
         out = runner.run(images, keep)
         return out["logits"], out["tokens"]
 
-    keep_rank = (2 if artifact.interface_version >= 2 else 1) if artifact.dynamic else None
-    return ExportedModel(path, artifact, run, keep_rank)
+    return ExportedModel(path, artifact, run, artifact.dynamic)
 
 
 class ExportedModel:
     """An exported ATS model and the metadata that says how to feed it. Make one with :func:`open`."""
 
-    def __init__(self, path: Path, artifact: Artifact, backend: Backend, keep_rank: int | None) -> None:
+    def __init__(self, path: Path, artifact: Artifact, backend: Backend, takes_keep: bool) -> None:
         self.path = path
         self.artifact = artifact
         self._backend = backend
-        # None: no keep input (static export); 1: `keep [S]` (interface 1); 2: `keep [batch, S]` (interface 2)
-        self._keep_rank = keep_rank
+        self._takes_keep = takes_keep  # False: a static export, keep baked in
 
     @property
     def arch(self) -> str:
@@ -159,6 +158,18 @@ class ExportedModel:
 
         return preprocess([as_rgb(image) for image in images], self.data_config).numpy()
 
+    def keep_rows(self, keep: KeepLike, count: int) -> np.ndarray:
+        """float32 ``[count, S]``: one checked row per image (spec section 4).
+
+        ``None`` is the file's default, a float serves every stage, a list one row for every
+        image, an ``[count, S]`` array each image its own row.
+        """
+        if isinstance(keep, np.ndarray) and keep.ndim == 2:
+            if len(keep) != count:
+                raise UserError(f"keep has {len(keep)} rows for {count} images; give one row per image or one row.")
+            return np.array([self.keep_for(row) for row in keep], dtype=np.float32).reshape(count, -1)
+        return np.tile(np.asarray(self.keep_for(keep), dtype=np.float32), (count, 1))
+
     def keep_for(self, keep: KeepLike = None) -> list[float]:
         """One checked keep value per ATS stage: ``None`` is the file's default, a float serves every stage.
 
@@ -169,7 +180,7 @@ class ExportedModel:
         if keep is None:
             return self.default_keep
         values = per_stage(_numbers(keep), len(self.stages))
-        if self._keep_rank is None and self._budgets(values) != self._budgets(self.default_keep):
+        if not self._takes_keep and self._budgets(values) != self._budgets(self.default_keep):
             raise UserError(
                 f"{self.path} is a static export with keep {format_keep(self.default_keep)} baked in; it cannot run "
                 f"keep {format_keep(values)}. Drop keep, or re-export with `ats-deploy export CHECKPOINT --dynamic`."
@@ -182,17 +193,20 @@ class ExportedModel:
         return [budget_int(k, self.artifact.n0, self.artifact.prefix_tokens) for k in keep]
 
     def run(self, pixels: np.ndarray, keep: KeepLike = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(logits [N, classes], tokens [N, S])`` for pre-processed ``pixels [N, 3, H, W]``.
+        """``(logits [N, classes], tokens [N, S])`` for ``pixels [N, 3, H, W]`` (``keep``: :meth:`keep_rows`).
 
         A static export runs in chunks of its batch, the last one padded.
         """
-        values = np.asarray(self.keep_for(keep), dtype=np.float32)
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         count = len(pixels)
         if count == 0:
             raise UserError("no images given; pass at least one image.")
+        rows = self.keep_rows(keep, count)
         chunk = self.batch or count
-        outputs = [self._run_chunk(pixels[start : start + chunk], values, chunk) for start in range(0, count, chunk)]
+        outputs = [
+            self._run_chunk(pixels[start : start + chunk], rows[start : start + chunk], chunk)
+            for start in range(0, count, chunk)
+        ]
         logits, tokens = (np.concatenate(parts)[:count] for parts in zip(*outputs, strict=True))
         return logits, tokens
 
@@ -200,8 +214,7 @@ class ExportedModel:
         padding = size - len(pixels)
         if padding:
             pixels = np.concatenate([pixels, np.zeros((padding, *pixels.shape[1:]), dtype=np.float32)])
-        if self._keep_rank == 2:
-            keep = np.tile(keep, (size, 1))
+            keep = np.concatenate([keep, np.repeat(keep[-1:], padding, axis=0)])
         return self._backend(pixels, keep)
 
     def predict(self, images: Sequence[ImageLike] | ImageLike, keep: KeepLike = None, top: int = 5) -> Prediction:
@@ -229,7 +242,8 @@ class ExportedModel:
 
         _, height, width = self.data_config["input_size"]
         with torch.device("meta"):  # no weights are allocated
-            vit = timm.create_model(self.arch, pretrained=False, img_size=(height, width), num_classes=self.num_classes)
+            classes = self.num_classes if self.artifact.head else 0  # a feature extractor has no head to count
+            vit = timm.create_model(self.arch, pretrained=False, img_size=(height, width), num_classes=classes)
         return CostModel.of(types.SimpleNamespace(vit=vit, n0=self.artifact.n0, stages=self.stages))
 
 

@@ -65,9 +65,10 @@ def kept_patches(model: ATSVisionTransformer, image: torch.Tensor, keep: Sequenc
     with torch.inference_mode():
         positions = model.forward_details(image, torch.tensor(keep, dtype=torch.float32)).positions
     masks = np.zeros((len(positions), grid_h * grid_w), dtype=bool)
+    prefix = model.prefix_tokens
     for s, stage_positions in enumerate(positions):
         tokens = stage_positions[0]
-        masks[s, (tokens[tokens >= 1] - 1).numpy()] = True  # token j >= 1 is patch j - 1 in raster order
+        masks[s, (tokens[tokens >= prefix] - prefix).numpy()] = True  # token j >= P is patch j - P in raster order
     return masks.reshape(len(positions), grid_h, grid_w)
 
 

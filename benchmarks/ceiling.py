@@ -88,7 +88,7 @@ def keep_for_gflops(sess, images: np.ndarray, cost: CostModel, target: float, st
     lo, hi = 0.02, 1.0
     for _ in range(14):
         mid = (lo + hi) / 2
-        tokens = sess.run(["tokens"], {"images": images, "keep": np.full(stages, mid, np.float32)})[0]
+        tokens = sess.run(["tokens"], {"images": images, "keep": np.full((len(images), stages), mid, np.float32)})[0]
         if float(cost.gflops(torch.from_numpy(tokens)).mean()) > target:
             hi = mid
         else:
@@ -123,9 +123,9 @@ def main() -> None:
         ats_s, dense_s = session(str(tmp / "ats.onnx"), args.threads), session(str(tmp / "dense.onnx"), args.threads)
         for target in args.gflops:
             keep = keep_for_gflops(ats_s, pool[: max(args.batches)], cost, target, len(model.stages))
-            keep_in = np.full(len(model.stages), keep, np.float32)
             for batch in args.batches:
                 images = pool[:batch]
+                keep_in = np.full((batch, len(model.stages)), keep, np.float32)
                 tokens = ats_s.run(["tokens"], {"images": images, "keep": keep_in})[0]
                 lengths = [int(t) + 1 for t in tokens.max(axis=0)]
                 ceiling_s = session(str(export_ceiling(model, lengths, batch, tmp / "ceiling.onnx")), args.threads)

@@ -8,6 +8,11 @@ int8 (the plain timm ViT exported and quantized the same way) against ATS int8 a
 
     .venv/bin/python benchmarks/int8.py --part accuracy
     .venv/bin/python benchmarks/int8.py --part latency
+    .venv/bin/python benchmarks/int8.py --part dynamic
+
+``--part dynamic`` weighs onnxruntime's dynamic quantization (``quantize_dynamic``: int8 weights,
+activation ranges computed per call, no calibration) of the same matrix products against the
+calibrated QDQ export: accuracy on the real DeiT-Tiny as above, then DeiT-S latency.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from rich.console import Console
@@ -50,7 +56,7 @@ def predict(sess: ort.InferenceSession, images: np.ndarray, keep: float | None, 
     for start in range(0, len(images), 16):
         feed = {"images": images[start : start + 16]}
         if keep is not None:
-            feed["keep"] = np.full(stages, keep, np.float32)
+            feed["keep"] = np.full((len(feed["images"]), stages), keep, np.float32)
         out.append(sess.run(["logits"], feed)[0].argmax(-1))
     return np.concatenate(out)
 
@@ -90,7 +96,8 @@ def _pct(hits: np.ndarray) -> str:
     return f"{100 * p:.1f} ± {100 * np.sqrt(p * (1 - p) / len(hits)):.1f}"
 
 
-def latency(args: argparse.Namespace, work: Path, console: Console) -> None:
+def latency(args: argparse.Namespace, work: Path, console: Console, dynamic: bool = False) -> None:
+    """``dynamic``: also the dynamically quantized dense and ATS models (:func:`quantize_dynamic`)."""
     model = load_model("random:0", arch=args.arch)
     stages, config = len(model.stages), data_config(model.vit)
     files = [path for path, _ in image_folder(args.data, model.num_classes).files][: args.calibration_images]
@@ -105,6 +112,13 @@ def latency(args: argparse.Namespace, work: Path, console: Console) -> None:
         int8.quantize(work / f"{name}.onnx", work / f"{name}.int8.onnx", calib, calibration)
     variants = {"dense fp32": ("dense.onnx", None), "dense int8": ("dense.int8.onnx", None),
                 "ATS int8 keep 0.5": ("ats.int8.onnx", 0.5), "ATS int8 keep 0.3": ("ats.int8.onnx", 0.3)}
+    if dynamic:
+        for name in ("ats", "dense"):
+            quantize_dynamic(work / f"{name}.onnx", work / f"{name}.int8-dynamic.onnx")
+        variants = {"dense fp32": ("dense.onnx", None), "dense int8": ("dense.int8.onnx", None),
+                    "dense int8-dynamic": ("dense.int8-dynamic.onnx", None),
+                    "ATS int8 keep 0.5": ("ats.int8.onnx", 0.5),
+                    "ATS int8-dynamic keep 0.5": ("ats.int8-dynamic.onnx", 0.5)}
     sessions = {file: session(work / file) for file, _ in variants.values()}
     table = Table(title=f"{args.arch} random weights, onnxruntime {ort.__version__} CPU, 2 threads, "
                   f"{args.rounds} interleaved rounds")
@@ -117,7 +131,7 @@ def latency(args: argparse.Namespace, work: Path, console: Console) -> None:
             for name, (file, keep) in variants.items():
                 feed = {"images": images}
                 if keep is not None:
-                    feed["keep"] = np.full(stages, keep, np.float32)
+                    feed["keep"] = np.full((len(images), stages), keep, np.float32)
                 start = time.perf_counter()
                 sessions[file].run(None, feed)
                 times[name].append(time.perf_counter() - start)
@@ -128,9 +142,46 @@ def latency(args: argparse.Namespace, work: Path, console: Console) -> None:
     console.print(table)
 
 
+def quantize_dynamic(source: Path, output: Path) -> None:
+    """onnxruntime's dynamic int8 of the MatMuls the QDQ export quantizes (weights per channel); the rest float32.
+
+    Only MatMul: the dynamic ``ConvInteger`` of the patch embedding takes uint8 weights only, and one
+    convolution is a small part of the work. The sampling path stays float32 as in the QDQ export.
+    """
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as dynamic
+
+    model = int8.gemm_as_matmul(onnx.load(str(source)))
+    dynamic(model, output, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
+            nodes_to_quantize=int8.matrix_nodes(model))
+
+
+def dynamic(args: argparse.Namespace, work: Path, console: Console) -> None:
+    """Dynamic int8 against the calibrated QDQ int8: held-out top-1 (real DeiT-Tiny), then DeiT-S latency."""
+    model = load_model(args.weights)
+    stages, config = len(model.stages), data_config(model.vit)
+    files, labels = zip(*image_folder(args.data, model.num_classes).files, strict=True)
+    cut = args.calibration_images
+    held, truth = int8.load_images(files[cut:], config), np.asarray(labels[cut:])
+    fp32 = export(model, work / "fp32.onnx", ExportOptions(dynamic=True))
+    int8.quantize(fp32, work / "int8.onnx", int8.load_images(files[:cut], config), int8.Calibration(args.data, cut))
+    quantize_dynamic(fp32, work / "int8-dynamic.onnx")
+    names = ("fp32", "int8", "int8-dynamic")
+    sessions = {name: session(work / f"{name}.onnx") for name in names}
+    table = Table(title=f"DeiT-Tiny ATS, {len(truth)} held-out images (int8: calibrated on the first {cut})")
+    for column in ("keep", *(f"{n} top-1 %" for n in names), "int8 agreement", "int8-dynamic agreement"):
+        table.add_column(column, justify="right")
+    for keep in ACCURACY_KEEPS:
+        out = {name: predict(sessions[name], held, keep, stages) for name in names}
+        table.add_row(f"{keep:g}", *(_pct(out[n] == truth) for n in names),
+                      *(f"{100 * (out[n] == out['fp32']).mean():.1f}%" for n in names[1:]))
+    console.print(table)
+    latency(args, work, console, dynamic=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("accuracy", "latency"), required=True)
+    parser.add_argument("--part", choices=("accuracy", "latency", "dynamic"), required=True)
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--calibration-images", type=int, default=100)
@@ -141,7 +192,7 @@ def main() -> None:
     args = parser.parse_args()
     console = Console(width=140)
     with tempfile.TemporaryDirectory() as work:
-        (accuracy if args.part == "accuracy" else latency)(args, Path(work), console)
+        {"accuracy": accuracy, "latency": latency, "dynamic": dynamic}[args.part](args, Path(work), console)
 
 
 if __name__ == "__main__":

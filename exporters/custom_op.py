@@ -6,17 +6,18 @@ as ``/samplers.<s>/...`` (``/model/samplers.<s>/...`` in static exports).
 can run the sampling as one kernel (TensorRT: :mod:`.trt_plugin`; onnxruntime:
 :func:`register`, a Python op of onnxruntime-extensions).
 
-The node (domain ``ats_deploy``, version 4):
+The node (domain ``ats_deploy``, version 5), for a model with ``P`` prefix tokens:
 
 =========  ==================================  =================================================
-inputs     ``scores`` float32 [B, N-1, 1]      significance of tokens 1..N-1
-           ``clamp`` float32 [1 or B, N-1, 1]  ``-inf`` from the last valid token on, else 0
-           ``u`` float32 [1, G]                the stage's quantiles (``+inf`` slots never count)
-outputs    ``index`` int64 [B, m, 1]           kept tokens, class token first, padded
+inputs     ``scores`` float32 [B, N-P, 1]      significance of the patch tokens P..N-1
+           ``clamp`` float32 [1 or B, N-P, 1]  ``-2`` from the last valid token on, else 0
+           ``u`` float32 [B or 1, 1, G]        each image's quantiles (``+inf`` slots never count)
+outputs    ``index`` int64 [B, m, 1]           kept tokens, prefix tokens first, padded
            ``mask`` float32 [B, m, 1]          key mask: 0 at kept tokens, ``-inf`` in padded slots
-           ``n_kept`` float32 [B, 1]           tokens each image kept (K' + 1), whole numbers
+           ``n_kept`` float32 [B, 1]           tokens each image kept (K' + P), whole numbers
            ``length`` int32 []                 m, the plugin's size tensor in TensorRT
 attribute  ``length`` int                      static m, or -1: m = most tokens kept in the batch
+           ``prefix`` int                      P, the prefix tokens kept first and never sampled
 =========  ==================================  =================================================
 
 Its semantics are :func:`sample_tokens`, i.e. ``ats.compact(ats.sample(...))``. The
@@ -48,8 +49,9 @@ DOMAIN = "ats_deploy"
 OP_TYPE = "AdaptiveTokenSampler"
 # 1: (scores, last, u, quantile_count) -> (index, valid, n_kept), tokens on the last dim;
 # 2: scores [B, N-1] and u [G]; 3: scores [B, N-1, 1] and u [1, G], as the reference's sampler takes them;
-# 4: n_kept float32 (TensorRT 8.6 reduces only floats, so the subgraph counts in float32).
-OP_VERSION = 4
+# 4: n_kept float32 (TensorRT 8.6 reduces only floats, so the subgraph counts in float32);
+# 5: u [B, 1, G], one row of quantiles per image (ATS_SPEC version 2), and the prefix attribute.
+OP_VERSION = 5
 ATS_OPS = ("subgraph", "custom")
 DYNAMIC = -1
 
@@ -61,7 +63,7 @@ _SCOPE = re.compile(r"(?:^|/)samplers\.(\d+)/")
 _INPUTS = (
     ("scores", np.dtype(np.float32), 3),
     ("clamp", np.dtype(np.float32), 3),
-    ("u", np.dtype(np.float32), 2),
+    ("u", np.dtype(np.float32), 3),
 )
 _OUTPUTS = (
     ("index", np.dtype(np.int64), 3),
@@ -71,11 +73,11 @@ _OUTPUTS = (
 
 
 def sample_tokens(
-    scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor, length: int
+    scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor, length: int, prefix: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What one ``AdaptiveTokenSampler`` node computes: the reference's ``TokenSampler``."""
-    kept, count = ats.sample(scores, clamp, u)
-    # Counts never exceed the K-1 quantiles drawn: K bounds them as the model's n0 does.
+    kept, count = ats.sample(scores, clamp, u, prefix)
+    # Counts never exceed the K-P quantiles drawn: K bounds them as the model's n0 does.
     return ats.compact(kept, count, u.shape[-1] + 1, None if length < 0 else length)
 
 
@@ -109,13 +111,7 @@ def replace_samplers(model: onnx.ModelProto) -> onnx.ModelProto:
     props = {p.key: p.value for p in model.metadata_props}
     if props.get("exporter") == "dynamo":
         raise _needs_torchscript("it was exported with the dynamo exporter")
-    if props.get("prefix_tokens", "1") != "1":
-        # The op's body and its TensorRT plugin keep exactly one class token first (no P attribute yet).
-        raise UserError(
-            f"--ats-op custom supports models with one class token; this one has {props['prefix_tokens']} "
-            "prefix tokens (distillation or register tokens).",
-            hint="Export it with --ats-op subgraph (the default): the standard-ONNX sampler handles any prefix tokens.",
-        )
+    prefix = int(props.get("prefix_tokens", "1"))
     graph = gs.import_onnx(model)
     stages = _find_stages(graph)
     _check_stage_count(stages, props, graph)
@@ -123,7 +119,7 @@ def replace_samplers(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     previous = None
     for stage in stages:
-        previous = _replace(graph, stage, previous)
+        previous = _replace(graph, stage, previous, prefix)
     graph.cleanup().toposort()
     return _finish(gs.export_onnx(graph), model)
 
@@ -260,7 +256,7 @@ def _static_length(stage: _Stage, u, previous: int | None) -> int:
     return drawn + 1 if previous is None else min(drawn + 1, previous)
 
 
-def _replace(graph, stage: _Stage, previous: int | None) -> int:
+def _replace(graph, stage: _Stage, previous: int | None, prefix: int) -> int:
     """Swap the stage's subgraph for one node; returns its static length (or :data:`DYNAMIC`)."""
     inputs, outputs = _interface(graph, stage)
     length = _static_length(stage, inputs[2], previous)
@@ -280,7 +276,12 @@ def _replace(graph, stage: _Stage, previous: int | None) -> int:
             op=OP_TYPE,
             name=f"{stage.prefix}{OP_TYPE}",
             domain=DOMAIN,
-            attrs={"length": length, "plugin_namespace": DOMAIN, "plugin_version": str(OP_VERSION)},
+            attrs={
+                "length": length,
+                "prefix": prefix,
+                "plugin_namespace": DOMAIN,
+                "plugin_version": str(OP_VERSION),
+            },
             inputs=inputs,
             outputs=[*outputs, size],
         )
@@ -346,14 +347,14 @@ def _declare_onnxruntime_op(extensions) -> None:
         op_type=f"{DOMAIN}::{OP_TYPE}",
         inputs=[types.dt_float, types.dt_float, types.dt_float],
         outputs=[types.dt_int64, types.dt_float, types.dt_float, types.dt_int32],
-        attrs={"length": types.dt_int64},
+        attrs={"length": types.dt_int64, "prefix": types.dt_int64},
     )(_onnxruntime_kernel)
 
 
 def _onnxruntime_kernel(
-    scores: np.ndarray, clamp: np.ndarray, u: np.ndarray, length: int = DYNAMIC
+    scores: np.ndarray, clamp: np.ndarray, u: np.ndarray, length: int = DYNAMIC, prefix: int = 1
 ) -> tuple[np.ndarray, ...]:
     """The PyOp body: onnxruntime passes numpy arrays and the attributes as keywords."""
     arrays = (scores, clamp, u)
-    index, mask, n_kept = sample_tokens(*(torch.from_numpy(a) for a in arrays), length)
+    index, mask, n_kept = sample_tokens(*(torch.from_numpy(a) for a in arrays), length, prefix)
     return index.numpy(), mask.numpy(), n_kept.numpy(), np.array(index.shape[1], dtype=np.int32)

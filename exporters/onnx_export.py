@@ -1,8 +1,9 @@
 """PyTorch ATS model -> one ONNX file (ATS_SPEC.md section 4).
 
-Dynamic export: ``images [batch, 3, H, W]`` and ``keep [S]`` are inputs, so one
-file serves every batch size and every budget. Static export: batch and keep are
-baked in and every stage is padded to its budget, so that every shape is a
+Dynamic export: ``images [batch, 3, H, W]`` and ``keep [batch, S]`` are inputs, so one
+file serves every batch size and every budget, each image with its own row of budgets
+(interface version 2), which lets a serving engine batch requests with different budgets.
+Static export: batch and keep are baked in and every stage is padded to its budget, so that every shape is a
 constant (TensorRT before 8.6, DLA).
 
 The graph is cleaned with onnx-graphsurgeon (constant folding, dead-node removal,
@@ -126,6 +127,7 @@ def metadata(model: ATSVisionTransformer, options: ExportOptions) -> dict[str, s
         ats_op=options.ats_op,
         precision=options.precision,
         prefix_tokens=model.prefix_tokens,
+        head=model.vit.num_classes > 0,
     )
     return artifact.to_metadata()
 
@@ -136,7 +138,7 @@ def _trace(model: ATSVisionTransformer, options: ExportOptions, path: Path) -> N
     images = torch.randn(max(options.batch, 2) if options.dynamic else options.batch, 3, height, width)
     if options.dynamic:
         module: torch.nn.Module = model
-        args: tuple = (images, model.default_keep_tensor())
+        args: tuple = (images, model.default_keep_tensor(images.shape[0]).clone())
         input_names = list(INPUTS)
     else:
         keep = per_stage(options.keep or model.default_keep, len(model.stages))
@@ -149,12 +151,12 @@ def _trace(model: ATSVisionTransformer, options: ExportOptions, path: Path) -> N
         warnings.simplefilter("ignore")
         if options.exporter == "torchscript":
             if options.dynamic:
-                kwargs["dynamic_axes"] = {name: {0: "batch"} for name in ("images", *OUTPUTS)}
+                kwargs["dynamic_axes"] = {name: {0: "batch"} for name in (*INPUTS, *OUTPUTS)}
             torch.onnx.export(module, args, str(path), dynamo=False, **kwargs)
         else:
             if options.dynamic:
                 batch = torch.export.Dim("batch", min=1, max=4096)
-                kwargs["dynamic_shapes"] = ({0: batch}, None)
+                kwargs["dynamic_shapes"] = ({0: batch}, {0: batch})
             program = _quietly(lambda: torch.onnx.export(module, args, dynamo=True, verbose=False, **kwargs))
             program.save(str(path))
 

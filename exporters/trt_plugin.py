@@ -108,9 +108,10 @@ def _define(trt, trtp, torch) -> None:
         clamp: trtp.TensorDesc,
         u: trtp.TensorDesc,
         length: int,
+        prefix: int,
     ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
         batch = scores.shape_expr[0]
-        tokens = scores.shape_expr[1] + 1  # N: m <= N, the class token and tokens 1..N-1
+        tokens = scores.shape_expr[1] + prefix  # N: m <= N, the P prefix tokens and tokens P..N-1
         if length >= 0:
             # min() rather than a bare int: ShapeExpr(int) would use the expression builder
             # outside a shape calculation; the static length is already <= N.
@@ -124,13 +125,13 @@ def _define(trt, trtp, torch) -> None:
         return index, mask, n_kept, size
 
     @trtp.impl(PLUGIN_ID)
-    def _run(scores, clamp, u, length: int, outputs, stream) -> None:
+    def _run(scores, clamp, u, length: int, prefix: int, outputs, stream) -> None:
         def view(tensor, shape=None):
             shape = tuple(tensor.shape) if shape is None else tuple(shape)
             return _device_tensor(torch, tensor.data_ptr, shape, trt.nptype(tensor.dtype))
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            results = sample_tokens(view(scores), view(clamp), view(u), length)
+            results = sample_tokens(view(scores), view(clamp), view(u), length, prefix)
             for output, result in zip(outputs[:-1], results, strict=True):
                 view(output, result.shape).copy_(result)
             view(outputs[-1], ()).fill_(results[0].shape[1])

@@ -31,7 +31,7 @@ from rich.table import Table
 from ats_deploy import ats
 from ats_deploy.artifact import read
 from ats_deploy.errors import UserError
-from ats_deploy.keep import per_stage
+from ats_deploy.keep import format_keep, keep_rows, per_stage
 from ats_deploy.model import ATSVisionTransformer
 
 from . import custom_op
@@ -91,10 +91,15 @@ class Flip:
 
 @dataclass
 class Case:
-    """One ``keep`` at one batch size over all images."""
+    """One ``keep`` row at one batch size over all images; with ``mixed``, those rows cycled over each batch.
+
+    A mixed case runs images with different budgets in one batch, as a serving engine
+    batches requests (interface version 2); ``keep`` is then empty.
+    """
 
     keep: list[float]
     batch: int
+    mixed: list[list[float]] = field(default_factory=list)
     images: int = 0
     max_logit_diff: float = 0.0
     stage_matches: int = 0
@@ -110,8 +115,14 @@ class Case:
 
     @property
     def keep_label(self) -> str:
-        values = sorted(set(self.keep))
-        return f"{values[0]:g}" if len(values) == 1 else ",".join(f"{v:g}" for v in self.keep)
+        if self.mixed:
+            return "mixed " + " | ".join(format_keep(row) for row in self.mixed)
+        return format_keep(self.keep)
+
+    def rows(self, images: int) -> torch.Tensor:
+        """The float32 ``[images, S]`` keep rows of one batch."""
+        rows = [self.mixed[i % len(self.mixed)] for i in range(images)] if self.mixed else [self.keep] * images
+        return torch.tensor(rows, dtype=torch.float32)
 
 
 @dataclass
@@ -149,23 +160,24 @@ class Probe:
         self.quantiles: list[np.ndarray] = []
 
     def __call__(self, stage: int, scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``u``: ``[B, 1, D]``, each image's quantiles; ties are forced in a replay of one image (row 0)."""
         cdf = ats.cdf(scores, clamp)[..., 0]
         forced = [t for t in self.force if t.stage == stage]
         if forced:
             u = u.clone()
             for tie in forced:
                 value = cdf[0, tie.position]
-                below = bool(u[0, tie.quantile] <= value)
-                u[0, tie.quantile] = torch.nextafter(value, value.new_tensor(float("inf"))) if below else value
+                below = bool(u[0, 0, tie.quantile] <= value)
+                u[0, 0, tie.quantile] = torch.nextafter(value, value.new_tensor(float("inf"))) if below else value
         self.cdfs.append(cdf.numpy())
-        self.quantiles.append(u[0].numpy())
+        self.quantiles.append(u[:, 0].expand(len(cdf), -1).numpy())
         return u
 
     def ties(self, image: int) -> list[list[Tie]]:
         """Every (position, quantile) pair of ``image`` within :data:`TIE_TOL`, per stage, nearest first."""
         found = []
         for stage, (cdf, u) in enumerate(zip(self.cdfs, self.quantiles, strict=True)):
-            distance = np.abs(cdf[image][:, None] - u[None, :])  # +inf from the last valid token on
+            distance = np.abs(cdf[image][:, None] - u[image][None, :])  # +inf from the last valid token on
             positions, quantiles = np.nonzero(distance <= TIE_TOL)
             pairs = zip(positions, quantiles, strict=True)
             ties = [Tie(stage, int(p), int(i), float(distance[p, i])) for p, i in pairs]
@@ -252,7 +264,7 @@ class TappedSession:
     def __call__(self, images: np.ndarray, keep: np.ndarray) -> list[Sample]:
         feeds = {"images": images}
         if self.takes_keep:
-            feeds["keep"] = keep
+            feeds["keep"] = keep_rows(keep, len(images))
         names = [name for tensors in self.taps for name, _ in tensors]
         logits, tokens, *tapped = self.session.run(["logits", "tokens", *names], feeds)
         stages, at = [], 0
@@ -463,11 +475,14 @@ def compare_batch(
     observed: Sequence[Sample],
     expected: Sequence[Sample],
 ) -> None:
-    """Add the first ``len(names)`` images of a batch to ``case`` (``expected``: :func:`reference_samples`)."""
+    """Add the first ``len(names)`` images of a batch to ``case`` (``expected``: :func:`reference_samples`).
+
+    ``keep``: ``[S]``, or ``[B, S]`` one row per image; a replay runs the image alone with its own row.
+    """
     if not check_interface(case, judge.model, observed):
         return
     for b, name in enumerate(names):
-        replay = functools.partial(judge.replay, images[b], keep)
+        replay = functools.partial(judge.replay, images[b], keep if keep.ndim == 1 else keep[b])
         judge.compare(case, name, observed[b], expected[b], replay)
 
 
@@ -476,18 +491,25 @@ def run_case(
     judge: Judge,
     names: Sequence[str],
     images: torch.Tensor,
-    keep: list[float],
-    batch: int,
+    case: Case,
 ) -> Case:
-    """``keep`` at ``batch`` over every whole batch of ``images``."""
-    case = Case(keep=keep, batch=batch)
-    keep_t = torch.tensor(keep, dtype=torch.float32)
+    """Fill ``case``: its keep rows at its batch size over every whole batch of ``images``."""
+    batch = case.batch
     for start in range(0, len(images) - batch + 1, batch):
         chunk = images[start : start + batch]
-        observed = run(chunk.numpy(), keep_t.numpy())
-        expected = reference_samples(judge.model, chunk, keep_t)
-        compare_batch(case, judge, names[start : start + batch], chunk, keep_t, observed, expected)
+        rows = case.rows(batch)
+        observed = run(chunk.numpy(), rows.numpy())
+        expected = reference_samples(judge.model, chunk, rows)
+        compare_batch(case, judge, names[start : start + batch], chunk, rows, observed, expected)
     return case
+
+
+def cases(keeps: Sequence[list[float]], batches: Sequence[int], dynamic: bool) -> list[Case]:
+    """Every keep at every batch size; a dynamic file also runs every keep mixed in one batch (spec section 5)."""
+    uniform = [Case(list(keep), batch) for keep in keeps for batch in batches]
+    if not dynamic or len(keeps) < 2:
+        return uniform
+    return uniform + [Case([], batch, [list(keep) for keep in keeps]) for batch in batches if batch > 1]
 
 
 def validate(
@@ -506,18 +528,19 @@ def validate(
         keeps = [list(artifact.keep)]
         batches = [artifact.batch]
     tapped = TappedSession(onnx_path)
+    todo = cases(keeps, batches, artifact.dynamic)
     mismatch = interface_mismatch(model, tapped.stages, len(tapped.taps))
     if mismatch is not None:  # its keep input would not even take the reference's rows
-        return Report([Case(list(keep), batch, failures=[mismatch]) for keep in keeps for batch in batches], atol)
+        for case in todo:
+            case.failures.append(mismatch)
+        return Report(todo, atol)
     judge = Judge(model, atol)
-    cases = []
     with Progress(console=console or Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("validating against PyTorch", total=len(keeps) * len(batches))
-        for keep in keeps:
-            for batch in batches:
-                cases.append(run_case(tapped, judge, names, images, list(keep), batch))
-                progress.advance(task)
-    return Report(cases, atol)
+        task = progress.add_task("validating against PyTorch", total=len(todo))
+        for case in todo:
+            run_case(tapped, judge, names, images, case)
+            progress.advance(task)
+    return Report(todo, atol)
 
 
 def render(report: Report, console: Console, title: str = "ONNX (onnxruntime CPU) vs PyTorch reference") -> None:
@@ -706,7 +729,8 @@ def validate_reduced(
             chunk = images[start : start + batch]
             with torch.no_grad():
                 expected = model(chunk, values)
-            observed = onnx_session.run(["logits", "tokens"], {"images": chunk.numpy(), "keep": values.numpy()})
+            feeds = {"images": chunk.numpy(), "keep": keep_rows(values.numpy(), len(chunk))}
+            observed = onnx_session.run(["logits", "tokens"], feeds)
             ref_logits.append(expected[0].numpy())
             ref_tokens.append(expected[1].numpy())
             logits.append(observed[0])

@@ -19,7 +19,9 @@ from ats_deploy import runtime
 from ats_deploy.artifact import (
     SIDECAR_KEY,
     Artifact,
+    OutdatedInterface,
     Unreadable,
+    maybe_of_onnx,
     read,
     read_engine,
     read_metadata,
@@ -49,6 +51,15 @@ def saved_without(source: Path, path: Path, keys: tuple[str, ...]) -> Path:
     return path
 
 
+def saved_with(source: Path, path: Path, edits: dict[str, str]) -> Path:
+    """A copy of ``source`` with ``edits`` written into its metadata."""
+    model = onnx.load(str(source), load_external_data=False)
+    for prop in model.metadata_props:
+        prop.value = edits.get(prop.key, prop.value)
+    onnx.save(model, str(path))
+    return path
+
+
 def plain_onnx(path: Path) -> Path:
     """A valid ONNX file that ats-deploy did not write (one Identity node, no metadata)."""
     value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
@@ -72,7 +83,7 @@ def test_a_real_export_round_trips(tiny_ats_onnx, meta):
     assert artifact.dynamic and artifact.batch is None and artifact.budget is None and artifact.ats_op == "subgraph"
     assert artifact.source_checkpoint == "random:0" and artifact.exporter == "torchscript"
     # spec section 4: the interface version, the precision and the prefix-token count are recorded
-    assert {key: meta[key] for key in NEW_KEYS} == {"interface_version": "1", "precision": "fp32", "prefix_tokens": "1"}
+    assert {key: meta[key] for key in NEW_KEYS} == {"interface_version": "2", "precision": "fp32", "prefix_tokens": "1"}
     reference = load_model("random:0", arch="deit_tiny_patch16_224")
     expected = data_config(reference.vit)
     assert artifact.data_config == {key: expected[key] for key in artifact.data_config}
@@ -89,13 +100,22 @@ def test_a_static_artifact_round_trips_with_its_batch_and_budget(tiny_ats_onnx):
     assert Artifact.from_metadata(dense.to_metadata(), "dense.onnx") == dense
 
 
-def test_a_file_from_before_the_new_keys_still_opens(tiny_ats_onnx, tmp_path):
-    old = saved_without(tiny_ats_onnx, tmp_path / "old.onnx", NEW_KEYS)
+def test_a_file_of_interface_version_1_is_refused_with_the_fix(tiny_ats_onnx, tmp_path):
+    """Version 1 files take keep [S]: fed the [batch, S] rows of version 2, they would fail or mislead."""
+    old = saved_without(tiny_ats_onnx, tmp_path / "old.onnx", NEW_KEYS)  # written before the keys existed: version 1
     assert not NEW_KEYS & read_metadata(onnx.load(str(old))).keys()
-    artifact = read(old)
-    assert (artifact.interface_version, artifact.precision, artifact.prefix_tokens) == (1, "fp32", 1)
-    assert artifact == read(tiny_ats_onnx)
-    assert runtime.open(old, threads=1).artifact == artifact
+    explicit = saved_with(tiny_ats_onnx, tmp_path / "v1.onnx", {"interface_version": "1"})
+    for path in (old, explicit):
+        refused = r"has interface version 1; this ats-deploy runs version 2"
+        with pytest.raises(OutdatedInterface, match=refused) as caught:
+            read(path)
+        assert "Re-export it from its checkpoint" in caught.value.hint
+        with pytest.raises(OutdatedInterface):
+            runtime.open(path, threads=1)
+        with pytest.raises(OutdatedInterface):  # not mistaken for a foreign ONNX file by build and check
+            maybe_of_onnx(onnx.load(str(path)))
+    result = invoke("validate", explicit)
+    assert result.exit_code == 2 and "interface version 1" in result.output and "Re-export" in result.output
 
 
 @pytest.mark.parametrize(
@@ -134,9 +154,8 @@ def test_a_foreign_or_corrupt_file_is_refused_by_name(tmp_path):
 
 
 def test_the_engine_sidecar_round_trips(tiny_ats_onnx, tmp_path):
-    old = onnx.load(str(saved_without(tiny_ats_onnx, tmp_path / "old.onnx", NEW_KEYS)))
-    recorded = sidecar_metadata(old)
-    assert recorded == read(tiny_ats_onnx).to_metadata()  # the keys an older export lacks are filled in
+    recorded = sidecar_metadata(onnx.load(str(tiny_ats_onnx)))
+    assert recorded == read(tiny_ats_onnx).to_metadata()
     engine = tmp_path / "model.plan"
     engine.write_bytes(b"engine")
     (tmp_path / "model.plan.json").write_text(json.dumps({SIDECAR_KEY: recorded, "precision": "fp16"}))
@@ -145,6 +164,10 @@ def test_the_engine_sidecar_round_trips(tiny_ats_onnx, tmp_path):
     assert info["precision"] == "fp16" and artifact.precision == "fp32"  # the engine's build vs the exported file
     foreign = onnx.load(str(plain_onnx(tmp_path / "plain.onnx")))
     assert sidecar_metadata(foreign) == {"stages": "[3]"}  # build takes any ONNX file with the interface
+    (tmp_path / "model.plan.json").write_text(json.dumps({SIDECAR_KEY: {**recorded, "interface_version": "1"}}))
+    with pytest.raises(OutdatedInterface, match=r"engine .*model\.plan has interface version 1") as caught:
+        read(engine)
+    assert "rebuild the engine with `ats-deploy build`" in caught.value.hint
 
 
 def test_an_engine_without_a_usable_sidecar_is_refused_by_name(tmp_path):

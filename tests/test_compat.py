@@ -250,12 +250,12 @@ def _sampler_model() -> onnx.ModelProto:
 
     node = helper.make_node(
         OP_TYPE, ["scores", "clamp", "u"], ["index", "mask", "n_kept", "length"], name="sampler", domain=DOMAIN,
-        length=-1,
+        length=-1, prefix=1,
     )
     return _model(
         [node],
         [_tensor("scores", TensorProto.FLOAT, [1, 8, 1]), _tensor("clamp", TensorProto.FLOAT, [1, 8, 1]),
-         _tensor("u", TensorProto.FLOAT, [1, 4])],
+         _tensor("u", TensorProto.FLOAT, [1, 1, 4])],
         [_tensor("index", TensorProto.INT64, None), _tensor("mask", TensorProto.FLOAT, None),
          _tensor("n_kept", TensorProto.FLOAT, None), _tensor("length", TensorProto.INT32, None)],
         opsets=(("", 17), (DOMAIN, OP_VERSION)),

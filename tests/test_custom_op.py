@@ -24,6 +24,7 @@ from ats_deploy.exporters.tensorrt.build import build_engine
 from ats_deploy.exporters.tensorrt.plan import spec_from
 from ats_deploy.exporters.tensorrt.runner import TensorRTRunner
 from ats_deploy.exporters.validate import Case, Judge, TappedSession, compare_batch, reference_samples, samples
+from ats_deploy.keep import keep_rows
 from ats_deploy.model import build
 from ats_deploy.profiles import Profile, Shapes, load_profile
 
@@ -146,7 +147,7 @@ def test_custom_export_passes_the_checker_and_shape_inference(exports, name):
 
 def against_reference(model, images, keep: torch.Tensor, observed, atol: float = ATOL) -> Case:
     """Validation's comparison (ATS_SPEC section 5): equal, or a flip that a replay of the reference confirms."""
-    case = Case(keep=keep.tolist(), batch=len(observed))
+    case = Case(keep=keep.tolist() if keep.ndim == 1 else keep[0].tolist(), batch=len(observed))
     expected = reference_samples(model, images, keep)
     names = [f"image {b}" for b in range(len(observed))]
     compare_batch(case, Judge(model, atol), names, images, keep, observed, expected)
@@ -154,15 +155,19 @@ def against_reference(model, images, keep: torch.Tensor, observed, atol: float =
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("keep", [1.0, 0.7, 0.5, 40.0])
+@pytest.mark.parametrize("keep", [1.0, 0.7, 0.5, 40.0, "mixed"])
 def test_custom_op_matches_reference_and_subgraph(model, sessions, images, keep, batch):
     """Same tokens and logits as the reference and the subgraph export, except where a runtime flipped a tie.
 
     This random model has exact float ties at keep 1.0 (a quantile equal to a cdf
-    value), where onnxruntime's CumSum and torch's cumsum may round apart.
+    value), where onnxruntime's CumSum and torch's cumsum may round apart. ``mixed``:
+    every image its own keep row (interface version 2).
     """
     chunk = images[:batch]
-    keep_t = torch.full((len(model.stages),), keep)
+    if keep == "mixed":
+        keep_t = torch.tensor([[(1.0, 0.5, 40.0)[b % 3]] * len(model.stages) for b in range(batch)])
+    else:
+        keep_t = torch.full((batch, len(model.stages)), keep)
     feeds = {"images": chunk.numpy(), "keep": keep_t.numpy()}
     logits, tokens = sessions["custom"].run(["logits", "tokens"], feeds)
     sub_logits, sub_tokens = sessions["subgraph"].run(["logits", "tokens"], feeds)
@@ -203,7 +208,7 @@ def test_kernel_is_the_reference_sampler():
     scores = torch.rand(3, 9, 1, generator=generator)
     scores[1, 6:] = 0.0  # padding scores zero
     clamp = ats.clamp_bias(None, 10)
-    u = torch.tensor([[0.25, 0.5, 0.75, float("inf")]])
+    u = torch.tensor([[[0.25, 0.5, 0.75, float("inf")]]])  # one row for every image
     for length in (custom_op.DYNAMIC, 5):
         *results, size = custom_op._onnxruntime_kernel(scores.numpy(), clamp.numpy(), u.numpy(), length=length)
         reference = custom_op.sample_tokens(scores, clamp, u, length)
@@ -306,7 +311,7 @@ def test_trt_plugin_engine_matches_reference(model, exports, images, name):
     batch = STATIC_BATCH if name == "static" else 3
     runner = TensorRTRunner(build_engine(spec_from(exports[name], gpu_profile(batch))))
     keep_t = torch.full((len(model.stages),), STATIC_KEEP)
-    result = runner(images[:batch].numpy(), keep_t.numpy())
+    result = runner.run(images[:batch].numpy(), keep_rows(keep_t.numpy(), batch))
     case = against_reference(model, images[:batch], keep_t, samples(result["logits"], result["tokens"]), atol=TRT_ATOL)
     assert case.ok, case.failures
 

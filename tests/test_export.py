@@ -19,7 +19,8 @@ from ats_deploy.exporters import onnx_export
 from ats_deploy.exporters.compat import check_model
 from ats_deploy.exporters.onnx_export import ExportOptions, export
 from ats_deploy.exporters.validate import session
-from ats_deploy.images import data_config, random_images
+from ats_deploy.images import data_config, preprocess, random_images
+from ats_deploy.keep import keep_rows
 from ats_deploy.model import build
 
 KEEPS = (1.0, 0.7, 0.5, 40.0)
@@ -39,10 +40,11 @@ def _dims(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
-def _assert_matches_reference(path: Path, model, images: torch.Tensor, keep: list[float], dynamic: bool = True):
+def _assert_matches_reference(path: Path, model, images: torch.Tensor, keep: list, dynamic: bool = True):
+    """``keep``: one row for every image, or a row per image."""
     feeds = {"images": images.numpy()}
     if dynamic:
-        feeds["keep"] = np.array(keep, np.float32)
+        feeds["keep"] = keep_rows(keep, len(images))
     logits, tokens = session(str(path)).run(["logits", "tokens"], feeds)
     with torch.no_grad():
         ref_logits, ref_tokens = model(images, torch.tensor(keep))
@@ -57,7 +59,7 @@ def test_interface_is_the_spec(dynamic_onnx):
     outputs = {o.name: o for o in graph.output}
     assert list(inputs) == ["images", "keep"] and list(outputs) == ["logits", "tokens"]
     assert _dims(inputs["images"]) == ["batch", 3, 224, 224]
-    assert _dims(inputs["keep"]) == [9]
+    assert _dims(inputs["keep"]) == ["batch", 9]  # interface version 2: one row per image
     assert _dims(outputs["logits"]) == ["batch", 1000]
     assert _dims(outputs["tokens"]) == ["batch", 9]
     assert inputs["keep"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -85,6 +87,23 @@ def test_one_file_serves_every_keep_and_batch(dynamic_onnx, tiny):
     per_stage = [0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.5, 30.0, 20.0]
     _assert_matches_reference(dynamic_onnx, tiny, images, per_stage)
     assert len(counts) == len(KEEPS), "different keeps must keep different numbers of tokens"
+
+
+def test_mixed_keep_rows_in_one_batch_equal_each_image_alone(dynamic_onnx, real_deit_tiny, photos, tmp_path):
+    """Spec sections 4-5 on real photos: each image's tokens and logits follow its own keep row only,
+    in the export as in the reference (so a server may batch requests with different budgets)."""
+    real = export(real_deit_tiny, tmp_path / "real.onnx", ExportOptions(dynamic=True))
+    images = preprocess(photos[1], data_config(real_deit_tiny.vit))
+    rows = [[1.0] * 9, [0.5] * 9, [0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.5, 30.0, 20.0], [40.0] * 9, [0.3] * 9]
+    rows = [rows[b % len(rows)] for b in range(len(images))]
+    sess = session(str(real))
+    logits, tokens = sess.run(["logits", "tokens"], {"images": images.numpy(), "keep": keep_rows(rows, len(images))})
+    assert len({tuple(t) for t in tokens.tolist()}) == len({tuple(r) for r in rows}), "rows must change the tokens"
+    for b in range(len(images)):
+        alone = sess.run(["logits", "tokens"], {"images": images[b : b + 1].numpy(), "keep": keep_rows(rows[b], 1)})
+        np.testing.assert_array_equal(tokens[b], alone[1][0])
+        np.testing.assert_allclose(logits[b], alone[0][0], atol=1e-4, rtol=0)
+    _assert_matches_reference(real, real_deit_tiny, images, rows)
 
 
 def test_graph_is_tensorrt_friendly(dynamic_onnx):
@@ -131,7 +150,7 @@ def test_weights_are_stored_once(dynamic_onnx, random_deit_tiny, tmp_path):
 @pytest.mark.parametrize("keep", [1e-6, 0.01, 1.0, 1.0001, 2.0, 1e9])
 def test_never_crashes_or_returns_nan_for_finite_positive_keep(dynamic_onnx, tiny, keep):
     images = random_images(2, data_config(tiny.vit), seed=4)
-    feeds = {"images": images.numpy(), "keep": np.full(9, keep, np.float32)}
+    feeds = {"images": images.numpy(), "keep": np.full((2, 9), keep, np.float32)}
     logits, tokens = session(str(dynamic_onnx)).run(None, feeds)
     assert np.isfinite(logits).all()
     assert (tokens >= 1).all() and (tokens <= 196).all()
@@ -188,7 +207,7 @@ def test_non_finite_and_non_positive_keep_have_defined_budgets(dynamic_onnx, tin
     sess = session(str(dynamic_onnx))
 
     def run(value: float):
-        return sess.run(None, {"images": images.numpy(), "keep": np.full(9, value, np.float32)})
+        return sess.run(None, {"images": images.numpy(), "keep": np.full((2, 9), value, np.float32)})
 
     for bad, same in ((float("nan"), 1.0), (float("inf"), 197.0), (0.0, 8.0), (-3.0, 8.0), (float("-inf"), 8.0)):
         logits, tokens = run(bad)

@@ -67,7 +67,7 @@ def test_32_bit_tiffs_read_as_their_8_bit_version(tmp_path: Path, mode):
 
 def test_the_bench_sees_the_same_pixels_for_16_and_8_bit(tmp_path: Path, random_deit_tiny):
     """bench/data.py reads files through load_image: the tensors match too."""
-    from bench.data import Skipped, folder_batches, image_folder
+    from ats_deploy.bench.data import Skipped, folder_batches, image_folder
 
     (tmp_path / "cls").mkdir()
     ramp = Image.fromarray(RAMP).resize((224, 224))

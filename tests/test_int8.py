@@ -92,10 +92,10 @@ def test_one_int8_file_serves_every_keep_and_batch(quantized):
     images = preprocess(list(sample_images().values())[:3], config).numpy()
     previous = None
     for keep in (1.0, 0.5, 0.3):
-        feeds = {"images": images, "keep": np.full(9, keep, np.float32)}
+        feeds = {"images": images, "keep": np.full((len(images), 9), keep, np.float32)}
         logits, tokens = session.run(["logits", "tokens"], feeds)
         assert logits.shape == (3, 1000) and tokens.shape == (3, 9)
-        alone = session.run(["logits", "tokens"], {**feeds, "images": images[1:2]})
+        alone = session.run(["logits", "tokens"], {"images": images[1:2], "keep": feeds["keep"][1:2]})
         np.testing.assert_array_equal(alone[1][0], tokens[1])
         np.testing.assert_allclose(alone[0][0], logits[1], atol=1e-3)
         if previous is not None:
@@ -189,5 +189,5 @@ def test_ats_deploy_sessions_recognise_a_qdq_file(tiny_ats_onnx, quantized):
 
     assert is_quantized(quantized) and not is_quantized(tiny_ats_onnx)
     outputs = session(str(quantized)).run(["tokens"], {"images": np.zeros((1, 3, 224, 224), np.float32),
-                                                      "keep": np.full(9, 0.5, np.float32)})
+                                                      "keep": np.full((1, 9), 0.5, np.float32)})
     assert outputs[0].shape == (1, 9)

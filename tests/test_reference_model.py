@@ -26,20 +26,30 @@ from ats_deploy.model import (
 SPEC_KEEPS = (1.0, 0.87, 0.72, 0.5, 50.0, 120.0)
 
 
-def _conforms(model: ATSVisionTransformer, images: torch.Tensor, keep: float) -> None:
-    """The model at batch 1 and in a mixed batch vs the per-image float64 yardstick.
+def _mixed_rows(keep: float, images: int, stages: int) -> list[list[float]]:
+    """One keep row per image, each its own: image ``b``, stage ``s`` takes value ``b + s`` of ``keep, *SPEC_KEEPS``."""
+    values = [keep, *(k for k in SPEC_KEEPS if k != keep)]
+    return [[values[(b + s) % len(values)] for s in range(stages)] for b in range(images)]
 
-    Identical tokens, logits within 1e-4 (ATS_SPEC.md sections 1-3).
+
+def _conforms(model: ATSVisionTransformer, images: torch.Tensor, keep: float) -> None:
+    """The model at batch 1 and in a batch of mixed keep rows vs the per-image float64 yardstick.
+
+    Identical tokens, logits within 1e-4 (ATS_SPEC.md sections 1-3; section 4: each image its own row).
     """
     keep_list = [keep] * len(model.stages)
+    rows = _mixed_rows(keep, images.shape[0], len(model.stages))
     with torch.no_grad():
-        logits, tokens = model(images, torch.tensor(keep_list))
+        logits, tokens = model(images, torch.tensor(rows))
         for b in range(images.shape[0]):
-            expected = yardstick.run(model.vit, images[b], keep_list, model.stages)
             alone_logits, alone_tokens = model(images[b : b + 1], torch.tensor(keep_list))
-            for run, (got_logits, got_tokens) in {"batch 1": (alone_logits[0], alone_tokens[0]),
-                                                  "mixed batch": (logits[b], tokens[b])}.items():
-                assert got_tokens.tolist() == expected.tokens, f"image {b}, keep {keep}, {run}"
+            runs = {
+                "batch 1": (keep_list, alone_logits[0], alone_tokens[0]),
+                "mixed rows": (rows[b], logits[b], tokens[b]),
+            }
+            for run, (row, got_logits, got_tokens) in runs.items():
+                expected = yardstick.run(model.vit, images[b], row, model.stages)
+                assert got_tokens.tolist() == expected.tokens, f"image {b}, keep {row}, {run}"
                 np.testing.assert_allclose(got_logits.numpy(), expected.logits, atol=1e-4, rtol=0, err_msg=run)
 
 
@@ -65,13 +75,16 @@ def test_real_weights_classify_the_photos(real_deit_tiny, photos):
     assert (tokens < 196).all()
 
 
-def test_per_stage_keep_and_batch_invariance(real_deit_tiny, photos):
+@pytest.mark.parametrize("mixed", [False, True], ids=["one row", "a row per image"])
+def test_per_stage_keep_and_batch_invariance(real_deit_tiny, photos, mixed):
+    """Spec sections 3 and 4: an image's result depends only on itself and its own keep row."""
     images = preprocess(photos[1], data_config(real_deit_tiny.vit))
     keep = torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 40.0, 30.0])
+    rows = torch.stack([keep.roll(b) if mixed else keep for b in range(images.shape[0])])
     with torch.no_grad():
-        batched = real_deit_tiny.forward_details(images, keep)
+        batched = real_deit_tiny.forward_details(images, rows)
         for b in range(images.shape[0]):
-            alone = real_deit_tiny.forward_details(images[b : b + 1], keep)
+            alone = real_deit_tiny.forward_details(images[b : b + 1], rows[b])
             assert torch.equal(alone.tokens[0], batched.tokens[b])
             torch.testing.assert_close(alone.logits[0], batched.logits[b], atol=1e-5, rtol=0)
             for s, positions in enumerate(alone.positions):

@@ -214,15 +214,20 @@ def test_predict_on_an_ats_onnx_not_found(tmp_path):
     assert result.exit_code != 0 and "model file not found" in plain(result.output)
 
 
-def test_a_version_2_file_gets_one_keep_row_per_image(tiny_ats_onnx, photos):
-    """Interface version 2 (``keep [batch, S]``): the same keep goes to every image as its own row."""
+def test_one_keep_serves_every_image_and_rows_give_each_its_own(tiny_ats_onnx, photos):
+    """Interface version 2 (``keep [batch, S]``): one keep is repeated as every image's row; an
+    ``[images, S]`` array gives each image its own row, each checked, and the result equals each image alone."""
     _, images = photos
-    seen: list[np.ndarray] = []
-
-    def backend(pixels: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        seen.append(keep)
-        return np.zeros((len(pixels), 1000), np.float32), np.zeros((len(pixels), 9), np.int64)
-
-    model = runtime.ExportedModel(tiny_ats_onnx, artifact.read(tiny_ats_onnx), backend, keep_rank=2)
-    model.predict(images[:3], keep=0.7)
-    np.testing.assert_array_equal(seen[0], np.full((3, 9), 0.7, dtype=np.float32))
+    model = runtime.open(tiny_ats_onnx, threads=1)
+    assert model.keep_rows(0.7, 3).tolist() == np.full((3, 9), 0.7, np.float32).tolist()
+    rows = np.array([[1.0] * 9, [0.5] * 9, [40.0] * 9], np.float32)
+    mixed = model.predict(images[:3], keep=rows)
+    for b in range(3):
+        alone = model.predict(images[b], keep=rows[b])
+        np.testing.assert_array_equal(mixed.tokens[b], alone.tokens[0])
+        np.testing.assert_allclose(mixed.logits[b], alone.logits[0], atol=1e-4, rtol=0)
+    assert len({tuple(t) for t in mixed.tokens.tolist()}) == 3
+    with pytest.raises(UserError, match=r"keep has 2 rows for 3 images"):
+        model.predict(images[:3], keep=rows[:2])
+    with pytest.raises(UserError, match=r"keep value -1.0 is invalid"):
+        model.predict(images[:3], keep=np.array([[0.5] * 9, [-1.0] * 9, [0.5] * 9], np.float32))

@@ -53,7 +53,7 @@ HAS_TENSORRT = _tensorrt_importable()
 def ats_like_model(batch: int | None = None, keep_input: bool = True, keep_len: int | None = STAGES) -> onnx.ModelProto:
     """A tiny model with the exported interface (ATS_SPEC section 4).
 
-    ``logits = flatten(images) @ W + b``; ``tokens[b, s] = floor(keep[s] * n0 + 0.5)``.
+    ``logits = flatten(images) @ W + b``; ``tokens[b, s] = floor(keep[b, s] * n0 + 0.5)``.
     ``batch=None`` gives a dynamic batch; ``keep_input=False`` bakes keep in, as a
     static export does; ``keep_len=None`` leaves the length of ``keep`` open.
     """
@@ -66,14 +66,11 @@ def ats_like_model(batch: int | None = None, keep_input: bool = True, keep_len: 
         numpy_helper.from_array(rng.standard_normal(CLASSES).astype(np.float32), "b"),
         numpy_helper.from_array(np.array([N0], np.float32), "n0"),
         numpy_helper.from_array(np.array([0.5], np.float32), "half"),
-        numpy_helper.from_array(np.array([0], np.int64), "zero"),
-        numpy_helper.from_array(np.array([1], np.int64), "one"),
-        numpy_helper.from_array(np.array([STAGES], np.int64), "stages"),
     ]
     if keep_input:
-        inputs.append(helper.make_tensor_value_info("keep", TensorProto.FLOAT, [keep_len or "stages"]))
+        inputs.append(helper.make_tensor_value_info("keep", TensorProto.FLOAT, [batch_dim, keep_len or "stages"]))
     else:
-        initializers.append(numpy_helper.from_array(np.full(STAGES, 0.7, np.float32), "keep"))
+        initializers.append(numpy_helper.from_array(np.full((batch or 1, STAGES), 0.7, np.float32), "keep"))
     nodes = [
         helper.make_node("Flatten", ["images"], ["flat"], axis=1),
         helper.make_node("MatMul", ["flat", "w"], ["scores"]),
@@ -81,12 +78,7 @@ def ats_like_model(batch: int | None = None, keep_input: bool = True, keep_len: 
         helper.make_node("Mul", ["keep", "n0"], ["scaled"]),
         helper.make_node("Add", ["scaled", "half"], ["rounded"]),
         helper.make_node("Floor", ["rounded"], ["budget"]),
-        helper.make_node("Cast", ["budget"], ["budget_int"], to=TensorProto.INT64),
-        helper.make_node("Unsqueeze", ["budget_int", "zero"], ["budget_row"]),
-        helper.make_node("Shape", ["images"], ["image_shape"]),
-        helper.make_node("Slice", ["image_shape", "zero", "one"], ["batch_size"]),
-        helper.make_node("Concat", ["batch_size", "stages"], ["token_shape"], axis=0),
-        helper.make_node("Expand", ["budget_row", "token_shape"], ["tokens"]),
+        helper.make_node("Cast", ["budget"], ["tokens"], to=TensorProto.INT64),
     ]
     outputs = [
         helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch_dim, CLASSES]),
@@ -146,7 +138,7 @@ def test_spec_from_static_export_with_a_keep_input(tmp_path):
 def test_an_open_keep_length_is_refused(tmp_path):
     """Exports give ``keep`` its fixed length S; a file that leaves it open was not written by ``ats-deploy export``."""
     path = save(ats_like_model(keep_len=None), tmp_path / "open.onnx")
-    with pytest.raises(UserError, match=r"'keep' must be a 1-D tensor \[S\] of fixed length S"):
+    with pytest.raises(UserError, match=r"'keep' must be \[batch, S\], one row per image with S .* fixed"):
         spec_from(path, load_profile("jetson"))
 
 
@@ -212,22 +204,23 @@ def test_trtexec_for_jetson(dynamic_onnx):
     args = flags(trtexec_command(spec))
     assert args[:2] == [f"--onnx={converted_onnx_path(spec)}", f"--saveEngine={spec.engine}"]
     assert converted_onnx_path(spec) == dynamic_onnx.with_name("model.jetson.fp16.onnx")
-    assert "--minShapes=images:1x3x32x32" in args
-    assert "--optShapes=images:1x3x32x32" in args
-    assert "--maxShapes=images:4x3x32x32" in args
+    # keep [batch, S] shares the images' batch range (interface version 2)
+    assert "--minShapes=images:1x3x32x32,keep:1x3" in args
+    assert "--optShapes=images:1x3x32x32,keep:1x3" in args
+    assert "--maxShapes=images:4x3x32x32,keep:4x3" in args
     assert "--stronglyTyped" in args and "--fp16" not in args
     assert f"--timingCacheFile={spec.timing_cache}" in args
     assert "--memPoolSize=workspace:2048M" in args
     assert "--skipInference" in args
-    assert not any(a.startswith(("--useDLACore", "--allowGPUFallback")) or "keep:" in a for a in args)
+    assert not any(a.startswith(("--useDLACore", "--allowGPUFallback")) for a in args)
 
 
 def test_trtexec_for_desktop_gpu(dynamic_onnx):
     args = flags(trtexec_command(spec_from(dynamic_onnx, load_profile("desktop-gpu"), workspace_mb=4096)))
     assert [a for a in args if "Shapes=" in a] == [
-        "--minShapes=images:1x3x32x32",
-        "--optShapes=images:8x3x32x32",
-        "--maxShapes=images:32x3x32x32",
+        "--minShapes=images:1x3x32x32,keep:1x3",
+        "--optShapes=images:8x3x32x32,keep:8x3",
+        "--maxShapes=images:32x3x32x32,keep:32x3",
     ]
     assert "--stronglyTyped" in args and "--memPoolSize=workspace:4096M" in args
 
@@ -512,7 +505,8 @@ def test_to_fp16_refuses_control_flow():
 
 def test_to_fp16_of_the_interface_model_keeps_the_budget_exact():
     model = ats_like_model()
-    feeds = {"images": np.ones((2, 3, SIZE, SIZE), np.float32), "keep": np.array([0.7, 0.45, 12.0], np.float32)}
+    keep = np.array([[0.7, 0.45, 12.0], [0.3, 1.0, 5.0]], np.float32)  # a row per image
+    feeds = {"images": np.ones((2, 3, SIZE, SIZE), np.float32), "keep": keep}
     np.testing.assert_array_equal(run_onnx(to_fp16(model), feeds)["tokens"], run_onnx(model, feeds)["tokens"])
 
 
@@ -559,14 +553,15 @@ def test_build_and_run_an_engine(dynamic_onnx, profile):
     for batch in sorted({spec.batch[0], spec.batch[2]}):
         feeds = {
             "images": rng.standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32),
-            "keep": np.array([0.7, 0.45, 12.0], np.float32),
+            "keep": np.tile(np.array([0.7, 0.45, 12.0], np.float32), (batch, 1)),
         }
         result = runner(**feeds)
         reference = run_onnx(ats_like_model(), feeds)
         np.testing.assert_array_equal(result["tokens"], reference["tokens"])
         np.testing.assert_allclose(result["logits"], reference["logits"], rtol=2e-2, atol=2e-2)
     with pytest.raises(UserError, match=r"was built for shapes"):
-        runner(np.zeros((spec.batch[2] + 1, 3, SIZE, SIZE), np.float32), np.ones(STAGES, np.float32))
+        too_many = spec.batch[2] + 1
+        runner(np.zeros((too_many, 3, SIZE, SIZE), np.float32), np.ones((too_many, STAGES), np.float32))
 
 
 @pytest.mark.slow
@@ -580,7 +575,7 @@ def test_to_fp16_of_a_real_ats_export(random_deit_tiny, tmp_path):
     fp32 = onnx.load(str(path))
     fp16 = to_fp16(fp32)
     images = np.random.default_rng(4).standard_normal((2, 3, 224, 224)).astype(np.float32)
-    feeds = {"images": images, "keep": np.full(len(model.stages), 0.7, np.float32)}
+    feeds = {"images": images, "keep": np.full((2, len(model.stages)), 0.7, np.float32)}
     reference, result = run_onnx(fp32, feeds), run_onnx(fp16, feeds)
     np.testing.assert_allclose(result["logits"], reference["logits"], atol=1e-2)
     assert np.abs(result["tokens"] - reference["tokens"]).max() <= 1

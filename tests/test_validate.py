@@ -148,7 +148,7 @@ def _tie_that_moves_a_patch(model, images: torch.Tensor, keep: torch.Tensor):
         for tie in probe.ties(0)[0]:
             replayed = reference_samples(model, images[b : b + 1], keep, [tie])[0]
             if not np.array_equal(replayed.kept[0], expected.kept[0]):
-                below = probe.quantiles[0][tie.quantile] <= probe.cdfs[0][0, tie.position]
+                below = probe.quantiles[0][0, tie.quantile] <= probe.cdfs[0][0, tie.position]
                 return b, tie, below
     raise AssertionError("no near tie in these images")
 

@@ -46,6 +46,28 @@ def test_the_masks_are_the_tokens_the_model_kept(tiny, cat):
     assert grid.kept[0, -1].sum() < grid.kept[0, 0].sum() <= 196
 
 
+@pytest.mark.parametrize(("arch", "kwargs"), [
+    ("deit_tiny_distilled_patch16_224", {}),
+    ("vit_small_patch14_reg4_dinov2", {"img_size": 98, "depth": 4}),
+])
+def test_with_prefix_tokens_the_masks_are_the_patches_the_model_kept(cat, arch, kwargs):
+    """P > 1: token ``j >= P`` is patch ``j - P``; the prefix tokens mark no patch."""
+    import timm
+
+    from ats_deploy.model import build
+
+    torch.manual_seed(0)
+    model = build(timm.create_model(arch, pretrained=False, **kwargs).eval(), arch)
+    grid = token_grid(model, cat, [[0.5]])
+    with torch.inference_mode():
+        out = model.forward_details(preprocess([cat], data_config(model.vit)), 0.5)
+    prefix = model.prefix_tokens
+    for s, positions in enumerate(out.positions):
+        patches = sorted((positions[0][positions[0] >= prefix] - prefix).tolist())
+        assert np.flatnonzero(grid.kept[0, s].reshape(-1)).tolist() == patches
+        assert len(patches) == out.tokens[0, s]
+
+
 def test_dropped_patches_are_darkened_and_kept_ones_untouched():
     image = np.full((4, 4, 3), 0.8)
     kept = np.array([[True, False], [False, True]])

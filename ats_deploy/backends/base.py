@@ -1,6 +1,7 @@
 """What every backend declares, and the runner contract bench, tune and validation rely on.
 
-A runner takes torch tensors (``images [B, 3, H, W]``, ``keep [S]``) and returns numpy
+A runner takes torch tensors (``images [B, 3, H, W]``, ``keep [B, S]``, or ``[S]`` for one
+row serving every image: :func:`ats_deploy.keep.keep_rows`) and returns numpy
 ``(logits, tokens)``; a model without a ``keep`` input (a static or a dense export) is
 simply not fed one. A runner may also offer ``samples(images, keep)``: validation's
 per-image :class:`~ats_deploy.exporters.validate.Sample` with the patches every stage

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ats_deploy.errors import BackendUnavailable
+from ats_deploy.keep import keep_rows
 
 from .base import Backend, Outputs, RunOptions, installed_version
 
@@ -78,12 +79,12 @@ class OnnxRuntimeRunner:
 
         if not self.backend.on_cpu:
             return samples(*self(images, keep))
-        return self.tapped(images.numpy(), keep.numpy())
+        return self.tapped(images.numpy(), keep_rows(keep, len(images)))
 
     def __call__(self, images: torch.Tensor, keep: torch.Tensor) -> Outputs:
         feeds = {"images": images.numpy()}
         if self.takes_keep:
-            feeds["keep"] = keep.numpy()
+            feeds["keep"] = keep_rows(keep, len(images))
         logits, tokens = self.session.run(["logits", "tokens"], feeds)
         return logits, tokens
 
@@ -114,7 +115,8 @@ def _gpu_session(path: Path, backend: OnnxRuntime, options: RunOptions):
     return sess
 
 
-CPU = OnnxRuntime("onnxruntime", "onnxruntime CPU", "CPUExecutionProvider", ("fp32",))
+# int8: the Q/DQ file `ats-deploy export --precision int8` writes, run as it is (integer MatMul kernels on the CPU).
+CPU = OnnxRuntime("onnxruntime", "onnxruntime CPU", "CPUExecutionProvider", ("fp32", "int8"))
 CUDA = OnnxRuntime("onnxruntime-cuda", "onnxruntime CUDA", "CUDAExecutionProvider", ("fp32", "fp16"))
 TENSORRT_EP = OnnxRuntime(
     "onnxruntime-tensorrt",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ats_deploy.errors import UserError
+from ats_deploy.keep import keep_rows
 
 from .base import Backend, Outputs, RunOptions, installed_version
 
@@ -31,6 +32,8 @@ class OpenVINO(Backend):
     name = "openvino"
     label = "OpenVINO CPU"
     runtime = "openvino"
+    # int8: the Q/DQ export as it is; OpenVINO runs its quantized products as i8 FullyConnected (bench/RESULTS.md).
+    precisions = ("fp32", "int8")
     default_threads = "default (OpenVINO's choice for this CPU)"
 
     def unavailable(self) -> str | None:
@@ -88,7 +91,7 @@ class OpenVINORunner:
         return {"images": images, "keep": keep} if self.takes_keep else {"images": images}
 
     def __call__(self, images: torch.Tensor, keep: torch.Tensor) -> Outputs:
-        out = self.request.infer(self._feeds(images.numpy(), keep.numpy()))
+        out = self.request.infer(self._feeds(images.numpy(), keep_rows(keep, len(images))))
         return out["logits"], out["tokens"]
 
     @functools.cached_property
@@ -114,7 +117,7 @@ class OpenVINORunner:
         from ats_deploy.exporters.validate import Sample, kept_positions, samples
 
         request, names = self.tapped
-        out = request.infer(self._feeds(images.numpy(), keep.numpy()))
+        out = request.infer(self._feeds(images.numpy(), keep_rows(keep, len(images))))
         if not names:
             return samples(out["logits"], out["tokens"])
         stages = [[out[name]] for name in names]

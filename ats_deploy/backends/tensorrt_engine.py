@@ -11,6 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ats_deploy.keep import keep_rows
+
 from .base import Backend, Outputs, RunOptions, installed_version
 
 if TYPE_CHECKING:
@@ -24,7 +26,7 @@ class TensorRT(Backend):
     name = "tensorrt"
     label = "TensorRT"
     runtime = "tensorrt"
-    precisions = ("fp16", "fp32")
+    precisions = ("fp16", "fp32", "int8")  # int8: explicit quantization of the Q/DQ export (exporters/tensorrt/plan.py)
     engines = True
     profile_keys = ("dla_core", "gpu_fallback")
 
@@ -63,7 +65,7 @@ class EngineRunner:
         self.runner = TensorRTRunner(path)
 
     def __call__(self, images: torch.Tensor, keep: torch.Tensor) -> Outputs:
-        out = self.runner.run(images.numpy(), keep.numpy())
+        out = self.runner.run(images.numpy(), keep_rows(keep, len(images)))
         return out["logits"], out["tokens"]
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from ats_deploy.artifact import Artifact
 from ats_deploy.errors import UserError
+from ats_deploy.keep import keep_rows
 
 if TYPE_CHECKING:
     from . import Precision
@@ -94,7 +95,7 @@ def _run_all(session, images: np.ndarray, keep: list[float] | None, batch: int) 
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
-        feeds = {"images": padded} if keep is None else {"images": padded, "keep": np.asarray(keep, np.float32)}
+        feeds = {"images": padded} if keep is None else {"images": padded, "keep": keep_rows(keep, batch)}
         out_logits, out_tokens = session.run(["logits", "tokens"], feeds)
         logits.append(out_logits[: len(chunk)])
         tokens.append(out_tokens[: len(chunk)])
@@ -120,7 +121,7 @@ def measure(
     photos = sample_images()
     pictures = [preprocess(list(photos.values()), config), random_images(RANDOM_IMAGES, config)]
     images = np.concatenate([pixels.numpy() for pixels in pictures])
-    values = _keep(artifact, inputs["keep"][0] if "keep" in inputs else None, keep)
+    values = _keep(artifact, inputs["keep"][1] if "keep" in inputs else None, keep)
     (ref_logits, ref_tokens), (logits, tokens) = (_run_all(s, images, values, batch) for s in sessions)
     return Agreement(
         precision=precision.name,

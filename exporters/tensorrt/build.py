@@ -29,6 +29,7 @@ from .plan import (
     EngineSpec,
     converted_onnx_path,
     engine_info_path,
+    needs_conversion,
     needs_shapes,
     uses_strong_typing,
     weak_typing_flag,
@@ -94,13 +95,16 @@ def _parse(trt, network, logger, source: Path):
 
 
 def _add_optimization_profile(builder, config, spec: EngineSpec) -> None:
-    """Batch range of ``images``; static engines need none."""
+    """Batch range of ``images`` and of ``keep``, which shares their batch; static engines need none."""
     if not needs_shapes(spec):
         return
     profile = builder.create_optimization_profile()
     channels, height, width = spec.image_shape
     low, opt, high = ((batch, channels, height, width) for batch in spec.batch)
     profile.set_shape("images", low, opt, high)
+    if spec.keep_len is not None:
+        low, opt, high = ((batch, spec.keep_len) for batch in spec.batch)
+        profile.set_shape("keep", low, opt, high)
     config.add_optimization_profile(profile)
 
 
@@ -185,14 +189,16 @@ def build_engine(spec: EngineSpec, console: Console | None = None, converted: Pa
     TensorRT 10.x to 11.x"): Builder -> network -> OnnxParser -> builder config ->
     ``build_serialized_network``. The engine, the timing cache and ``<engine>.json``
     (ONNX metadata, TensorRT version, GPU, settings) are written atomically. A strongly
-    typed build reads ``converted`` when the caller has already written it with
+    typed fp16 build reads ``converted`` when the caller has already written it with
     :func:`write_converted_onnx`, so that the model is converted once; else it converts here.
+    An int8 (Q/DQ) build parses the export itself into a strongly typed network, with no
+    precision flag and no calibrator (explicit quantization, :mod:`.plan`).
     """
     trt = import_tensorrt()
     major = _major(trt)
     strong = uses_strong_typing(spec, major)
     source = spec.onnx
-    if strong:
+    if needs_conversion(spec, major):
         if converted is None:
             _say(console, f"converting {spec.onnx} to {spec.precision} for a strongly typed build")
         source = converted or write_converted_onnx(spec, console)

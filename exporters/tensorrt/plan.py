@@ -20,6 +20,14 @@ DLA builds being documented only from 11.4.1; there the budget may run in fp16 o
 the GPU fallback, which ``ats-deploy validate`` would show as token flips.
 JetPack 6 ships TensorRT 10.x; DLA is supported up to 10.7 and again from 11.4.1
 with JetPack 7.2.2 (docs "Working with DLA", 11.4.1).
+
+INT8 is explicit quantization: the ``--precision int8`` export holds its Q/DQ pairs, and
+"explicit quantization [is used] with Strong Typing. Precision-control build flags are not
+required and should not be specified" (docs "Explicit Quantization",
+https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-explicit-quantization.html).
+So a Q/DQ file is built as it is, strongly typed, with no INT8 flag and no calibrator, under
+any profile: its Q/DQ pairs and float32 tensors fix every layer's precision, and the engine
+is an int8 one (the build says so when the profile asked for another precision).
 """
 
 from __future__ import annotations
@@ -42,8 +50,8 @@ class EngineSpec:
     """Everything a TensorRT build needs, decided from the ONNX file and a device profile.
 
     ``batch`` is (min, opt, max) of the batch dimension; equal for a static export.
-    ``keep_len`` is S, the number of ATS stages (length of the ``keep`` input), or
-    ``None`` for a static export whose budget is baked in.
+    ``keep_len`` is S, the number of ATS stages (``keep`` is ``[batch, S]``: its batch range
+    follows the images'), or ``None`` for a static export whose budget is baked in.
     """
 
     onnx: Path
@@ -100,12 +108,13 @@ def _interface(model: onnx.ModelProto, path: Path) -> _Interface:
     keep_len = None
     if "keep" in inputs:
         keep = _dims(inputs["keep"])
-        if len(keep) != 1 or keep[0] is None:
+        if len(keep) != 2 or keep[1] is None:
             raise UserError(
-                f"{path}: 'keep' must be a 1-D tensor [S] of fixed length S (the ATS stages), as "
-                "`ats-deploy export` writes it (ATS_SPEC.md section 4); export the model again."
+                f"{path}: 'keep' must be [batch, S], one row per image with S (the ATS stages) fixed, as "
+                "`ats-deploy export` writes it since interface version 2 (ATS_SPEC.md section 4).",
+                hint="Export the model again with `ats-deploy export CHECKPOINT --dynamic`.",
             )
-        keep_len = keep[0]
+        keep_len = keep[1]
     return _Interface(batch=images[0], image_shape=(images[1], images[2], images[3]), keep_len=keep_len)
 
 
@@ -131,6 +140,25 @@ def _dynamic_batch(profile: Profile, path: Path) -> tuple[int, int, int]:
     return (profile.shapes.min, profile.shapes.opt, profile.shapes.max)
 
 
+def quantized(model: onnx.ModelProto) -> bool:
+    """Whether the graph holds DequantizeLinear nodes: an ``ats-deploy export --precision int8`` file."""
+    return any(node.op_type == "DequantizeLinear" for node in model.graph.node)
+
+
+def _precision(model: onnx.ModelProto, profile: Profile, path: Path) -> str:
+    """The precision the engine is built in: the file's own when it holds Q/DQ, else the profile's."""
+    if quantized(model):
+        return "int8"
+    if precisions.get(profile.precision).explicit:
+        raise UserError(
+            f"profile '{profile.name}' asks for {profile.precision}, and {path} holds no QuantizeLinear/"
+            "DequantizeLinear pairs: TensorRT builds int8 from a calibrated Q/DQ export (explicit quantization).",
+            hint="Export it with `ats-deploy export CHECKPOINT --dynamic --precision int8 --calibration DIR` "
+            "(DIR: a few hundred real images) and build the .int8.onnx file it writes.",
+        )
+    return profile.precision
+
+
 def spec_from(
     onnx_path: Path | str,
     profile: Profile,
@@ -151,7 +179,8 @@ def spec_from(
             f"profile '{profile.name}' uses the {profile.backend} backend; TensorRT engines are built for "
             "profiles with backend tensorrt, such as jetson or desktop-gpu."
         )
-    io = _interface(_load_graph(onnx_path), onnx_path)
+    graph = _load_graph(onnx_path)
+    io = _interface(graph, onnx_path)
     static = io.batch is not None
     batch = _static_batch(profile, io.batch, onnx_path) if static else _dynamic_batch(profile, onnx_path)
     default_name = f"{onnx_path.stem}.{profile.name}.plan"
@@ -162,7 +191,7 @@ def spec_from(
         onnx=onnx_path,
         engine=engine,
         profile=profile.name,
-        precision=profile.precision,
+        precision=_precision(graph, profile, onnx_path),
         batch=batch,
         image_shape=io.image_shape,
         keep_len=io.keep_len,
@@ -185,10 +214,23 @@ def engine_info_path(engine: Path) -> Path:
 
 
 def uses_strong_typing(spec: EngineSpec, tensorrt_major: int) -> bool:
-    """Whether the build reads the precision's converted ONNX as a strongly typed network (module docstring)."""
-    if not precisions.get(spec.precision).converted:
+    """Whether the network is strongly typed: a Q/DQ file, or a converted precision's ONNX (module docstring)."""
+    precision = precisions.get(spec.precision)
+    if precision.explicit:
+        return True
+    if not precision.converted:
         return False
     return spec.dla_core is None or tensorrt_major >= WEAK_TYPING_REMOVED
+
+
+def needs_conversion(spec: EngineSpec, tensorrt_major: int) -> bool:
+    """Whether the build reads a converted copy of the ONNX file (:func:`converted_onnx_path`) rather than the file."""
+    return uses_strong_typing(spec, tensorrt_major) and precisions.get(spec.precision).converted
+
+
+def source_onnx(spec: EngineSpec, tensorrt_major: int) -> Path:
+    """The ONNX file TensorRT parses: the converted copy where the precision converts, else the export itself."""
+    return converted_onnx_path(spec) if needs_conversion(spec, tensorrt_major) else spec.onnx
 
 
 def weak_typing_flag(spec: EngineSpec, tensorrt_major: int) -> str | None:

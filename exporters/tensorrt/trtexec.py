@@ -10,8 +10,8 @@ import shlex
 from .plan import (
     WEAK_TYPING_REMOVED,
     EngineSpec,
-    converted_onnx_path,
     needs_shapes,
+    source_onnx,
     uses_strong_typing,
     weak_typing_flag,
 )
@@ -21,9 +21,9 @@ DEFAULT_TRTEXEC_MAJOR = 10  # what JetPack 6 ships
 
 def _shapes_flag(spec: EngineSpec, batch: int) -> str:
     channels, height, width = spec.image_shape
-    # `keep` is an execution tensor of static length S (float inputs cannot be shape
-    # tensors); trtexec only wants shapes for inputs with a dynamic dimension.
-    return f"images:{batch}x{channels}x{height}x{width}"
+    # `keep [batch, S]` shares the images' batch (ATS_SPEC section 4): both get the same range.
+    images = f"images:{batch}x{channels}x{height}x{width}"
+    return images if spec.keep_len is None else f"{images},keep:{batch}x{spec.keep_len}"
 
 
 def trtexec_command(spec: EngineSpec, tensorrt_major: int = DEFAULT_TRTEXEC_MAJOR) -> str:
@@ -32,13 +32,13 @@ def trtexec_command(spec: EngineSpec, tensorrt_major: int = DEFAULT_TRTEXEC_MAJO
     Flags as documented for trtexec 10.x (``--memPoolSize=workspace:<size>M``
     replaced ``--workspace`` in 10.0; docs "Migrating trtexec Usage from TensorRT 8.x
     to 10.x") and 11 (no ``--fp16``; ``--stronglyTyped`` always on). A strongly typed
-    build reads the converted ONNX: create it first with
-    :func:`.build.write_converted_onnx` (pure Python, no GPU needed). A static export
-    takes no shape flags.
+    fp16 build reads the converted ONNX: create it first with
+    :func:`.build.write_converted_onnx` (pure Python, no GPU needed); an int8 (Q/DQ)
+    build reads the export itself, with ``--stronglyTyped`` and no ``--int8``. A static
+    export takes no shape flags.
     """
     strong = uses_strong_typing(spec, tensorrt_major)
-    source = converted_onnx_path(spec) if strong else spec.onnx
-    args = ["trtexec", f"--onnx={source}", f"--saveEngine={spec.engine}"]
+    args = ["trtexec", f"--onnx={source_onnx(spec, tensorrt_major)}", f"--saveEngine={spec.engine}"]
     if needs_shapes(spec):
         for which, batch in zip(("min", "opt", "max"), spec.batch, strict=True):
             args.append(f"--{which}Shapes={_shapes_flag(spec, batch)}")
