@@ -200,20 +200,20 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor], checkpoint_format: str | 
     """The timm architecture whose every tensor (key set and shapes) matches ``state_dict``.
 
     Candidates are timm's ViT and DeiT models with the checkpoint's patch size,
-    built on the meta device: first those named for its resolution, then (for a
-    model fine-tuned at another size) the others. Several matches that build the
+    distilled DeiTs when it has a distillation token (register tokens show in
+    the shapes), built on the meta device: first those named for its resolution,
+    then (for a model fine-tuned at another size) the others. Several matches that build the
     same network (``deit_small_patch16_224`` and ``vit_small_patch16_224``) are
     one answer: ``deit_*`` names are preferred for DeiT release files, ``vit_*``
     otherwise. Matches that differ where shapes cannot tell (number of heads,
     activation) are ambiguous and need ``--arch``.
     """
-    _refuse_distilled(state_dict)
     patch = _patch_size(state_dict)
     img_size = _image_size(state_dict, patch)
     num_classes = _head_classes(state_dict)
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     matches: dict[str, tuple] = {}
-    for names in _candidates(patch, img_size or 224):
+    for names in _candidates(patch, img_size or 224, distilled="dist_token" in state_dict):
         for name in names:
             profile = _meta_profile(name, num_classes, img_size)
             if profile is not None and profile[0] == shapes:
@@ -235,15 +235,6 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor], checkpoint_format: str | 
     return min(matches, key=lambda n: (not n.startswith(prefix), len(n), n))
 
 
-def _refuse_distilled(state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Architecture inference covers the one-class-token ViTs; a distilled DeiT is named with --arch."""
-    if "dist_token" in state_dict or any(k.startswith("head_dist.") for k in state_dict):
-        raise UserError(
-            "this is a distilled DeiT checkpoint (it has a distillation token and head), whose architecture is "
-            "not inferred: pass --arch, e.g. --arch deit_small_distilled_patch16_224."
-        )
-
-
 def _patch_size(state_dict: Mapping[str, torch.Tensor]) -> int:
     weight = state_dict.get("patch_embed.proj.weight")
     if weight is None or weight.dim() != 4:
@@ -258,14 +249,14 @@ def _patch_size(state_dict: Mapping[str, torch.Tensor]) -> int:
 def _image_size(state_dict: Mapping[str, torch.Tensor], patch: int) -> int | None:
     """The square input size implied by ``pos_embed``; None when it cannot tell.
 
-    ``pos_embed`` covers the patch grid, plus the class/register tokens unless
+    ``pos_embed`` covers the patch grid, plus the class/distillation/register tokens unless
     the model adds those without position embedding (``no_embed_class``).
     """
     pos = state_dict.get("pos_embed")
     if pos is None or pos.dim() != 3:
         return None
     tokens = pos.shape[1]
-    prefix = int("cls_token" in state_dict)
+    prefix = int("cls_token" in state_dict) + int("dist_token" in state_dict)
     if "reg_token" in state_dict:
         prefix += state_dict["reg_token"].shape[1]
     for grid_tokens in (tokens - prefix, tokens):
@@ -291,13 +282,16 @@ def _describe(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 @lru_cache(maxsize=1)
 def _timm_vits() -> tuple[str, ...]:
-    names = set(timm.list_models(module="vision_transformer")) | set(timm.list_models("deit*"))
-    return tuple(sorted(n for n in names if "distilled" not in n))
+    return tuple(sorted(set(timm.list_models(module="vision_transformer")) | set(timm.list_models("deit*"))))
 
 
-def _candidates(patch: int, img_size: int) -> tuple[list[str], list[str]]:
-    """Names with this patch size: those for this resolution (no suffix means 224), and the rest."""
-    with_patch = [n for n in _timm_vits() if re.search(rf"patch{patch}(?!\d)", n)]
+def _candidates(patch: int, img_size: int, distilled: bool) -> tuple[list[str], list[str]]:
+    """Names with this patch size: those for this resolution (no suffix means 224), and the rest.
+
+    Only distilled DeiTs have a distillation token, so the others are not built for such a checkpoint (and vice versa).
+    """
+    names = [n for n in _timm_vits() if ("distilled" in n) == distilled]
+    with_patch = [n for n in names if re.search(rf"patch{patch}(?!\d)", n)]
     at_size = [n for n in with_patch if _resolution(n) == img_size]
     return at_size, [n for n in with_patch if n not in at_size]
 

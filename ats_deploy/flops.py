@@ -4,6 +4,9 @@ One multiply-add counts as one FLOP (the convention under which dense DeiT-S at
 224 is 4.6 GFLOPs and DeiT-Ti 1.3). A block with ``n`` tokens in and ``m`` out
 costs ``3nD^2`` (qkv) ``+ 2mnD`` (attention rows of the kept tokens over all keys)
 ``+ mD^2`` (proj) ``+ 2mDh`` (MLP with hidden size ``h``; ``8mD^2`` for ``h = 4D``).
+``n`` and ``m`` count the ``P`` prefix tokens (class, distillation and register tokens:
+a stage keeping ``K'`` patches outputs ``m = P + K'``), and the head counts every
+classifier the model has (two for distilled DeiT, none for a feature extractor).
 This is the algorithm's cost, in the paper's convention. The exported graph differs in
 two places: it computes all ``n`` attention rows in the stages after the first (see
 :func:`ats_deploy.model.ats_block`), ``2(n-m)nD`` more, under 0.1% of the total when
@@ -17,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -37,14 +41,13 @@ class CostModel:
         proj = vit.patch_embed.proj
         patches = vit.patch_embed.num_patches
         patch_macs = patches * proj.weight[0].numel() * proj.out_channels
-        classes = vit.num_classes
         return cls(
             depth=len(vit.blocks),
             dim=vit.embed_dim,
             hidden=vit.blocks[0].mlp.fc1.out_features,
             n0=model.n0,
             patch_macs=patch_macs,
-            head_macs=vit.embed_dim * classes,
+            head_macs=_head_macs(vit),
             stages=tuple(model.stages),
             prefix=vit.num_prefix_tokens,  # timm counts the prefix tokens as the families do
         )
@@ -68,3 +71,9 @@ class CostModel:
 
     def dense_gflops(self) -> float:
         return float(self.gflops(torch.zeros((1, len(self.stages))) + self.n0 - self.prefix)[0])
+
+
+def _head_macs(vit: nn.Module) -> int:
+    """The classifier's multiply-adds: distilled DeiT has a second head; a feature extractor (no head) none."""
+    heads = (vit.head, getattr(vit, "head_dist", None))
+    return sum(head.weight.numel() for head in heads if isinstance(head, nn.Linear))

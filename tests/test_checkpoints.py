@@ -21,6 +21,7 @@ from ats_deploy.model import build, with_input_size
 WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 REAL_DEIT_TINY = WEIGHTS / "deit_tiny_patch16_224_wvfunc_bittrue_reconstructed.pth"
 TINY_NAMES = {"deit_tiny_patch16_224", "vit_tiny_patch16_224"}
+REG4 = "vit_small_patch14_reg4_dinov2"
 
 
 class NotATensor:
@@ -200,14 +201,31 @@ def test_unmatched_shapes_ask_for_arch(random_deit_tiny, tmp_path: Path):
     expect_error(lambda: load_model(path), "no timm ViT/DeiT architecture", "depth 11", "--arch")
 
 
-def test_a_distilled_deit_loads_with_its_arch_named(tmp_path: Path):
-    """Its architecture is not inferred (the message says to name it); named, it loads as the distilled family."""
-    sd = meta_state_dict("deit_tiny_distilled_patch16_224")
-    expect_error(lambda: infer_arch(sd), "distilled", "pass --arch")
-    vit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
-    path = write_deit_release(vit.state_dict(), tmp_path / "distilled.pth")
-    model = load_model(path, arch="deit_tiny_distilled_patch16_224")
-    assert model.family.name == "deit_distilled" and model.prefix_tokens == 2
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "writer", "prefix"),
+    [
+        ("deit_tiny_distilled_patch16_224", {}, "deit-release", 2),
+        ("deit_tiny_distilled_patch16_224", {"img_size": 112}, "safetensors", 2),
+        # Nothing is named for 98 px: every patch-14 model is tried, some seconds.
+        pytest.param(REG4, {"img_size": 98}, "timm-state-dict", 5, marks=pytest.mark.slow),
+        pytest.param(REG4, {"img_size": 98, "num_classes": 0}, "safetensors", 5, marks=pytest.mark.slow),
+    ],
+)
+def test_distilled_and_register_checkpoints_load_with_the_inferred_arch(arch, kwargs, writer, prefix, tmp_path):
+    """Distillation and register tokens show in the tensors, so no --arch is needed: the size comes from pos_embed."""
+    vit = timm.create_model(arch, pretrained=False, **kwargs)
+    sd = state_dict_of(vit)
+    model = load_model(FORMATS[writer](sd, tmp_path / "weights.pth"))
+    assert model.arch == arch
+    assert (model.prefix_tokens, model.input_size) == (prefix, (3, *vit.patch_embed.img_size))
+    assert_same_weights(model.vit, sd)
+
+
+def test_a_distilled_checkpoint_is_matched_only_by_distilled_deits():
+    sd = meta_state_dict("deit_small_distilled_patch16_224")
+    assert infer_arch(sd) == "deit_small_distilled_patch16_224"
+    del sd["dist_token"]  # a distillation head without its token: no timm model has that
+    expect_error(lambda: infer_arch(sd), "no timm ViT/DeiT architecture", "--arch")
 
 
 # --------------------------------------------------------------------------- random weights
