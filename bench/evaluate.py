@@ -128,6 +128,27 @@ def evaluate(
     return Evaluation(tallies, cases, timing_inputs, np.concatenate(labels) if labels else None)
 
 
+def reduced_agreement(evaluation: Evaluation, key: str, runtime: str, keep: list[float]) -> dict:
+    """A reduced-precision ATS variant against the float32 PyTorch ATS model on the measured images.
+
+    ATS_SPEC.md section 5 compares int8 by agreement (top-1, kept tokens), not patch for patch; the top-1 bar
+    is the one export validation applies to int8 (:class:`~ats_deploy.exporters.validate.ReducedAgreement`).
+    """
+    from ats_deploy.exporters.validate import ReducedAgreement
+
+    reference, observed = evaluation.tallies[PYTORCH_ATS], evaluation.tallies[key]
+    top1 = float((observed.predictions() == reference.predictions()).mean())
+    bar = ReducedAgreement.required(min(keep))
+    return {
+        "between": f"exported ATS ({runtime}) vs PyTorch ATS (float32)",
+        "images": observed.images,
+        "top1_agree": top1,
+        "top1_bar": bar,
+        "ok": top1 >= bar,
+        "same_tokens_per_stage": (observed.all_tokens() == reference.all_tokens()).mean(axis=0).tolist(),
+    }
+
+
 def _stack(samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
     """Per-image samples back to batched ``(logits, tokens)``."""
     return np.stack([s.logits for s in samples]), np.stack([s.tokens for s in samples])

@@ -15,7 +15,7 @@ from ats_deploy.atomic import write_atomic
 from ats_deploy.exporters.validate import Case
 
 from .plots import write_plots
-from .results import BenchResult
+from .results import BenchResult, VariantResult
 
 CSV_COLUMNS = (
     "variant",
@@ -35,6 +35,8 @@ CSV_COLUMNS = (
     "p99_ms",
     "throughput_images_per_s",
     "speedup",
+    "accuracy_se",
+    "speedup_own_dense",
 )
 
 
@@ -65,9 +67,17 @@ def csv_text(result: BenchResult) -> str:
                 "p99_ms": f"{latency['p99_ms']:.4f}",
                 "throughput_images_per_s": f"{latency['throughput_images_per_s']:.3f}",
                 "speedup": f"{v.speedup(baseline):.3f}",
+                "accuracy_se": f"{v.accuracy_se:.6f}",
+                "speedup_own_dense": _own_speedup(result, v, "{:.3f}"),
             }
         )
     return buffer.getvalue()
+
+
+def _own_speedup(result: BenchResult, variant: VariantResult, form: str) -> str:
+    """The speedup over its own dense baseline (same backend and precision); empty for the others."""
+    own = result.own_baseline(variant)
+    return "" if own is None else form.format(variant.speedup(own))
 
 
 def write(result: BenchResult, folder: Path) -> list[Path]:
@@ -96,24 +106,30 @@ def render(result: BenchResult, console: Console) -> None:
     """
     table = Table(title=Text(result.title), title_justify="left")
     metric = "top-1" if result.data["labelled"] else "agree"
-    for column in ("variant", metric, "GFLOPs", "tokens", "p50 ms", "p99 ms", "speedup"):
+    several = len(result.precisions) > 1  # precisions side by side: standard errors, and each one's own dense
+    columns = ("variant", metric, "GFLOPs", "tokens", "p50 ms", "p99 ms", "speedup", *(("vs own dense",) * several))
+    for column in columns:
         table.add_column(column, justify="left" if column == "variant" else "right")
     baseline = result.baseline
     for v in result.variants:
+        error = f" ±{100 * v.accuracy_se:.1f}" if several else ""
         table.add_row(
             Text.assemble(v.title, " ", (v.runtime, "dim")),
-            f"{100 * v.accuracy:.1f}%",
+            f"{100 * v.accuracy:.1f}%{error}",
             f"{v.gflops:.2f}",
             _tokens(v.mean_tokens),
             f"{v.latency.p50:.2f}",
             f"{v.latency.p99:.2f}",
             f"{v.speedup(baseline):.2f}x",
+            *((_own_speedup(result, v, "{:.2f}x"),) * several),
         )
     console.print(table)
     console.print(
         Text(
             f"{metric}: {result.accuracy_metric}; tokens: mean kept at the first -> last ATS stage; "
-            f"speedup: time of {baseline.title} / time, median over the interleaved rounds",
+            f"speedup: time of {baseline.title} ({baseline.runtime}) / time, median over the interleaved rounds"
+            + ("; ± one standard error; vs own dense: over the dense model of the same backend and precision"
+               if several else ""),
             style="dim",
         ),
         highlight=False,
@@ -139,6 +155,15 @@ def _render_comparison(result: BenchResult, console: Console) -> None:
     for key, case in result.cases.items():
         runtime = f" ({result.runtime_of(key)})" if result.comparisons else ""
         _render_case(f"exported ATS{runtime} vs PyTorch ATS", case, console)
+    for agreement in result.agreements.values():
+        tokens = " ".join(f"{share:.2f}" for share in agreement["same_tokens_per_stage"])
+        bar = f"below validation's bar of {agreement['top1_bar']:.0%}"
+        verdict = ("ok", "green") if agreement["ok"] else (bar, "red")
+        summary = (
+            f"{agreement['between']}: top-1 agree {agreement['top1_agree']:.1%} of {agreement['images']} images, "
+            f"same kept-token count per stage {tokens}: "
+        )
+        console.print(Text.assemble(summary, verdict), highlight=False)
 
 
 def _render_case(between: str, case: Case, console: Console) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,13 @@ class VariantResult:
     gflops: float
     tokens: np.ndarray  # [images, S] kept tokens per ATS stage
     latency: Latency
+    images: int = 0  # how many images the accuracy is over (its standard error)
+    dense_key: str | None = None  # an exported variant's own dense baseline: same backend, same precision
+
+    @property
+    def accuracy_se(self) -> float:
+        """The standard error of the accuracy, a proportion over ``images`` images."""
+        return math.sqrt(self.accuracy * (1 - self.accuracy) / self.images) if self.images else math.nan
 
     @property
     def title(self) -> str:
@@ -38,16 +46,19 @@ class VariantResult:
     def mean_tokens(self) -> list[float]:
         return [float(v) for v in self.tokens.mean(axis=0)] if self.tokens.size else []
 
-    def to_dict(self, baseline: VariantResult) -> dict[str, Any]:
+    def to_dict(self, baseline: VariantResult, own: VariantResult | None = None) -> dict[str, Any]:
+        """``own``: its own dense baseline (the same backend and precision), whose speedup it also states."""
         return {
             "key": self.key,
             "title": self.title,
             "runtime": self.runtime,
             "accuracy": self.accuracy,
+            "accuracy_se": self.accuracy_se,
             "gflops": self.gflops,
             "mean_tokens_per_stage": self.mean_tokens,
             "latency": self.latency.summary(),
             "speedup": self.speedup(baseline),
+            **({"speedup_own_dense": self.speedup(own)} if own is not None else {}),
         }
 
     def speedup(self, baseline: VariantResult) -> float:
@@ -73,6 +84,7 @@ class BenchResult:
     environment: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     comparisons: dict[str, Case] = field(default_factory=dict)  # several backends: each one's, by variant key
+    agreements: dict[str, dict] = field(default_factory=dict)  # int8 ATS variants: agreement with the reference
 
     @property
     def cases(self) -> dict[str, Case]:
@@ -107,6 +119,14 @@ class BenchResult:
         return exported[0] if exported else next(v for v in self.variants if v.key == PYTORCH_DENSE)
 
     @property
+    def precisions(self) -> list[str]:
+        return self.precision.split(", ")
+
+    def own_baseline(self, variant: VariantResult) -> VariantResult | None:
+        """The exported dense model of ``variant``'s backend and precision (dense int8 for int8), if any."""
+        return next((v for v in self.variants if v.key == variant.dense_key), None)
+
+    @property
     def keep_text(self) -> str:
         return format_keep(self.keep)
 
@@ -134,9 +154,10 @@ class BenchResult:
             "data": self.data,
             "accuracy_metric": self.accuracy_metric,
             "speedup_baseline": baseline.key,
-            "variants": [v.to_dict(baseline) for v in self.variants],
+            "variants": [v.to_dict(baseline, self.own_baseline(v)) for v in self.variants],
             "comparison": None if self.comparison is None else _comparison(self.comparison),
             **self._comparisons(),
+            **({"agreements": self.agreements} if self.agreements else {}),
             "environment": self.environment,
             "warnings": self.warnings,
         }

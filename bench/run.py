@@ -5,6 +5,9 @@ folder, model, keep, data) in seconds, before :func:`bench` loads the reference,
 exports the dense baseline or times anything. Backends come from the registry
 (:mod:`ats_deploy.backends`); with several (``--backend`` repeated) each one's
 exported ATS and dense variants are measured side by side on the same images.
+Precisions likewise (``--precision fp32 --precision int8``): bench quantizes the
+fp32 ATS export and its dense baseline the same way (:mod:`ats_deploy.exporters.precisions.int8`),
+on calibration images that are never measured.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,7 +29,9 @@ from ats_deploy import backends
 from ats_deploy.backends import Backend, Runner, RunOptions
 from ats_deploy.backends.pytorch_cpu import TorchRunner
 from ats_deploy.errors import UserError
+from ats_deploy.exporters import precisions as precision_registry
 from ats_deploy.exporters.onnx_export import ExportOptions, export
+from ats_deploy.exporters.precisions import int8
 from ats_deploy.flops import CostModel
 from ats_deploy.images import data_config
 from ats_deploy.keep import per_stage
@@ -35,11 +40,11 @@ from ats_deploy.profiles import Profile, load_profile
 
 from . import machine, report
 from .data import ImageFolder, SampleImages, Skipped, folder_batches, image_folder, sample_batches
-from .evaluate import Evaluation, evaluate
+from .evaluate import Evaluation, evaluate, reduced_agreement
 from .results import BenchResult, VariantResult
 from .source import Exported, changed_source, check_engine, check_static, engine_for, find_model, open_model, reference
 from .timing import Latency, cycling, interleaved
-from .variants import EXPORTED_ATS, EXPORTED_DENSE, PYTORCH_ATS, PYTORCH_DENSE, Variant, exported_key
+from .variants import EXPORTED_ATS, EXPORTED_DENSE, PYTORCH_ATS, PYTORCH_DENSE, Variant, exported_key, kind_of
 
 DEFAULT_SAMPLE_IMAGES = 16
 # Largest |logit difference| the exported model may show before a token-identical image counts as a mismatch.
@@ -56,6 +61,12 @@ class Request:
     images: int | None = None
     keep: list[float] | None = None
     backends: list[str] | None = None  # --backend, once or more; None: the profile's
+    precisions: list[str] | None = None  # --precision, once or more; None: the profile's (an int8 export's: int8)
+    calibration: Path | None = None  # int8: a folder of images to calibrate on; None: the first ones of --data
+    calibration_images: int = int8.DEFAULT_IMAGES
+    # Keep int8's calibration images out of the measured ones even where nothing runs int8 (tune measures each
+    # precision in a plan of its own, all on the same images).
+    reserve_calibration: bool = False
     out: Path | None = None
     class_map: Path | None = None
     checkpoint: str | None = None
@@ -69,10 +80,35 @@ class Target:
     backend: Backend
     measured: Path  # the model, or the engine built from it
     precision: str  # the profile's where the backend runs it, else the backend's own (fp32 on a CPU)
+    tags: tuple[str, ...] = ()  # what tells its variants apart: the backend and/or precision, when several
+    quantize: bool = False  # int8 of an fp32 export: bench quantizes the ATS export (the dense baseline always)
 
     @property
     def name(self) -> str:
         return self.backend.name
+
+    @property
+    def tag(self) -> str:
+        return "/".join(self.tags)
+
+    @property
+    def label(self) -> str:
+        """What tables call the runtime: the backend's label, with the precision when several are benched."""
+        several = self.precision in self.tags
+        return f"{self.backend.label} {self.precision}" if several else self.backend.label
+
+    def key(self, kind: str) -> str:
+        """The key of this target's exported variant of ``kind``: ``exported_ats:openvino:int8``."""
+        return exported_key(kind, *self.tags)
+
+
+@dataclass(frozen=True)
+class CalibrationImages:
+    """The real images int8 variants are calibrated on, and where they come from (none of them is measured)."""
+
+    folder: Path
+    files: list[Path]
+    source: str
 
 
 @dataclass
@@ -88,6 +124,7 @@ class Plan:
     keep_origin: str
     data: ImageFolder | SampleImages
     warnings: list[str] = field(default_factory=list)
+    calibration: CalibrationImages | None = None
 
     @property
     def target(self) -> Target:
@@ -167,7 +204,92 @@ def _measured_file(exported: Exported, profile: Profile, backend: Backend) -> Pa
     return exported.path
 
 
-def _data(request: Request, num_classes: int) -> ImageFolder | SampleImages:
+def resolve_precisions(request: Request, profile: Profile, exported: Exported) -> list[str]:
+    """``--precision`` values (each once, in order), else the profile's; an int8 export runs int8 only."""
+    own = exported.artifact.precision
+    if not request.precisions:
+        return ["int8" if own == "int8" else profile.precision]
+    names = list(dict.fromkeys(request.precisions))
+    for name in names:
+        precision_registry.get(name)
+    if own == "int8" and names != ["int8"]:
+        raise UserError(
+            f"{exported.path} is an int8 export: it cannot run {', '.join(n for n in names if n != 'int8')}.",
+            hint="Bench the fp32 export it was quantized from with --precision fp32 --precision int8: bench "
+            "quantizes it and the dense baseline the same way.",
+        )
+    return names
+
+
+def _targets(
+    chosen: list[Backend], names: list[str], explicit: bool, exported: Exported, profile: Profile
+) -> list[Target]:
+    """Every backend at every precision (a backend that exports nothing once); tagged when there are several."""
+    several_backends, several_precisions = len(chosen) > 1, len(names) > 1
+    targets = []
+    for backend in chosen:
+        for name in names if backend.exports else names[:1]:
+            precision = _runs(backend, name, explicit, exported)
+            tags = (backend.name,) * several_backends + (precision,) * several_precisions
+            quantize = precision == "int8" and exported.artifact.precision != "int8" and backend.exports
+            measured = _measured_file(exported, profile, backend)
+            targets.append(Target(backend, measured, precision, tags, quantize))
+    return targets
+
+
+def _runs(backend: Backend, name: str, explicit: bool, exported: Exported) -> str:
+    """The precision ``backend`` runs for ``name``: as asked with --precision, else :meth:`Backend.precision`'s."""
+    if not explicit or not backend.exports:
+        return backend.precision(name)
+    if name not in backend.precisions:
+        owners = ", ".join(precision_registry.get(name).backends())
+        raise UserError(
+            f"--precision {name}: the {backend.label} backend does not run {name} (it runs "
+            f"{', '.join(backend.precisions)}); {name} runs on: {owners}."
+        )
+    if name == "int8" and backend.engines and exported.artifact.precision != "int8":
+        raise UserError(
+            f"--precision int8 on {backend.name} runs the engine built from an int8 export, and {exported.path} is "
+            f"{exported.artifact.precision}.",
+            hint="Export with --precision int8 --calibration DIR, build that file with `ats-deploy build`, bench it.",
+        )
+    return name
+
+
+def _calibration(request: Request, num_classes: int) -> tuple[CalibrationImages, int]:
+    """int8's calibration images, and how many of the first images of --data they take (0: a folder of their own).
+
+    Calibration and measured images never overlap: with --calibration DIR (another folder than --data) all of
+    --data is measured; otherwise the first ``--calibration-images`` of --data (classes in turn) calibrate and
+    only the images after them are measured.
+    """
+    count = request.calibration_images
+    folder = request.calibration
+    if folder is None or (request.data is not None and folder.resolve() == request.data.resolve()):
+        if request.data is None:
+            raise UserError(
+                "int8 is calibrated on real images: give --calibration DIR, or --data DIR (its first "
+                f"{count} images then calibrate and only the others are measured)."
+            )
+        files = [path for path, _ in image_folder(request.data, num_classes, request.class_map).files]
+        if len(files) <= count:
+            raise UserError(
+                f"--data {request.data} holds {len(files)} images: int8 calibrates on the first {count} of them and "
+                "measures the others, so none would be left to measure.",
+                hint="Lower --calibration-images, add images, or give --calibration DIR a folder of its own.",
+            )
+        source = f"the first {count} images of --data {request.data}, not measured"
+        return CalibrationImages(request.data, files[:count], source), count
+    files = int8.calibration_files(int8.Calibration(folder, count), num_classes)[:count]
+    return CalibrationImages(folder, files, f"{count} images of --calibration {folder}"), 0
+
+
+def _data(request: Request, num_classes: int, skip: int = 0) -> ImageFolder | SampleImages:
+    """The measured images: --data (less the first ``skip``, which calibrate int8), else the sample photos."""
+    if request.data is not None and skip:
+        folder = image_folder(request.data, num_classes, request.class_map)
+        rest = folder.files[skip:]
+        return replace(folder, files=rest[: request.images] if request.images else rest)
     if request.data is not None:
         return image_folder(request.data, num_classes, request.class_map, request.images)
     if request.class_map is not None:
@@ -187,11 +309,15 @@ def plan(request: Request, check_model: Callable[[Exported], None] | None = None
     exported = open_model(request.model or find_model(Path.cwd()))
     if check_model is not None:
         check_model(exported)
-    targets = [Target(b, _measured_file(exported, profile, b), b.precision(profile.precision)) for b in chosen]
+    names = resolve_precisions(request, profile, exported)
+    targets = _targets(chosen, names, bool(request.precisions), exported, profile)
     keep, keep_origin = _keep(request, profile, len(exported.stages))
     check_static(exported, keep, keep_origin, profile)
-    data = _data(request, exported.num_classes)
-    result = Plan(request, profile, targets, folder, exported, keep, keep_origin, data)
+    calibration, skip = None, 0
+    if request.reserve_calibration or any(t.precision == "int8" and t.backend.exports for t in targets):
+        calibration, skip = _calibration(request, exported.num_classes)
+    data = _data(request, exported.num_classes, skip)
+    result = Plan(request, profile, targets, folder, exported, keep, keep_origin, data, calibration=calibration)
     cores = usable_cores()
     if profile.threads and profile.threads > cores:
         result.warnings.append(
@@ -233,14 +359,31 @@ def dense_export(plan: Plan, dense: ATSVisionTransformer, workdir: Path, status:
         return export(dense, workdir / "dense.onnx", options)
 
 
+def quantize_int8(
+    plan: Plan, model: ATSVisionTransformer, sources: dict[str, Path], workdir: Path, status: Console
+) -> dict[str, Path]:
+    """The int8 copy of each fp32 ONNX file of ``sources`` (name -> file), all calibrated on the same images."""
+    calibration = plan.calibration
+    assert calibration is not None  # plan() settles it for every int8 target
+    pixels = int8.load_images(calibration.files, data_config(model.vit))
+    settings = int8.Calibration(calibration.folder, images=len(calibration.files))
+    quantized = {}
+    with status.status(f"quantizing {', '.join(sources)} to int8 on {calibration.source}"):
+        for name, source in sources.items():
+            quantized[name] = workdir / f"{name}.int8.onnx"
+            int8.quantize(source, quantized[name], pixels, settings)
+    return quantized
+
+
 def exported_runners(
-    plan: Plan, target: Target, dense_onnx: Path, workdir: Path, status: Console
+    plan: Plan, target: Target, files: tuple[Path, Path], workdir: Path, status: Console
 ) -> tuple[Runner, Runner]:
-    """Runners of the exported ATS model and of the dense baseline on ``target``, prepared (built) the same way."""
+    """Runners of the exported ATS model and of the dense baseline (``files``) on ``target``, prepared alike."""
     backend = target.backend
+    ats_file, dense_onnx = files
     options = RunOptions(precision=target.precision, threads=plan.profile.threads, workdir=workdir)
     dense_file = backend.prepare(dense_onnx, plan.profile, target.measured, workdir, status)
-    return backend.open(target.measured, options), backend.open(dense_file, options)
+    return backend.open(ats_file, options), backend.open(dense_file, options)
 
 
 def build_variants(plan: Plan, model: ATSVisionTransformer, workdir: Path, status: Console) -> dict[str, Variant]:
@@ -260,21 +403,37 @@ def build_variants(plan: Plan, model: ATSVisionTransformer, workdir: Path, statu
     if not targets:
         return variants
     dense_onnx = dense_export(plan, dense, workdir, status)
-    several = len(plan.targets) > 1
+    quantized: dict[str, Path] = {}
+    if any(t.precision == "int8" for t in targets):
+        sources = {"dense": dense_onnx, **({"ats": plan.exported.path} if any(t.quantize for t in targets) else {})}
+        quantized = quantize_int8(plan, model, sources, workdir, status)
     for target in targets:
-        ats, baseline = exported_runners(plan, target, dense_onnx, workdir, status)
-        label = target.backend.label
-        dense_key, ats_key = (exported_key(kind, target.name, several) for kind in (EXPORTED_DENSE, EXPORTED_ATS))
-        variants[dense_key] = Variant(dense_key, baseline, label, none, dense_cost)
-        variants[ats_key] = Variant(ats_key, ats, label, keep, cost)
+        files = (target.measured, dense_onnx)
+        if target.precision == "int8":
+            files = (quantized["ats"] if target.quantize else target.measured, quantized["dense"])
+        ats, baseline = exported_runners(plan, target, files, workdir, status)
+        dense_key, ats_key = target.key(EXPORTED_DENSE), target.key(EXPORTED_ATS)
+        variants[dense_key] = Variant(dense_key, baseline, target.label, none, dense_cost)
+        variants[ats_key] = Variant(ats_key, ats, target.label, keep, cost)
     return variants
 
 
 def compared(plan: Plan, variants: dict[str, Variant]) -> dict[str, float]:
-    """The exported ATS variants compared with the reference, and each one's logit tolerance (by its precision)."""
-    several = len(plan.targets) > 1
-    keys = {exported_key(EXPORTED_ATS, t.name, several): ATOL[t.precision] for t in plan.targets}
+    """The exported ATS variants compared with the reference patch for patch, and each one's logit tolerance.
+
+    int8 is compared by agreement instead (ATS_SPEC.md section 5): :func:`agreements`.
+    """
+    keys = {t.key(EXPORTED_ATS): ATOL[t.precision] for t in plan.targets if t.precision in ATOL}
     return {key: atol for key, atol in keys.items() if key in variants}
+
+
+def agreements(plan: Plan, evaluation: Evaluation) -> dict[str, dict]:
+    """Each int8 ATS variant against the float32 PyTorch ATS reference on the measured images, by agreement."""
+    return {
+        t.key(EXPORTED_ATS): reduced_agreement(evaluation, t.key(EXPORTED_ATS), t.label, plan.keep)
+        for t in plan.targets
+        if t.precision not in ATOL and t.key(EXPORTED_ATS) in evaluation.tallies
+    }
 
 
 def _accuracy_pass(
@@ -313,13 +472,19 @@ def _variant_results(
     for key, variant in variants.items():
         tokens = evaluation.tallies[key].all_tokens()
         gflops = float(variant.cost.gflops(tokens).mean())
-        results.append(VariantResult(key, variant.runtime, evaluation.accuracy(key), gflops, tokens, latencies[key]))
+        own = exported_key(EXPORTED_DENSE, *key.split(":")[1:]) if kind_of(key) == EXPORTED_ATS else None
+        results.append(
+            VariantResult(key, variant.runtime, evaluation.accuracy(key), gflops, tokens, latencies[key],
+                          evaluation.images, own if own in variants else None)
+        )
     return results
 
 
-def _data_summary(data: ImageFolder | SampleImages, evaluation: Evaluation, skipped: Skipped) -> dict:
+def _data_summary(plan: Plan, evaluation: Evaluation, skipped: Skipped) -> dict:
+    data, calibration = plan.data, plan.calibration
     return {
         "source": data.describe(),
+        "int8_calibration": None if calibration is None else calibration.source,
         "labelled": isinstance(data, ImageFolder),
         "labels": data.labelling if isinstance(data, ImageFolder) else None,
         "images": evaluation.images,
@@ -328,11 +493,15 @@ def _data_summary(data: ImageFolder | SampleImages, evaluation: Evaluation, skip
     }
 
 
+def _described(target: Target) -> str:
+    return f"{target.measured}, quantized to int8 by bench" if target.quantize else str(target.measured)
+
+
 def _measured_files(plan: Plan) -> dict[str, object]:
-    """The file the exported variants ran; with several backends, each backend's too."""
-    files: dict[str, object] = {"measured_file": str(plan.measured)}
+    """The file the exported variants ran; with several backends or precisions, each one's too."""
+    files: dict[str, object] = {"measured_file": _described(plan.target)}
     if len(plan.targets) > 1:
-        files["measured_files"] = {t.name: str(t.measured) for t in plan.targets}
+        files["measured_files"] = {t.tag: _described(t) for t in plan.targets}
     return files
 
 
@@ -350,7 +519,7 @@ def bench(request: Request, status: Console) -> tuple[BenchResult, list[Path]]:
         variants = build_variants(checked, model, Path(workdir), status)
         evaluation = _accuracy_pass(checked, model, variants, skipped, status)
         latencies = _latency_pass(checked, variants, evaluation, status)
-        environment = machine.describe(checked.profile.threads, [t.backend for t in checked.targets])
+        environment = machine.describe(checked.profile.threads, list(dict.fromkeys(t.backend for t in checked.targets)))
     source = request.checkpoint or checked.exported.artifact.source_checkpoint
     result = BenchResult(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -360,12 +529,13 @@ def bench(request: Request, status: Console) -> tuple[BenchResult, list[Path]]:
         precision=checked.precision,
         keep=checked.keep,
         keep_origin=checked.keep_origin,
-        data=_data_summary(checked.data, evaluation, skipped),
+        data=_data_summary(checked, evaluation, skipped),
         accuracy_metric=checked.data.metric,
         variants=_variant_results(variants, evaluation, latencies),
         comparison=next(iter(evaluation.cases.values()), None),
         environment=environment,
         warnings=checked.warnings,
-        comparisons=evaluation.cases if len(evaluation.cases) > 1 else {},
+        comparisons=evaluation.cases if len(checked.targets) > 1 else {},  # tagged keys: several backends or precisions
+        agreements=agreements(checked, evaluation),
     )
     return result, report.write(result, checked.folder)

@@ -4,6 +4,7 @@ Speedups are quoted against the exported dense model (the same runtime without
 token sampling; the first backend's when several are benched); the PyTorch variants
 show what the export itself gains. With several backends each backend's exported
 variants are keyed ``<kind>:<backend>`` (``exported_ats:openvino``); with one, by kind.
+Several precisions add the precision likewise (``exported_ats:int8``, ``exported_ats:openvino:int8``).
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ def kind_of(key: str) -> str:
     return key.split(":", 1)[0]
 
 
-def exported_key(kind: str, backend: str, several: bool) -> str:
-    """The key of a backend's exported variant: the kind alone when only one backend is benched."""
-    return f"{kind}:{backend}" if several else kind
+def exported_key(kind: str, *tags: str) -> str:
+    """The key of an exported variant: its kind, then what tells it apart (backend, precision) when several are."""
+    return ":".join((kind, *tags))
 
 
 @dataclass

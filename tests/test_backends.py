@@ -54,7 +54,7 @@ def test_every_backend_declares_what_bench_and_profiles_read():
     for backend in backends.all_backends():
         assert backends.get(backend.name) is backend
         assert backend.label and backend.runtime and backend.precisions
-        assert set(backend.precisions) <= {"fp32", "fp16"}
+        assert set(backend.precisions) <= {"fp32", "fp16", "int8"}  # the registry of exporters/precisions
         assert backend.unavailable() is None or isinstance(backend.unavailable(), str)
     assert backends.get("openvino").version()  # installed with the project
 

@@ -143,7 +143,7 @@ def test_keep_for():
         ("keep: .nan\n", r"'keep' must be a finite number greater than 0, got nan"),
         ("keep: .inf\n", r"'keep' must be a finite number greater than 0, got inf"),
         (changed(backend="tensorflow"), r"'backend' is 'tensorflow', which is not one of: tensorrt, onnxruntime"),
-        (changed(precision="int8"), r"'precision' is 'int8', which is not supported"),
+        (changed(backend="pytorch", precision="int8"), r"'precision' int8 is not useful on the PyTorch CPU backend"),
         (changed(precision="bf16"), r"'precision' is 'bf16', which is not one of: fp32, fp16"),
         (changed(latency_budget_ms=-1), r"'latency_budget_ms' must be a finite number greater than 0"),
         (changed(backend="onnxruntime", precision="fp32", dla_core=0), r"'dla_core' only applies to the tensorrt"),

@@ -210,7 +210,7 @@ def test_the_choice_comes_from_every_setting_in_the_log(there, tmp_path, no_meas
     off_path = Measurement(keep, np.ones(IMAGES, dtype=bool), gflops=0.1, p50_ms=0.001, dense_p50_ms=1.0,
                            tokens=[187.0, *[20.0] * 8], speedup=1000.0, failures=["image0.png: logits differ"])
     with log.open("a") as handle:
-        handle.write(json.dumps(off_path.to_record(197)) + "\n")
+        handle.write(json.dumps(off_path.to_record(197, 1)) + "\n")
     result = invoke("tune", *TUNE, "--max-drop", MAX_DROP, "--log", log, "-o", tmp_path / "choice.yaml")
     assert result.exit_code == 0, result.output
     assert load_profile(str(tmp_path / "choice.yaml")).keep == keep
@@ -384,7 +384,7 @@ def test_objectives_rank_feasible_settings_first():
 def test_a_setting_keeps_its_paired_speedup_and_older_logs_fall_back():
     """The speedup is measured round by round; a log line written before that had only the two medians."""
     setting = Measurement((0.5,), np.array([True]), gflops=1.0, p50_ms=2.0, dense_p50_ms=3.0, tokens=[], speedup=1.4)
-    record = setting.to_record(197)
+    record = setting.to_record(197, 1)
     assert Measurement.from_record(record).speedup == 1.4
     del record["speedup"]
     assert Measurement.from_record(record).speedup == 1.5
@@ -401,10 +401,10 @@ def test_an_unfinished_last_log_line_is_dropped(tmp_path):
     dense = {"kind": "dense", "correct": "10", "gflops": 1.0, "skipped": []}
     path = tmp_path / "tune.log.jsonl"
     path.write_text(json.dumps(header) + "\n" + json.dumps(dense) + "\n" + '{"kind": "setting", "ke')
-    log = Log.open(path, header, n0=197, fresh=False)
+    log = Log.open(path, header, n0=197, prefix=1, fresh=False)
     assert log.dense is not None and log.dense.accuracy == 0.5 and not log.settings
     assert path.read_text().endswith("}\n") and len(read_log(path)) == 2
     log.add(Measurement((0.5, 0.5), np.array([True, True]), gflops=1.0, p50_ms=2.0, dense_p50_ms=3.0, tokens=[],
                         speedup=1.4))
     assert len(read_log(path)) == 3
-    assert Log.open(path, header, n0=197, fresh=False).settings.keys() == {(99, 99)}
+    assert Log.open(path, header, n0=197, prefix=1, fresh=False).settings.keys() == {(99, 99)}

@@ -32,12 +32,18 @@ Two keep values that give the same integer budgets are one setting, measured onc
 is appended to a JSON-lines log (:mod:`.log`) as it completes; a rerun under the same conditions (model file,
 reference, backend, profile timing settings, images) replays the search from it and measures only what is
 missing. What is reported and written (table, tuned profile, Pareto plot) is :mod:`.report`'s.
+
+Precision is a dimension too (``--precision fp32 --precision int8``): each precision is searched in turn, with
+its own log and its own dense model timed alongside, on the same images (int8's calibration images, from
+``--calibration`` or the first ones of ``--data``, are measured by none), against one objective: the dense
+model of the first precision sets the accuracy ``--max-drop`` counts from. The choice is the best-ranked setting
+of every precision, and the tuned profile gets its precision as well as its keep.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -47,6 +53,7 @@ from rich.console import Console
 
 from ats_deploy.errors import UserError
 from ats_deploy.exporters.onnx_export import check_output_path
+from ats_deploy.exporters.precisions import int8
 from ats_deploy.profiles import LOCAL_DIR, load_profile
 
 from .. import machine, run
@@ -92,6 +99,9 @@ class Request:
     class_map: Path | None = None
     checkpoint: str | None = None
     trust_checkpoint: bool = False
+    precisions: tuple[str, ...] = ()  # --precision, once or more: tune chooses among them; (): the profile's
+    calibration: Path | None = None  # int8: images to calibrate on; None: the first ones of --data
+    calibration_images: int = int8.DEFAULT_IMAGES
 
 
 def require_dynamic(exported: Exported) -> None:
@@ -155,26 +165,61 @@ def tune(request: Request, status: Console) -> Outcome:
     """Measure, search, choose; write the log, the plot and (when the constraint is met) the tuned profile."""
     latency_ms, budget_from = latency_budget(request)
     _check_request(request, latency_ms)
-    bench_request = run.Request(
+    names = list(dict.fromkeys(request.precisions)) or [None]
+    plans = [run.plan(_bench_request(request, name, len(names) > 1), check_model=require_dynamic) for name in names]
+    lanes: list[Outcome] = []
+    for plan, name in zip(plans, names, strict=True):
+        common = lanes[0].objective if lanes else None
+        lanes.append(_search(request, plan, name if len(names) > 1 else None, latency_ms, budget_from, common, status))
+    outcome = lanes[0]
+    if len(lanes) > 1:
+        chosen = min(lanes, key=lambda lane: lane.objective.rank(lane.best))
+        outcome = replace(chosen, precision=chosen.plan.target.precision, lanes=lanes)
+    save(pareto_figure(outcome), outcome.plot)
+    if outcome.met:
+        write_profile(outcome)
+    return outcome
+
+
+def _bench_request(request: Request, precision: str | None, several: bool) -> run.Request:
+    """Bench's request for one precision; with several, each keeps int8's calibration images out of its measures."""
+    return run.Request(
         profile=request.profile,
         model=request.model,
         data=request.data,
         images=request.images,
         backends=[request.backend] if request.backend else None,
+        precisions=[precision] if precision else None,
+        calibration=request.calibration,
+        calibration_images=request.calibration_images,
+        reserve_calibration=several and "int8" in request.precisions,
         class_map=request.class_map,
         checkpoint=request.checkpoint,
         trust_checkpoint=request.trust_checkpoint,
     )
-    plan = run.plan(bench_request, check_model=require_dynamic)
+
+
+def _search(
+    request: Request,
+    plan: run.Plan,
+    precision: str | None,
+    latency_ms: float | None,
+    budget_from: str | None,
+    common: Objective | None,
+    status: Console,
+) -> Outcome:
+    """The search of one precision (``None``: the only one), with its own log; ``common``: the objective to share."""
     output = request.output or Path(LOCAL_DIR) / f"{plan.profile.name}-tuned.yaml"
     log_path = request.log or output.with_suffix(".log.jsonl")
+    if precision is not None:
+        log_path = log_path.with_name(f"{log_path.name.split('.')[0]}.{precision}.log.jsonl")
     run.check_folder(output.parent, "-o")  # the default ./profiles/ too, before the log's first line
     run.check_folder(log_path.parent, "--log")
     run.print_warnings(plan.warnings, status)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    n0 = plan.exported.artifact.n0
+    n0, prefix = plan.exported.artifact.n0, plan.exported.artifact.prefix_tokens
     settled = conditions(plan, request.checkpoint)
-    log = Log.open(log_path, header(settled, _arguments(plan, request), created), n0, request.fresh)
+    log = Log.open(log_path, header(settled, _arguments(plan, request), created), n0, prefix, request.fresh)
     if log.settings:
         status.print(f"resuming from {log_path}: {len(log.settings)} settings already measured", highlight=False)
     before = len(log.settings)
@@ -183,11 +228,11 @@ def tune(request: Request, status: Console) -> Outcome:
         device = Device(plan, request.checkpoint, request.trust_checkpoint, status, stack)
         if log.dense is None:
             log.add_dense(device.dense())
-        objective = Objective(request.max_drop, latency_ms, log.dense.accuracy, budget_from)
+        objective = common or Objective(request.max_drop, latency_ms, log.dense.accuracy, budget_from)
 
         def measure(keep: KeepValues) -> Measurement:
             device.visited()
-            key = budgets(keep, n0)
+            key = budgets(keep, n0, prefix)
             if key not in log.settings:
                 log.add(device.setting(keep))
             return log.settings[key]
@@ -195,7 +240,7 @@ def tune(request: Request, status: Console) -> Outcome:
         coordinate_search(measure, objective.rank, len(plan.exported.stages))
         environment = machine.describe(plan.profile.threads, [plan.target.backend])
     settings = list(log.settings.values())
-    outcome = Outcome(
+    return Outcome(
         plan=plan,
         objective=objective,
         dense=log.dense,
@@ -208,7 +253,3 @@ def tune(request: Request, status: Console) -> Outcome:
         output=output,
         log=log_path,
     )
-    save(pareto_figure(outcome), outcome.plot)
-    if outcome.met:
-        write_profile(outcome)
-    return outcome

@@ -66,15 +66,15 @@ def _append_line(path: Path, record: dict[str, Any]) -> None:
 class Log:
     """The JSON-lines record of a tune: a header with the conditions, then one line per finished measurement."""
 
-    def __init__(self, path: Path, n0: int) -> None:
+    def __init__(self, path: Path, n0: int, prefix: int) -> None:
         self.path = path
-        self.n0 = n0
+        self.n0, self.prefix = n0, prefix  # the budget rule's n0 and P (measure.budgets)
         self.dense: Dense | None = None
         self.settings: dict[tuple[int, ...], Measurement] = {}
     @classmethod
-    def open(cls, path: Path, header: dict[str, Any], n0: int, fresh: bool) -> Log:
+    def open(cls, path: Path, header: dict[str, Any], n0: int, prefix: int, fresh: bool) -> Log:
         """Resume the log at ``path`` when it was written under ``header``'s conditions, else start one."""
-        log = cls(path, n0)
+        log = cls(path, n0, prefix)
         if fresh or not path.exists():
             write_atomic(path, (json.dumps(header) + "\n").encode("utf-8"))
             return log
@@ -125,7 +125,7 @@ class Log:
                 self.dense = Dense.from_record(record)
             else:
                 m = Measurement.from_record(record)
-                self.settings[budgets(m.keep, self.n0)] = m
+                self.settings[budgets(m.keep, self.n0, self.prefix)] = m
         except (KeyError, TypeError, ValueError, AttributeError, UserError):
             raise self._refuse(f"has a record tune cannot read: {json.dumps(record)[:80]}...") from None
 
@@ -139,5 +139,5 @@ class Log:
                 f"was measured on {len(self.dense.correct)} readable images, and {len(m.correct)} read now: "
                 "the images changed."
             )
-        _append_line(self.path, m.to_record(self.n0))
-        self.settings[budgets(m.keep, self.n0)] = m
+        _append_line(self.path, m.to_record(self.n0, self.prefix))
+        self.settings[budgets(m.keep, self.n0, self.prefix)] = m

@@ -36,9 +36,12 @@ from .search import evaluations_bound
 KeepValues = tuple[float, ...]  # one keep value per ATS stage
 
 
-def budgets(keep: KeepValues, n0: int) -> tuple[int, ...]:
-    """The integer budget K of every stage: what identifies a setting (ATS_SPEC section 2)."""
-    return tuple(Keep(keep).budgets(len(keep), n0))
+def budgets(keep: KeepValues, n0: int, prefix: int) -> tuple[int, ...]:
+    """The integer budget K of every stage: what identifies a setting (ATS_SPEC section 2).
+
+    ``prefix`` is the model's ``P``: the budget's floors (``P + 7``, ``P + 1``) depend on it.
+    """
+    return tuple(Keep(keep).budgets(len(keep), n0, prefix))
 
 
 def _bits(correct: np.ndarray) -> str:
@@ -90,11 +93,11 @@ class Measurement:
     def accuracy(self) -> float:
         return float(self.correct.mean())
 
-    def to_record(self, n0: int) -> dict[str, Any]:
+    def to_record(self, n0: int, prefix: int) -> dict[str, Any]:
         return {
             "kind": "setting",
             "keep": list(self.keep),
-            "budgets": list(budgets(self.keep, n0)),
+            "budgets": list(budgets(self.keep, n0, prefix)),
             "correct": _bits(self.correct),
             "gflops": self.gflops,
             "p50_ms": self.p50_ms,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from .. import run
 from .measure import Dense, Measurement
 from .search import COARSE, STEP, Objective, pareto_front
 
+OTHER_PRECISION_COLOURS = ("tab:orange", "tab:green", "tab:purple")  # the precisions tune did not choose
 SEPARABLE = 2.0  # differences within this many standard errors are reported as not told apart by the data
 
 
@@ -44,6 +45,9 @@ class Outcome:
     model_sha256: str
     output: Path
     log: Path
+    # tune --precision, repeated: the chosen precision (written into the profile) and every precision's own outcome
+    precision: str | None = None
+    lanes: list[Outcome] = field(default_factory=list)
 
     @property
     def met(self) -> bool:
@@ -68,6 +72,11 @@ class Outcome:
     @property
     def images(self) -> int:
         return len(self.dense.correct)
+
+    def front(self) -> list[tuple[str, Measurement]]:
+        """The accuracy-latency Pareto front over every precision's settings: (precision, setting), fastest first."""
+        points = [(lane.plan.target.precision, m) for lane in self.lanes for m in lane.settings]
+        return [points[i] for i in pareto_front([(m.p50_ms, m.accuracy) for _, m in points])]
 
     @property
     def backend_label(self) -> str:
@@ -211,7 +220,27 @@ def header_comments(outcome: Outcome) -> list[str]:
             f"Measured with --backend {plan.backend}, not on the profile's {profile.backend}: tune again on "
             f"{profile.backend} before relying on these values there."
         )
+    return lines + _precision_comments(outcome)
+
+
+def _precision_comments(outcome: Outcome) -> list[str]:
+    """With several precisions: which was chosen, each one's best setting, and the front over all of them."""
+    if not outcome.lanes:
+        return []
+    names = [_precision(lane) for lane in outcome.lanes]
+    lines = [f"Precision: {outcome.precision}, chosen among {', '.join(names)} (each searched with its own dense "
+             f"model timed alongside; Δ and speedup are against that dense model; the objective counts from the "
+             f"{names[0]} dense model's top-1):"]
+    for lane in outcome.lanes:
+        lines.append(f"  {_precision(lane)}: dense {_dense_text(lane)}; best {describe(lane.best, lane.dense)}.")
+    front = ", ".join(f"{name} keep {format_keep(m.keep)} ({100 * m.accuracy:.1f}%, {m.p50_ms:.2f} ms)"
+                      for name, m in outcome.front())
+    lines.append(f"  Pareto front over (precision, keep), fastest first: {front}.")
     return lines
+
+
+def _precision(lane: Outcome) -> str:
+    return lane.plan.target.precision
 
 
 def write_profile(outcome: Outcome) -> None:
@@ -219,6 +248,8 @@ def write_profile(outcome: Outcome) -> None:
     keep = outcome.best.keep
     value: float | tuple[float, ...] = keep[0] if len(set(keep)) == 1 else keep
     profile = replace(outcome.plan.profile, name=outcome.output.stem, keep=value, path=outcome.output)
+    if outcome.precision is not None:  # tune chose among precisions: the profile runs the chosen one
+        profile = replace(profile, precision=outcome.precision)
     dump_profile(profile, outcome.output, header_comments(outcome))
 
 
@@ -234,7 +265,12 @@ def pareto_figure(outcome: Outcome) -> Figure:
         points = [(x_of(m), 100.0 * m.accuracy) for m in outcome.settings]
         everything = [*points, (dense_x, 100.0 * outcome.dense.accuracy)]
         front = [everything[i] for i in pareto_front(everything)]
-        axes.scatter(*zip(*points, strict=True), s=18, color="tab:blue", alpha=0.6, label="measured settings")
+        measured = f"{outcome.precision} settings" if outcome.lanes else "measured settings"
+        axes.scatter(*zip(*points, strict=True), s=18, color="tab:blue", alpha=0.6, label=measured)
+        others = [lane for lane in outcome.lanes if lane.plan is not plan]
+        for lane, color in zip(others, OTHER_PRECISION_COLOURS, strict=False):
+            drawn = [(x_of(m), 100.0 * m.accuracy) for m in lane.settings]
+            axes.scatter(*zip(*drawn, strict=True), s=18, color=color, alpha=0.6, label=f"{_precision(lane)} settings")
         axes.plot(*zip(*front, strict=True), drawstyle="steps-post", color="tab:blue", linewidth=1,
                   label="Pareto front")
         axes.scatter([dense_x], [everything[-1][1]], marker="s", s=70, color="black", label="dense", zorder=3)
@@ -311,6 +347,8 @@ def render(outcome: Outcome, console: Console) -> None:
         console.print(f"[bold green]chosen[/] {describe(outcome.best, dense)}", highlight=False)
     for line in limits(outcome):
         console.print(f"  {line}", highlight=False)
+    for line in _precision_comments(outcome):
+        console.print(line, highlight=False)
     for name, reason in dense.skipped:
         console.print(f"[yellow]skipped[/] {name}: {reason}", highlight=False)
     for warning in plan.warnings:

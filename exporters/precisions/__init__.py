@@ -41,6 +41,9 @@ class Precision:
     # recipe before 11.4.1, which lets TensorRT pick the precision per layer (exporters/tensorrt/plan.py).
     tensorrt_flag: str | None = None
     min_top1_agreement: float = 1.0  # share of CPU check images that must keep the fp32 top-1
+    # The export itself carries the precision (Q/DQ pairs): TensorRT builds it as it is, strongly typed, with no
+    # precision flag (explicit quantization, exporters/tensorrt/plan.py).
+    explicit: bool = False
 
     @property
     def converted(self) -> bool:
@@ -79,14 +82,14 @@ FP16 = Precision(
 )
 
 # INT8 is calibrated at export (`ats-deploy export --precision int8 --calibration DIR`, :mod:`.int8`): the
-# file already holds its Q/DQ pairs, so nothing converts it. TensorRT 10 builds explicit quantization from
-# them; its docs ask for strong typing with no precision flag, INT8 being the weak-typing flag of older builds.
+# file already holds its Q/DQ pairs, so nothing converts it. TensorRT 10 and 11 build explicit quantization
+# from them; their docs ("Explicit Quantization") ask for strong typing and no precision-control flag.
 INT8 = Precision(
     "int8",
     converts="nothing at build: export quantizes the matrix work (patch embedding, qkv, proj, MLP, head) with Q/DQ",
     keeps_float32=(*ATS_FLOAT32, "class-token attention row", "||V||", "compaction"),
-    tensorrt_flag="INT8",
     min_top1_agreement=0.6,  # exporters/validate.py INT8_MIN_TOP1_AGREEMENT_SAMPLED: sampling amplifies int8 noise
+    explicit=True,
 )
 
 _REGISTERED: tuple[Precision, ...] = (FP32, FP16, INT8)

@@ -98,7 +98,10 @@ class _Reader:
         for keep in keeps:
             for start in range(0, len(images), CALIBRATION_BATCH):
                 feed = {"images": images[start : start + CALIBRATION_BATCH]}
-                yield feed if stages is None else {**feed, "keep": np.full(stages, keep, np.float32)}
+                if stages is None:
+                    yield feed
+                else:
+                    yield {**feed, "keep": np.full((len(feed["images"]), stages), keep, np.float32)}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._feeds, None)
@@ -178,7 +181,7 @@ def quantize(source: Path, output: Path, images: np.ndarray, calibration: Calibr
     """
     model = gemm_as_matmul(onnx.load(str(source)))
     keep_input = next((i for i in model.graph.input if i.name == "keep"), None)
-    stages = keep_input.type.tensor_type.shape.dim[0].dim_value if keep_input is not None else None
+    stages = keep_input.type.tensor_type.shape.dim[1].dim_value if keep_input is not None else None
     reader = _Reader(images, calibration.keeps, stages)
     logging.disable(logging.WARNING)  # onnxruntime logs advice to "pre-process" on the root logger: not the user's
     try:
