@@ -458,6 +458,23 @@ ReferenceOpt = Annotated[
     str | None,
     typer.Option("--checkpoint", help="Checkpoint for the PyTorch reference, when the one MODEL records has moved."),
 ]
+PrecisionOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--precision",
+        help="Run at this precision instead of the profile's (fp32, int8); repeat it to measure several side by side "
+        "(--precision fp32 --precision int8): bench quantizes the fp32 export and its dense baseline to int8 the same "
+        "way, on --calibration DIR or else on the first --calibration-images of --data, which are then not measured.",
+        metavar="NAME",
+        show_default=False,
+    ),
+]
+BenchCalibrationOpt = Annotated[
+    Path | None, typer.Option("--calibration", help="int8: a folder of real images to calibrate on, not measured.")
+]
+BenchCalibrationImagesOpt = Annotated[
+    int, typer.Option("--calibration-images", min=1, help="int8: how many images calibrate.")
+]
 DATA_HELP = (
     "Images in ImageFolder layout (`DIR/<class>/<image>`) for top-1 accuracy, or a flat folder of images (no labels: "
     "scored by agreement with the PyTorch dense model). Files that cannot be decoded are skipped and counted."
@@ -483,6 +500,9 @@ def bench_command(
     ] = None,
     keep: KeepOpt = None,
     backend: BackendOpt = None,
+    precision: PrecisionOpt = None,
+    calibration: BenchCalibrationOpt = None,
+    calibration_images: BenchCalibrationImagesOpt = 100,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -514,6 +534,9 @@ def bench_command(
         images=images,
         keep=parse_keep(keep),
         backends=backend,
+        precisions=precision,
+        calibration=calibration,
+        calibration_images=calibration_images,
         out=out,
         class_map=class_map,
         checkpoint=checkpoint,
@@ -718,6 +741,19 @@ def tune(
             "then says it was measured there.",
         ),
     ] = None,
+    precision: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--precision",
+            help="Search at this precision instead of the profile's; repeat it (--precision fp32 --precision int8) "
+            "to choose among precisions too: the tuned profile then gets the chosen precision. int8 calibrates on "
+            "--calibration DIR or else on the first --calibration-images of --data, which no precision measures.",
+            metavar="NAME",
+            show_default=False,
+        ),
+    ] = None,
+    calibration: BenchCalibrationOpt = None,
+    calibration_images: BenchCalibrationImagesOpt = 100,
     class_map: ClassMapOpt = None,
     checkpoint: ReferenceOpt = None,
     trust_checkpoint: TrustOpt = False,
@@ -742,6 +778,9 @@ def tune(
         fresh=fresh,
         images=images,
         backend=backend,
+        precisions=tuple(precision or ()),
+        calibration=calibration,
+        calibration_images=calibration_images,
         class_map=class_map,
         checkpoint=checkpoint,
         trust_checkpoint=trust_checkpoint,
@@ -767,12 +806,13 @@ def build(
     The batch range (min/opt/max) and precision come from the profile. On a machine
     without TensorRT the trtexec command is still printed, for use on the device. An fp16
     build first writes the fp16 ONNX beside the engine (`<engine stem>.fp16.onnx`, which the
-    trtexec command reads) and prints how it agrees with the fp32 ONNX on the CPU.
+    trtexec command reads) and prints how it agrees with the fp32 ONNX on the CPU. An int8 export
+    (`export --precision int8`) is built as it is: explicit quantization from its Q/DQ pairs, strongly typed.
     """
     from .exporters.custom_op import uses_custom_op
     from .exporters.onnx_export import check_output_path
     from .exporters.tensorrt.build import build_engine, write_converted_onnx
-    from .exporters.tensorrt.plan import spec_from, uses_strong_typing
+    from .exporters.tensorrt.plan import needs_conversion, spec_from
     from .exporters.tensorrt.trtexec import trtexec_command
 
     if not model.is_file():
@@ -780,18 +820,167 @@ def build(
     prof = _profile(profile)
     spec = spec_from(model, prof, output, workspace_mb=workspace_mb)
     check_output_path(spec.engine)
+    if spec.precision != prof.precision:
+        console.print(f"{escape(str(model))} holds int8 Q/DQ pairs: building an int8 engine from them (strongly "
+                      f"typed, float32 elsewhere) rather than profile '{prof.name}''s {prof.precision}; bench it "
+                      "under a profile that says `precision: int8`.")
     converted = None
     if uses_custom_op(model):
         console.print("this model holds ats-deploy's AdaptiveTokenSampler nodes: their TensorRT plugin is "
                       "Python (TensorRT >= 10.6), which `ats-deploy build` registers and plain trtexec cannot load.")
     else:
-        if uses_strong_typing(spec, 10):
+        if needs_conversion(spec, 10):
             keep = prof.keep_for(spec.keep_len) if spec.keep_len else None
             converted = write_converted_onnx(spec, console, keep)
         console.print("[bold]equivalent trtexec command[/] (TensorRT 10):")
         console.print(Text(trtexec_command(spec)), soft_wrap=True, highlight=False)
     engine = build_engine(spec, console, converted)
     console.print(f"built [bold]{escape(str(engine))}[/]")
+
+
+@command()
+def triton(
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="An ONNX file from `ats-deploy export --dynamic`, or a TensorRT engine (.plan/.engine) from "
+            "`ats-deploy build` (with the ENGINE.json beside it).",
+            show_default=False,
+        ),
+    ],
+    profile: Annotated[
+        str, typer.Option("--profile", help="Device profile: its serving section sets batching and instances.")
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="The model repository folder (created if missing).")
+    ] = Path("model_repository"),
+    name: Annotated[
+        str | None, typer.Option("--name", help="Model name in the repository (default: MODEL's file stem).")
+    ] = None,
+) -> None:
+    """Write a Triton Inference Server model repository: NAME/config.pbtxt and NAME/1/model.onnx or model.plan.
+
+    Triton batches requests up to the profile's serving.max_batch_size; keep is an input with one row per
+    image, so requests with different budgets share a batch. An existing NAME folder is never overwritten.
+    """
+    from .serving.repository import docker_command, write
+
+    prof = _profile(profile)
+    with console.status(f"writing the model repository {escape(str(output))}"):
+        written = write(model, prof, output, name)
+    config = written.config
+    batching = f"batches up to {config.max_batch_size}" if config.max_batch_size else "no batching (static export)"
+    console.print(f"wrote [bold]{escape(str(written.folder))}[/]: {config.platform}, {batching}, "
+                  f"{config.instance_group[0].count} instance(s) on the {'GPU' if written.on_gpu else 'CPU'}")
+    if written.source.tensorrt_version:
+        console.print(f"the engine needs TensorRT {written.source.tensorrt_version}: pick the Triton release that "
+                      "ships it (NVIDIA's frameworks support matrix) for <yy.mm>.")
+    console.print("[bold]serve it[/] with NVIDIA's Triton container:")
+    console.print(Text(docker_command(output, written.on_gpu)), soft_wrap=True, highlight=False)
+
+
+@command()
+def serve(
+    model: Annotated[
+        Path,
+        typer.Argument(help="An ONNX file from `ats-deploy export --dynamic`, or a TensorRT engine from "
+                       "`ats-deploy build` (for a TensorRT profile).", show_default=False),
+    ],
+    profile: Annotated[
+        str, typer.Option("--profile", help="Device profile: backend, precision, threads, default keep, batching.")
+    ],
+    http_port: Annotated[int, typer.Option("--http-port", min=1, max=65535, help="Triton's HTTP port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option("--grpc-port", min=1, max=65535, help="Triton's gRPC port.")] = 8001,
+    metrics_port: Annotated[
+        int, typer.Option("--metrics-port", min=1, max=65535, help="Triton's Prometheus metrics port.")
+    ] = 8002,
+) -> None:
+    """Serve MODEL with NVIDIA Triton Inference Server (PyTriton) until Ctrl-C or SIGTERM.
+
+    Inputs: images FP32 [3, H, W] and, optional, keep FP32 [S] (default: the profile's); outputs logits and
+    tokens. Triton's dynamic batcher batches requests with different keep rows together; a request with a bad
+    keep gets its own error without failing the others. Health, readiness and metrics are Triton's.
+    """
+    from .serving.server import Ports
+    from .serving.server import serve as run_server
+
+    run_server(model, profile, Ports(http_port, grpc_port, metrics_port), console)
+
+
+@command()
+def loadtest(
+    url: Annotated[
+        str,
+        typer.Argument(help="The Triton server: host:port (HTTP, e.g. localhost:8000) or grpc://host:port.",
+                       show_default=False),
+    ],
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="Images in ImageFolder layout (`DIR/<class>/<image>`, wnid folders map to "
+                     "ImageNet indices) for top-1 accuracy, or a flat folder of images (no accuracy)."),
+    ],
+    concurrency: Annotated[
+        str | None,
+        typer.Option("--concurrency", help="Closed loop: requests in flight, one level each, e.g. 1,4,16."),
+    ] = None,
+    rate: Annotated[
+        str | None,
+        typer.Option("--rate", help="Open loop: Poisson arrivals per second, one level each, e.g. 20,40. Latency "
+                     "runs from each request's scheduled arrival, so overload shows as growing latency."),
+    ] = None,
+    duration: Annotated[float, typer.Option("--duration", help="Seconds per level.")] = 10.0,
+    keep: Annotated[
+        str | None,
+        typer.Option("--keep", help="Keeps to mix, comma-separated (each request picks one), e.g. 0.5,0.7,1.0; a "
+                     "per-stage keep joins its values with ':'. Default: none sent (the server's default)."),
+    ] = None,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per request.")] = 1,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds after which a request counts as timed out.")
+    ] = 10.0,
+    images: Annotated[int | None, typer.Option("--images", min=1, help="At most N images of --data.")] = None,
+    model_name: Annotated[
+        str | None, typer.Option("--model-name", help="The served model (default: the server's only model).")
+    ] = None,
+    model_file: Annotated[
+        Path | None,
+        typer.Option("--model", help="The exported file the server serves, for its pre-processing and --verify "
+                     "(default: the server's model config, else timm's defaults)."),
+    ] = None,
+    verify: Annotated[
+        int, typer.Option("--verify", min=0, help="Compare N answers with the PyTorch reference; exit 1 on a "
+                          "mismatch that is not a float-tie flip.")
+    ] = 0,
+    checkpoint: ReferenceOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", help="Folder for results.json, results.csv and the latency-throughput plot.",
+                     show_default="./results/<time>-loadtest/"),
+    ] = None,
+) -> None:
+    """Load a Triton server serving an ATS model: throughput, latency percentiles, errors, kept tokens, top-1.
+
+    Closed loop (--concurrency) and open loop (--rate) levels run for --duration seconds each, on the images of
+    --data pre-processed as the export says, with keep mixed per request (--keep).
+    """
+    from .serving.loadtest import Request
+    from .serving.loadtest import loadtest as run_loadtest
+    from .serving.loadtest_report import render
+
+    request = Request(
+        url=url, data=data, concurrency=concurrency, rate=rate, duration=duration, keep=keep, batch=batch,
+        timeout=timeout, images=images, model_name=model_name, model_file=model_file, verify=verify,
+        checkpoint=checkpoint, trust_checkpoint=trust_checkpoint, output=output,
+    )
+    result, files = run_loadtest(request, err_console)
+    render(result, console)
+    console.print(Text(f"wrote {files[0].parent}/: {', '.join(p.name for p in files)}"), highlight=False)
+    if result.verification is not None and not result.verification.ok:
+        from .errors import ValidationFailed
+
+        raise ValidationFailed("the served model disagrees with the PyTorch reference beyond float-tie flips "
+                               "(mismatches above).", "Check the served file with `ats-deploy validate MODEL`.")
 
 
 def _interrupted() -> NoReturn:

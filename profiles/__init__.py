@@ -17,6 +17,7 @@ editable install), so only one of them may exist.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
@@ -47,9 +48,13 @@ _REQUIRED = (
     "warmup",
     "iterations",
 )
-_OPTIONAL = ("threads", "static", "latency_budget_ms", "dla_core", "gpu_fallback")
+_OPTIONAL = ("threads", "static", "latency_budget_ms", "dla_core", "gpu_fallback", "serving")
 _KEYS = _REQUIRED + _OPTIONAL
 _SHAPE_KEYS = ("min", "opt", "max")
+_SERVING_KEYS = ("max_batch_size", "preferred_batch_sizes", "max_queue_delay_us", "instances")
+# How long a server waits for more requests to fill a batch when the profile does not say: short
+# enough not to show in a ViT's latency, long enough for concurrent requests to share a batch.
+DEFAULT_QUEUE_DELAY_US = 100
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,16 @@ class Shapes:
     min: int
     opt: int
     max: int
+
+
+@dataclass(frozen=True)
+class Serving:
+    """How a server (Triton) batches requests for the model and how many copies of it run."""
+
+    max_batch_size: int  # the largest batch the server forms
+    preferred_batch_sizes: tuple[int, ...]  # batch sizes it waits for, up to max_queue_delay_us; empty: any
+    max_queue_delay_us: int  # how long a request may wait for others to join its batch
+    instances: int  # copies of the model running side by side on the device
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,7 @@ class Profile:
     latency_budget_ms: float | None = None  # tune's --latency-ms when no objective is given
     dla_core: int | None = None
     gpu_fallback: bool = False
+    serving: Serving | None = None  # None: derived from batch and shapes (serving_settings)
     # Where a profile lives does not change what it says: two profiles read from
     # different files compare equal when their contents do.
     path: Path | None = field(default=None, compare=False)
@@ -87,6 +103,13 @@ class Profile:
     def keep_for(self, stages: int) -> list[float]:
         """The ``keep`` value of each of the model's ``stages`` ATS stages."""
         return Keep.parse(self.keep).per_stage(stages, owner=f"profile '{self.name}'")
+
+    def serving_settings(self) -> Serving:
+        """The ``serving`` section, or what batch and shapes imply: batches up to ``shapes.max``, preferring ``batch``.
+
+        An engine built from the profile runs any batch up to ``shapes.max``; ``batch`` is the size it is tuned for.
+        """
+        return self.serving or _serving_defaults(self.batch, self.shapes)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -196,13 +219,6 @@ def _keep(data: dict, check: _Checker) -> float | tuple[float, ...]:
 
 
 def _precision(data: dict, check: _Checker) -> str:
-    value = data["precision"]
-    if value == "int8":
-        raise check.fail(
-            "precision",
-            "is 'int8', which is not supported: int8 needs calibration or a quantized model, "
-            "which ats-deploy does not produce; use fp16 or fp32.",
-        )
     return check.choice(data, "precision", PRECISIONS)
 
 
@@ -221,6 +237,50 @@ def _shapes(data: dict, batch: int, check: _Checker) -> Shapes:
     if not shapes.min <= batch <= shapes.max:
         raise check.fail("batch", f"is {batch}, outside shapes [{shapes.min}, {shapes.max}]")
     return shapes
+
+
+def _serving_defaults(batch: int, shapes: Shapes) -> Serving:
+    preferred = (batch,) if batch > 1 else ()  # a preferred size of 1 would send every request alone
+    return Serving(shapes.max, preferred, DEFAULT_QUEUE_DELAY_US, instances=1)
+
+
+def _serving(data: dict, batch: int, shapes: Shapes, check: _Checker) -> Serving | None:
+    """The optional ``serving`` section; keys it leaves out take the defaults the batch and shapes imply."""
+    value = data.get("serving")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise check.wrong_type("serving", f"a mapping with the keys {', '.join(_SERVING_KEYS)}", value)
+    unknown = [str(key) for key in value if key not in _SERVING_KEYS]
+    if unknown:
+        raise check.fail("serving", f"has unknown key '{unknown[0]}'; valid keys: {', '.join(_SERVING_KEYS)}")
+    section = {f"serving.{key}": item for key, item in value.items()}  # messages name serving.KEY
+    default = _serving_defaults(batch, shapes)
+    largest = check.optional_int(section, "serving.max_batch_size", 1) or default.max_batch_size
+    if "preferred_batch_sizes" in value:
+        preferred = _preferred(section, largest, check)
+    else:
+        preferred = tuple(size for size in default.preferred_batch_sizes if size <= largest)
+    delay = check.optional_int(section, "serving.max_queue_delay_us", 0)
+    instances = check.optional_int(section, "serving.instances", 1)
+    return Serving(
+        max_batch_size=largest,
+        preferred_batch_sizes=preferred,
+        max_queue_delay_us=default.max_queue_delay_us if delay is None else delay,
+        instances=instances or default.instances,
+    )
+
+
+def _preferred(section: dict, largest: int, check: _Checker) -> tuple[int, ...]:
+    key = "serving.preferred_batch_sizes"
+    sizes = section[key]
+    if not isinstance(sizes, list) or not all(_is_int(size) and size > 0 for size in sizes):
+        raise check.wrong_type(key, "a list of batch sizes greater than 0", sizes)
+    if sorted(set(sizes)) != sizes:
+        raise check.fail(key, f"must be in increasing order without repeats, got {sizes}")
+    if sizes and sizes[-1] > largest:
+        raise check.fail(key, f"holds {sizes[-1]}, more than serving.max_batch_size {largest}")
+    return tuple(sizes)
 
 
 def _check_target(profile: Profile, check: _Checker) -> None:
@@ -242,7 +302,12 @@ def _check_target(profile: Profile, check: _Checker) -> None:
             raise check.fail("static", "must be true with dla_core: DLA engines have static shapes")
     if profile.precision not in backend.precisions:
         runs = " or ".join(backend.precisions)
-        raise check.fail("precision", f"{profile.precision} is not useful on the {backend.label} backend; use {runs}")
+        owners = ", ".join(precisions.get(profile.precision).backends())
+        raise check.fail(
+            "precision",
+            f"{profile.precision} is not useful on the {backend.label} backend; use {runs} "
+            f"({profile.precision} runs on: {owners})",
+        )
 
 
 def parse_profile(data: dict, name: str, path: Path | None) -> Profile:
@@ -253,6 +318,7 @@ def parse_profile(data: dict, name: str, path: Path | None) -> Profile:
     _check_keys(data, check)
     batch = check.positive_int(data, "batch")
     latency = data.get("latency_budget_ms")
+    shapes = _shapes(data, batch, check)
     profile = Profile(
         name=name,
         path=path,
@@ -262,7 +328,7 @@ def parse_profile(data: dict, name: str, path: Path | None) -> Profile:
         precision=_precision(data, check),
         keep=_keep(data, check),
         batch=batch,
-        shapes=_shapes(data, batch, check),
+        shapes=shapes,
         warmup=check.positive_int(data, "warmup"),
         iterations=check.positive_int(data, "iterations"),
         threads=check.optional_int(data, "threads", 1),
@@ -272,6 +338,7 @@ def parse_profile(data: dict, name: str, path: Path | None) -> Profile:
         else check.finite_positive("latency_budget_ms", latency, "a number of milliseconds"),
         dla_core=check.optional_int(data, "dla_core", 0),
         gpu_fallback=check.flag(data, "gpu_fallback"),
+        serving=_serving(data, batch, shapes, check),
     )
     _check_target(profile, check)
     return profile
@@ -392,6 +459,9 @@ def _as_data(profile: Profile) -> dict[str, Any]:
         "gpu_fallback": profile.gpu_fallback or None,
     }
     data.update({key: value for key, value in optional.items() if value is not None})
+    if profile.serving is not None:
+        serving = dataclasses.asdict(profile.serving)  # keeps the tuple, which safe_dump cannot write
+        data["serving"] = {**serving, "preferred_batch_sizes": list(profile.serving.preferred_batch_sizes)}
     return data
 
 

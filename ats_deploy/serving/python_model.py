@@ -1,0 +1,137 @@
+"""The model Triton's Python backend runs for ``ats-deploy serve``: an export on a backend of the registry.
+
+Triton's Python backend imports :class:`TritonPythonModel` (through the ``model.py`` that
+:mod:`.server` writes into the model folder) in a process of its own per instance. Each
+``execute`` gets the requests the dynamic batcher put together. Every request's ``keep`` is
+checked on its own and a bad one gets its own error (``InferenceResponse(error=...)``), so it
+never fails the requests it was batched with; the good ones run as one batch, each with its
+own keep row (ATS_SPEC section 4). PyTriton's inference callables cannot do this: a callable
+answers a whole batch or raises, and the raise fails every request in it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ats_deploy.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ats_deploy.backends import Runner
+
+PARAMETER = "ats_deploy_serve"  # the model config parameter that carries the Settings, as JSON
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a model instance opens: the exported file, on which backend, and the keep a request without one gets."""
+
+    model: str
+    backend: str
+    precision: str
+    threads: int | None
+    keep: list[float]
+    workdir: str  # where a backend may write converted files
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_config(cls, model_config: dict[str, Any]) -> Settings:
+        """The settings in a model config as Triton hands it to ``initialize`` (parsed JSON)."""
+        return cls(**json.loads(model_config["parameters"][PARAMETER]["string_value"]))
+
+
+def open_runner(settings: Settings) -> Runner:
+    """The settings' exported file opened on their backend, as bench opens it."""
+    from ats_deploy import backends
+
+    options = backends.RunOptions(settings.precision, settings.threads, Path(settings.workdir))
+    return backends.get(settings.backend).open(Path(settings.model), options)
+
+
+def keep_problem(keep: np.ndarray, images: int) -> str | None:
+    """Why a request's keep rows ``[n, S]`` cannot run (the rules of spec section 2), or ``None`` when they can.
+
+    Triton has already checked the dtype and the row length against the model config.
+    """
+    from ats_deploy.keep import Keep
+
+    if len(keep) != images:
+        return f"keep has {len(keep)} rows for {images} images: send one row per image (or no keep)"
+    for row in keep.tolist():
+        try:
+            Keep(tuple(row))
+        except UserError as err:
+            return f"keep row {row}: {err.message}"
+    return None
+
+
+def run_batch(runner: Runner, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Run several requests' ``(images, keep rows)`` as one batch; each request's ``(logits, tokens)`` in order."""
+    import numpy as np
+    import torch
+
+    images = np.concatenate([pixels for pixels, _ in requests])
+    keep = np.concatenate([rows for _, rows in requests])
+    logits, tokens = runner(torch.from_numpy(images), torch.from_numpy(keep))
+    ends = np.cumsum([len(pixels) for pixels, _ in requests])[:-1]
+    return list(zip(np.split(np.asarray(logits), ends), np.split(np.asarray(tokens), ends), strict=True))
+
+
+class TritonPythonModel:
+    """The Python backend's model interface: ``initialize`` once per instance, ``execute`` per batch of requests."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        import numpy as np
+
+        settings = Settings.from_config(json.loads(args["model_config"]))
+        self.runner = open_runner(settings)
+        self.default_keep = np.asarray(settings.keep, dtype=np.float32)
+
+    def execute(self, requests: list) -> list:
+        """One response per request, in order: the bad ones answered with their error, the good ones run together."""
+        import triton_python_backend_utils as pb_utils
+
+        parsed = [self._parse(pb_utils, request) for request in requests]
+        answers: dict[int, Any] = {
+            i: _error(pb_utils, item, pb_utils.TritonError.INVALID_ARG) for i, item in enumerate(parsed)
+            if isinstance(item, str)
+        }
+        good = [i for i in range(len(requests)) if i not in answers]
+        if good:
+            answers.update(self._run(pb_utils, good, [parsed[i] for i in good]))
+        return [answers[i] for i in range(len(requests))]
+
+    def _parse(self, pb_utils: Any, request: Any) -> tuple[np.ndarray, np.ndarray] | str:
+        """A request's ``(images, keep rows)``, its keep the profile's when it sent none; or what is wrong with it."""
+        import numpy as np
+
+        images = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()
+        sent = pb_utils.get_input_tensor_by_name(request, "keep")
+        if sent is None:
+            return images, np.tile(self.default_keep, (len(images), 1))
+        keep = sent.as_numpy()
+        problem = keep_problem(keep, len(images))
+        return problem if problem else (images, keep)
+
+    def _run(self, pb_utils: Any, indices: list[int], requests: list) -> dict[int, Any]:
+        try:
+            outputs = run_batch(self.runner, requests)
+        except Exception as exc:  # the runtime failed the whole batch: every request in it learns why
+            return {i: _error(pb_utils, f"the model failed on this batch: {exc}", pb_utils.TritonError.INTERNAL)
+                    for i in indices}
+        return {
+            i: pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor("logits", logits), pb_utils.Tensor("tokens", tokens.astype("int64"))]
+            )
+            for i, (logits, tokens) in zip(indices, outputs, strict=True)
+        }
+
+
+def _error(pb_utils: Any, message: str, code: int) -> Any:
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

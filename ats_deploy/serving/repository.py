@@ -1,0 +1,272 @@
+"""A Triton Inference Server model repository for an exported ATS model.
+
+``<repository>/<name>/config.pbtxt`` beside ``1/model.onnx`` (Triton's onnxruntime backend)
+or ``1/model.plan`` (its TensorRT backend). The config is built as Triton's own
+``ModelConfig`` protobuf (the schema tritonclient ships) and written in protobuf's text
+format, so a field name or value the schema lacks fails here rather than when the server
+starts. Batching and instances come from the device profile (its ``serving`` section).
+
+``keep`` is a required input: Triton only leaves out an input marked ``optional`` for
+backends that handle its absence, and onnxruntime refuses to run a graph without a value
+for each of its inputs; the exported graph has no default for ``keep``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from .. import artifact as artifacts
+from .. import backends
+from ..errors import UserError
+from ..profiles import Profile, Serving
+
+VERSION = "1"  # the model version folder Triton serves
+CONFIG = "config.pbtxt"
+# Model names are folder names and URL path segments (/v2/models/NAME): letters, digits, '_', '.', '-'.
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+_BAD_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_.-]")
+_EXPORT = "`ats-deploy export CHECKPOINT --dynamic`"
+_REBUILD = "`ats-deploy build MODEL.onnx --profile NAME`"
+
+
+@dataclass(frozen=True)
+class Source:
+    """The exported file to serve, what its metadata says, and how Triton runs it."""
+
+    path: Path
+    artifact: artifacts.Artifact
+    platform: str  # Triton's backend for the file: onnxruntime_onnx or tensorrt_plan
+    filename: str  # the name that platform loads from the version folder
+    engine_batch: tuple[int, int, int] | None = None  # an engine's optimization profile: min, opt, max batch
+    tensorrt_version: str | None = None  # an engine's: only a server with this TensorRT can load it
+
+    @property
+    def is_engine(self) -> bool:
+        return self.engine_batch is not None
+
+
+@dataclass(frozen=True)
+class Repository:
+    """What :func:`write` wrote: the model folder and its config."""
+
+    folder: Path
+    config: mc.ModelConfig
+    source: Source
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the instances run on a GPU (the server then needs one: ``docker run --gpus``)."""
+        return any(group.kind == mc.ModelInstanceGroup.KIND_GPU for group in self.config.instance_group)
+
+
+def default_name(path: Path) -> str:
+    """The file's stem with the characters Triton's model names cannot hold replaced by ``_``."""
+    return _BAD_NAME_CHARACTERS.sub("_", path.stem).lstrip(".") or "model"
+
+
+def check_name(name: str) -> str:
+    """``name`` if Triton (and a folder, and a URL) can use it as a model name."""
+    if not _NAME.fullmatch(name):
+        raise UserError(
+            f"'{name}' cannot be a Triton model name: use letters, digits, '_', '.' and '-', not starting with '.'.",
+            hint=f"For example --name {default_name(Path(name + '.onnx'))}.",
+        )
+    return name
+
+
+def open_source(path: Path) -> Source:
+    """The exported ONNX file or TensorRT engine at ``path``, refused when Triton could not serve it as exported."""
+    if not path.is_file():
+        raise UserError(f"{path} not found.", hint=f"Export a model with {_EXPORT}, or build an engine: {_REBUILD}.")
+    suffix = path.suffix.lower()
+    if suffix in artifacts.ENGINE_SUFFIXES:
+        artifact, info = artifacts.read_engine(path)
+        source = Source(path, artifact, "tensorrt_plan", "model.plan", _engine_batch(info, path),
+                        info.get("tensorrt_version"))
+    elif suffix == ".onnx":
+        source = Source(path, artifacts.read(path), "onnxruntime_onnx", "model.onnx")
+    else:
+        raise UserError(f"{path} is neither an ONNX file (.onnx) nor a TensorRT engine (.plan, .engine).",
+                        hint=f"Serve the file {_EXPORT} wrote, or an engine from {_REBUILD}.")
+    _check_servable(source)
+    return source
+
+
+def _engine_batch(info: dict, engine: Path) -> tuple[int, int, int]:
+    """The batch range the engine was built for, as ``ats-deploy build`` records it in ``<engine>.json``."""
+    batch = info.get("batch")
+    if not (isinstance(batch, list) and len(batch) == 3 and all(type(size) is int for size in batch)):
+        raise UserError(
+            f"{engine}.json records no batch range [min, opt, max] ({batch!r}), which Triton's max_batch_size must "
+            "fit in.",
+            hint=f"Rebuild the engine with {_REBUILD}.",
+        )
+    return batch[0], batch[1], batch[2]
+
+
+def _check_servable(source: Source) -> None:
+    artifact = source.artifact
+    if artifact.ats_op != artifacts.SUBGRAPH:
+        raise UserError(
+            f"{source.path} holds ats-deploy's {artifact.ats_op} ATS op, whose kernel (onnxruntime) and plugin "
+            "(TensorRT) are Python: Triton's onnxruntime and TensorRT backends cannot load them.",
+            hint=f"Export with the default --ats-op subgraph: {_EXPORT}.",
+        )
+    if not artifact.stages:
+        raise UserError(
+            f"{source.path} has no ATS stages, so its keep and tokens are [batch, 0], a shape Triton's config cannot "
+            "declare (each dimension is at least 1).",
+            hint="Export it with ATS stages (--stages), or serve the dense model without ats-deploy.",
+        )
+
+
+def on_gpu(source: Source, profile: Profile) -> bool:
+    """Whether the model's instances run on a GPU: an engine always; an ONNX file where the profile's backend does."""
+    backend = backends.get(profile.backend)
+    if not backend.exports:
+        raise UserError(
+            f"profile '{profile.name}' runs the PyTorch reference ({backend.label}), which Triton does not serve.",
+            hint="Use a profile for onnxruntime (cpu) or TensorRT (server-gpu).",
+        )
+    if source.is_engine and not backend.engines:
+        raise UserError(
+            f"{source.path} is a TensorRT engine, which runs on an NVIDIA GPU, but profile '{profile.name}' runs on "
+            f"{backend.label}.",
+            hint="Use the profile the engine was built with (server-gpu, desktop-gpu, jetson), or serve the ONNX file.",
+        )
+    return source.is_engine or backend.default_threads is None  # threads apply on CPUs only
+
+
+def _batching(source: Source, profile: Profile) -> Serving:
+    """The profile's serving settings, refused where the engine cannot run every batch Triton may send it (1 to max)."""
+    serving = profile.serving_settings()
+    if source.engine_batch is None:
+        return serving
+    low, _, high = source.engine_batch
+    largest = serving.max_batch_size
+    if low > 1:
+        raise UserError(
+            f"engine {source.path} runs batches of {low} to {high}, but Triton also sends smaller ones (from 1).",
+            hint=f"Rebuild it with a profile whose shapes.min is 1: {_REBUILD}.",
+        )
+    if largest > high:
+        raise UserError(
+            f"profile '{profile.name}' serves batches of up to {largest} (serving.max_batch_size), but engine "
+            f"{source.path} was built for batches of at most {high}.",
+            hint=f"Rebuild the engine with a profile whose shapes.max is at least {largest} ({_REBUILD}), or set "
+            f"serving.max_batch_size to at most {high} in profile '{profile.name}'.",
+        )
+    return serving
+
+
+def build_config(source: Source, profile: Profile, name: str) -> mc.ModelConfig:
+    """Triton's model config for ``source`` served with ``profile`` (ATS_SPEC section 4, batch dimension implicit).
+
+    A static export's batch is fixed, so Triton could not send it smaller batches: it gets
+    ``max_batch_size: 0`` (no server-side batching) and full shapes, and every request carries that many images.
+    """
+    artifact = source.artifact
+    stages = len(artifact.stages)
+    gpu = on_gpu(source, profile)
+    config = mc.ModelConfig(name=name, platform=source.platform)
+    if artifact.dynamic:
+        serving = _batching(source, profile)
+        config.max_batch_size = serving.max_batch_size
+        config.dynamic_batching.preferred_batch_size.extend(serving.preferred_batch_sizes)
+        config.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
+        batch: list = []
+    else:
+        batch = [artifact.batch]
+    config.input.add(name="images", data_type=mc.TYPE_FP32, dims=[*batch, *artifact.input_size])
+    if artifact.dynamic:
+        config.input.add(name="keep", data_type=mc.TYPE_FP32, dims=[stages])
+    config.output.add(name="logits", data_type=mc.TYPE_FP32, dims=[*batch, artifact.num_classes])
+    config.output.add(name="tokens", data_type=mc.TYPE_INT64, dims=[*batch, stages])
+    kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+    config.instance_group.add(count=profile.serving_settings().instances, kind=kind)
+    for key, value in artifact.to_metadata().items():  # readable back with Artifact.from_metadata
+        config.parameters[key].string_value = value
+    if not gpu and profile.threads is not None and source.platform == "onnxruntime_onnx":
+        config.parameters["intra_op_thread_count"].string_value = str(profile.threads)
+    return config
+
+
+def render(config: mc.ModelConfig) -> str:
+    """``config.pbtxt``: the config in protobuf's text format, which Triton reads."""
+    return text_format.MessageToString(config)
+
+
+def read_config(folder: Path) -> mc.ModelConfig:
+    """The config of the model in ``folder``, parsed with Triton's schema (an unknown field or value is an error)."""
+    path = folder / CONFIG
+    try:
+        return text_format.Parse(path.read_text(encoding="utf-8"), mc.ModelConfig())
+    except (OSError, text_format.ParseError) as exc:
+        raise UserError(f"cannot read {path} as a Triton model config: {exc}") from None
+
+
+def write(model: Path, profile: Profile, repository: Path, name: str | None = None) -> Repository:
+    """Write ``<repository>/<name>/`` for ``model`` served with ``profile``; an existing model folder is refused."""
+    source = open_source(Path(model))
+    name = default_name(source.path) if name is None else check_name(name)
+    config = build_config(source, profile, name)
+    folder = Path(repository) / name
+    if folder.exists():
+        raise UserError(
+            f"{folder} already exists: a model repository holds one folder per model name.",
+            hint="Choose another name with --name, or remove that folder first (Triton unloads a model whose folder "
+            "is removed when it polls the repository).",
+        )
+    try:
+        _write_folder(folder, render(config), source)
+    except OSError as exc:
+        raise UserError(f"cannot write the model repository {repository}: {exc.strerror or exc}.") from None
+    return Repository(folder, config, source)
+
+
+def _write_folder(folder: Path, config_text: str, source: Source) -> None:
+    """Build the model folder beside its place and rename it in: a server polling the repository never loads half of it.
+
+    The staging folder (``.NAME.*.tmp``) is removed on any failure, Ctrl-C included. It lies in the repository,
+    on the same file system as its target; Triton lists hidden folders too, so a server polling meanwhile logs
+    one failed poll of it (seen with Triton 2.51) and loads the model at its next poll.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        (staging / CONFIG).write_text(config_text, encoding="utf-8")
+        (staging / VERSION).mkdir()
+        shutil.copyfile(source.path, staging / VERSION / source.filename)
+        staging.chmod(0o777 & ~_umask())  # mkdtemp's folder is private; the server may run as another user
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def docker_command(repository: Path, gpu: bool) -> str:
+    """The ``docker run`` line that serves ``repository`` with NVIDIA's Triton container (HTTP, gRPC, metrics ports).
+
+    ``<yy.mm>`` is the container release to pick: for an engine, one whose TensorRT is the engine's.
+    """
+    gpus = "--gpus all " if gpu else ""
+    mount = shlex.quote(f"{Path(repository).resolve()}:/models")
+    return (
+        f"docker run --rm {gpus}-p 8000:8000 -p 8001:8001 -p 8002:8002 -v {mount} "
+        "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models"
+    )
