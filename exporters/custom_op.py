@@ -236,13 +236,13 @@ def _list(items) -> str:
     return f"{len(shown)} tensors: " + ", ".join(shown)
 
 
-def _static_length(stage: _Stage, u, previous: int | None) -> int:
+def _static_length(stage: _Stage, u, previous: int | None, prefix: int) -> int:
     """The stage's static token count, else :data:`DYNAMIC`.
 
     The k of its TopK when constant. A static export's last stage has no TopK when
     the head pools the class token (the last block computes only that token's row,
     so nothing is compacted); there it is ``min(K, tokens reaching the stage)``, as
-    the static reference pads to: ``K - 1`` is the static length of its quantile
+    the static reference pads to: ``K - P`` is the static length of its quantile
     row ``u``, the tokens reaching it the static length of the stage before
     (``previous``; None for the first stage, which the model's ``n0 >= K`` feeds).
     """
@@ -253,13 +253,13 @@ def _static_length(stage: _Stage, u, previous: int | None) -> int:
     drawn = shape[-1] if shape else None
     if not isinstance(drawn, int) or previous == DYNAMIC:
         return DYNAMIC
-    return drawn + 1 if previous is None else min(drawn + 1, previous)
+    return drawn + prefix if previous is None else min(drawn + prefix, previous)
 
 
 def _replace(graph, stage: _Stage, previous: int | None, prefix: int) -> int:
     """Swap the stage's subgraph for one node; returns its static length (or :data:`DYNAMIC`)."""
     inputs, outputs = _interface(graph, stage)
-    length = _static_length(stage, inputs[2], previous)
+    length = _static_length(stage, inputs[2], previous, prefix)
     for node in stage.nodes:  # detach the subgraph; cleanup() then drops it
         node.inputs.clear()
         node.outputs.clear()

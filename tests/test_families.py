@@ -324,3 +324,20 @@ def test_a_feature_extractor_export_says_it_has_no_head_and_counts_no_head_flops
     tokens = exported.run(random_images(2, data_config(model.vit), seed=7).numpy())[1]
     expected = CostModel.of(model).gflops(torch.as_tensor(tokens)).numpy()
     np.testing.assert_allclose(exported.gflops(tokens), expected, rtol=1e-9)
+
+
+def test_a_static_one_node_sampler_export_pads_each_stage_to_its_budget_with_prefix_tokens(tmp_path):
+    """Static ``--ats-op custom`` with P = 5: every node's static length is ``min(K, tokens reaching it)``, K
+    counting the prefix tokens (the last stage, which has no TopK to read it from, included), and it validates."""
+    arch, kwargs = MODELS["vit_registers"]
+    vit = _small(arch, **kwargs)
+    model = build(vit, arch, stages=[1, len(vit.blocks) - 1])
+    options = ExportOptions(dynamic=False, batch=2, keep=[0.5, 12.0], ats_op="custom", source="random:0")
+    path = export(model, tmp_path / "static-custom.onnx", options)
+    budget = read(str(path)).budget
+    nodes = [n for n in onnx.load(str(path)).graph.node if n.op_type == "AdaptiveTokenSampler"]
+    lengths = [onnx.helper.get_attribute_value(a) for n in nodes for a in n.attribute if a.name == "length"]
+    assert lengths == [min(budget[0], model.n0), min(budget[1], budget[0])]
+    images = random_images(2, data_config(vit), seed=8)
+    report = validate(str(path), model, ["image 0", "image 1"], images, [])
+    assert report.ok, report.failures
