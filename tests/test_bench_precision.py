@@ -169,6 +169,23 @@ def test_tune_chooses_among_precisions_and_writes_the_chosen_one_into_the_profil
     assert Path("profiles/cpu-tuned.pareto.png").is_file()
 
 
+@pytest.mark.slow
+def test_tune_at_one_precision_writes_it_into_the_profile(exported, monkeypatch):
+    """`tune --precision int8` on the fp32 `cpu` profile: the tuned profile runs int8, as it was measured."""
+    from ats_deploy.bench.tune import search
+    from ats_deploy.profiles import load_profile
+
+    monkeypatch.setattr(search, "COARSE", (1.0, 0.5))
+    monkeypatch.setattr(search, "ROUNDS", 0)
+    fast_profile("cpu")
+    write_images(Path("data"), 6, seed=4)
+    result = invoke("tune", "--profile", "cpu", "--data", "data", "--max-drop", 100, "--precision", "int8",
+                    "--calibration-images", 3)
+    assert result.exit_code == 0, result.output
+    assert load_profile("cpu").precision == "fp32"
+    assert load_profile("profiles/cpu-tuned.yaml").precision == "int8"
+
+
 def test_tune_refuses_a_precision_its_backend_cannot_run_before_measuring(exported):
     write_images(Path("data"), 4, seed=3)
     result = invoke("tune", "--profile", "cpu", "--data", "data", "--max-drop", 1, "--precision", "fp32",

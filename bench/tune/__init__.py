@@ -175,6 +175,8 @@ def tune(request: Request, status: Console) -> Outcome:
     if len(lanes) > 1:
         chosen = min(lanes, key=lambda lane: lane.objective.rank(lane.best))
         outcome = replace(chosen, precision=chosen.plan.target.precision, lanes=lanes)
+    elif request.precisions:  # one --precision: the tuned profile runs the precision it was measured at
+        outcome = replace(outcome, precision=outcome.plan.target.precision)
     save(pareto_figure(outcome), outcome.plot)
     if outcome.met:
         write_profile(outcome)

@@ -248,7 +248,7 @@ def write_profile(outcome: Outcome) -> None:
     keep = outcome.best.keep
     value: float | tuple[float, ...] = keep[0] if len(set(keep)) == 1 else keep
     profile = replace(outcome.plan.profile, name=outcome.output.stem, keep=value, path=outcome.output)
-    if outcome.precision is not None:  # tune chose among precisions: the profile runs the chosen one
+    if outcome.precision is not None:  # tune --precision: the profile runs the precision chosen (or the one asked)
         profile = replace(profile, precision=outcome.precision)
     dump_profile(profile, outcome.output, header_comments(outcome))
 
