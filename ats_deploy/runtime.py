@@ -26,6 +26,7 @@ from PIL import Image
 
 from .artifact import ENGINE_SUFFIXES, EXPORT_HINT, Artifact, load, of_onnx, read_engine
 from .errors import UserError
+from .keep import keep_rows
 
 if TYPE_CHECKING:
     from .flops import CostModel
@@ -167,8 +168,10 @@ class ExportedModel:
         if isinstance(keep, np.ndarray) and keep.ndim == 2:
             if len(keep) != count:
                 raise UserError(f"keep has {len(keep)} rows for {count} images; give one row per image or one row.")
-            return np.array([self.keep_for(row) for row in keep], dtype=np.float32).reshape(count, -1)
-        return np.tile(np.asarray(self.keep_for(keep), dtype=np.float32), (count, 1))
+            distinct, which = np.unique(keep, axis=0, return_inverse=True)  # each distinct row checked once
+            checked = np.array([self.keep_for(row) for row in distinct], dtype=np.float32)
+            return checked[which.reshape(-1)]
+        return keep_rows(self.keep_for(keep), count)
 
     def keep_for(self, keep: KeepLike = None) -> list[float]:
         """One checked keep value per ATS stage: ``None`` is the file's default, a float serves every stage.

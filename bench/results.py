@@ -187,12 +187,6 @@ def _profile(profile: Profile) -> dict[str, Any]:
 def _comparison(case: Case, runtime: str | None = None) -> dict[str, Any]:
     return {
         "between": f"exported ATS ({runtime}) vs PyTorch ATS" if runtime else "exported ATS vs PyTorch ATS",
-        "images": case.images,
-        "max_logit_diff": case.max_logit_diff,
-        "stages_agree": case.stage_matches,
-        "stages_total": case.stage_total,
         "compared": "kept patches" if case.positions else "token counts",
-        "top1_agree": case.top1_matches,
-        "flips": [flip.describe() for flip in case.flips],
-        "mismatches": case.failures,
+        **case.to_dict(),
     }

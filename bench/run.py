@@ -168,11 +168,11 @@ def check_folder(folder: Path, option: str) -> None:
         raise UserError(f"cannot write to {existing}: permission denied; choose another {option}.")
 
 
-def output_folder(out: Path | None, profile: str) -> Path:
-    """``--out``, or a new ``./results/<timestamp>-<profile>/``."""
+def output_folder(out: Path | None, profile: str, option: str = "--out") -> Path:
+    """``out`` (given as ``option``), or a new ``./results/<timestamp>-<profile>/``."""
     if out is not None:
         if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} is a file; give a folder for results.json, results.csv and the plots.")
+            raise UserError(f"{option} {out} is a file; give a folder for results.json, results.csv and the plots.")
         return out
     base = Path("results") / f"{time.strftime('%Y%m%d-%H%M%S')}-{profile}"
     folder, count = base, 1
@@ -280,7 +280,7 @@ def _calibration(request: Request, num_classes: int) -> tuple[CalibrationImages,
             )
         source = f"the first {count} images of --data {request.data}, not measured"
         return CalibrationImages(request.data, files[:count], source), count
-    files = int8.calibration_files(int8.Calibration(folder, count), num_classes)[:count]
+    files = int8.calibration_files(int8.Calibration(folder, count), num_classes)
     return CalibrationImages(folder, files, f"{count} images of --calibration {folder}"), 0
 
 

@@ -26,7 +26,7 @@ import onnx
 import torch
 
 from ats_deploy import __version__
-from ats_deploy.artifact import Artifact
+from ats_deploy.artifact import Artifact, read_metadata
 from ats_deploy.atomic import atomic_output
 from ats_deploy.ats import budget_int
 from ats_deploy.errors import UserError
@@ -254,19 +254,18 @@ def export(model: ATSVisionTransformer, output: Path, options: ExportOptions) ->
         graph = apply_ats_op(graph, options.ats_op)
         onnx.save(graph, str(tmp))
         if options.calibration is not None:
-            _quantize(model, tmp, options.calibration)
+            _quantize(model, tmp, options.calibration, read_metadata(graph))
     return output
 
 
-def _quantize(model: ATSVisionTransformer, path: Path, calibration: Calibration) -> None:
-    """Replace the float32 export at ``path`` by its INT8 QDQ copy, metadata kept (precisions/int8.py)."""
+def _quantize(model: ATSVisionTransformer, path: Path, calibration: Calibration, props: dict[str, str]) -> None:
+    """Replace the float32 export at ``path`` by its INT8 QDQ copy with the metadata ``props`` (precisions/int8.py)."""
     import tempfile
 
     from .precisions import int8
 
-    files = int8.calibration_files(calibration, model.num_classes)[: calibration.images]
+    files = int8.calibration_files(calibration, model.num_classes)
     images = int8.load_images(files, data_config(model.vit))
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     with tempfile.TemporaryDirectory() as work:
         quantized = Path(work) / "int8.onnx"
         int8.quantize(path, quantized, images, calibration)

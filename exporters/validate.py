@@ -19,6 +19,7 @@ import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -36,6 +37,7 @@ from ats_deploy.model import ATSVisionTransformer
 
 from . import custom_op
 from .onnx_export import kept_name
+from .precisions.int8 import quantized
 
 DEFAULT_KEEPS = (1.0, 0.87, 0.72, 0.5)
 DEFAULT_BATCHES = (1, 4)
@@ -118,6 +120,18 @@ class Case:
         if self.mixed:
             return "mixed " + " | ".join(format_keep(row) for row in self.mixed)
         return format_keep(self.keep)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What results files (bench, loadtest --verify) record of the comparison."""
+        return {
+            "images": self.images,
+            "max_logit_diff": self.max_logit_diff,
+            "stages_agree": self.stage_matches,
+            "stages_total": self.stage_total,
+            "top1_agree": self.top1_matches,
+            "flips": [flip.describe() for flip in self.flips],
+            "mismatches": self.failures,
+        }
 
     def rows(self, images: int) -> torch.Tensor:
         """The float32 ``[images, S]`` keep rows of one batch."""
@@ -272,13 +286,6 @@ class TappedSession:
             stages.append(tapped[at : at + len(tensors)])
             at += len(tensors)
         return [Sample(logits[b], tokens[b], kept_positions(stages, b)) for b in range(len(images))]
-
-
-def quantized(model: onnx.ModelProto | str | Path) -> bool:
-    """Whether the model holds QuantizeLinear/DequantizeLinear pairs (an ``--precision int8`` export)."""
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
-    return any(node.op_type == "DequantizeLinear" for node in model.graph.node)
 
 
 def session(model: onnx.ModelProto | str | Path, threads: int | None = None):

@@ -56,7 +56,7 @@ def reference():
 def quantized(tiny_ats_onnx, calibration_folder, reference, tmp_path_factory) -> Path:
     """The tiny random-weight export quantized as `export --precision int8` does, on 4 photos."""
     calibration = int8.Calibration(calibration_folder, images=4)
-    files = int8.calibration_files(calibration, reference.num_classes)[:4]
+    files = int8.calibration_files(calibration, reference.num_classes)
     output = tmp_path_factory.mktemp("int8") / "tiny.int8.onnx"
     int8.quantize(tiny_ats_onnx, output, int8.load_images(files, data_config(reference.vit)), calibration)
     return output

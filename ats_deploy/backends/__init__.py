@@ -44,15 +44,18 @@ def get(name: str, option: str = "backend") -> Backend:
     return _BY_NAME[name]
 
 
-def require(name: str, profile_name: str, overridden: bool) -> Backend:
-    """The backend ``name``, refused naming ``--backend onnxruntime`` when this machine cannot run it."""
+MEASURE_ELSEWHERE = (
+    "bench and tune never measure another backend under a profile's name. To measure on this machine's CPU "
+    "instead, pass --backend onnxruntime (the results then say that the backend was overridden)."
+)
+
+
+def require(name: str, profile_name: str, overridden: bool, hint: str = MEASURE_ELSEWHERE) -> Backend:
+    """The backend ``name``, refused with ``hint`` (by default: how bench and tune measure elsewhere) when this
+    machine cannot run it."""
     backend = get(name)
     reason = backend.unavailable()
     if reason is None:
         return backend
     asked = f"--backend {name}" if overridden else f"profile '{profile_name}' runs on {name}, which"
-    raise BackendUnavailable(
-        f"{asked} is not available here: {reason}.",
-        hint="bench and tune never measure another backend under a profile's name. To measure on this machine's CPU "
-        "instead, pass --backend onnxruntime (the results then say that the backend was overridden).",
-    )
+    raise BackendUnavailable(f"{asked} is not available here: {reason}.", hint=hint)

@@ -552,19 +552,7 @@ class Verification:
             "answers": self.answers,
             "images": self.compared,
             "ok": self.ok,
-            "cases": [
-                {
-                    "keep": c.keep_label,
-                    "images": c.images,
-                    "max_logit_diff": c.max_logit_diff,
-                    "stages_agree": c.stage_matches,
-                    "stages_total": c.stage_total,
-                    "top1_agree": c.top1_matches,
-                    "flips": [f.describe() for f in c.flips],
-                    "mismatches": c.failures,
-                }
-                for c in self.cases
-            ],
+            "cases": [{"keep": c.keep_label, **c.to_dict()} for c in self.cases],
         }
 
 
@@ -589,7 +577,7 @@ def verify(answers: list[Answer], count: int, model: Any, sender: Sender) -> Ver
     """Compare ``count`` answers (those that kept their logits) with the reference on the same pixels and keep rows."""
     import torch
 
-    from ats_deploy.exporters.validate import Case, Judge, Sample, compare_batch, reference_samples
+    from ats_deploy.exporters.validate import Case, Judge, compare_batch, reference_samples, samples
 
     judge = Judge(model, ATOL)
     default = sender.target.default_keep
@@ -598,8 +586,8 @@ def verify(answers: list[Answer], count: int, model: Any, sender: Sender) -> Ver
     for answer in chosen:
         case = cases[answer.keep]
         pixels = torch.from_numpy(sender.images.pixels[answer.images])
-        keep = torch.tensor([case.keep] * len(answer.images), dtype=torch.float32)
-        observed = [Sample(answer.logits[b], answer.tokens[b]) for b in range(len(answer.images))]
+        keep = case.rows(len(answer.images))
+        observed = samples(answer.logits, answer.tokens)
         expected = reference_samples(model, pixels, keep)
         names = [f"request {answer.index}: {sender.images.names[i]}" for i in answer.images]
         compare_batch(case, judge, names, pixels, keep, observed, expected)
@@ -667,7 +655,7 @@ def plan_output(request: Request) -> Path:
     """``--output``, or a new ``./results/<timestamp>-loadtest/`` (bench's naming), checked writable now."""
     from ats_deploy.bench.run import check_folder, output_folder
 
-    folder = output_folder(request.output, "loadtest")
+    folder = output_folder(request.output, "loadtest", "--output")
     check_folder(folder, "--output")
     return folder
 

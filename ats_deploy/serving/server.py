@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import backends
-from ..errors import BackendUnavailable, UserError
+from ..errors import UserError
 from ..keep import format_keep
 from . import repository
 from .python_model import PARAMETER, Settings
@@ -90,23 +90,15 @@ def check_ports(ports: Ports) -> None:
                 ) from None
 
 
-def _backend(profile: Profile) -> backends.Backend:
-    backend = backends.get(profile.backend)
-    reason = backend.unavailable()
-    if reason is not None:
-        raise BackendUnavailable(
-            f"profile '{profile.name}' runs on {backend.name}, which is not available here: {reason}.",
-            hint="Serve with a profile whose backend runs on this machine, e.g. --profile cpu.",
-        )
-    return backend
-
-
 def plan(model: Path, profile_name: str, ports: Ports) -> Plan:
     """Check everything ``serve`` needs before anything starts; one :class:`UserError` for the first problem."""
     from ..profiles import load_profile
 
     profile = load_profile(profile_name)
-    backend = _backend(profile)
+    backend = backends.require(
+        profile.backend, profile.name, overridden=False,
+        hint="Serve with a profile whose backend runs on this machine, e.g. --profile cpu.",
+    )
     source = repository.open_source(Path(model))  # refuses interface version 1 and files Triton cannot batch
     if backend.engines and source.engine_batch is None:
         raise UserError(

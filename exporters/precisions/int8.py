@@ -31,6 +31,13 @@ QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 KEPT_PREFIX = "ats_kept_"  # the kept-token masks, named by exporters/onnx_export.py (``kept_name``)
 
 
+def quantized(model: onnx.ModelProto | str | Path) -> bool:
+    """Whether the model (or ONNX file) holds DequantizeLinear nodes: an ``ats-deploy export --precision int8`` file."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    return any(node.op_type == "DequantizeLinear" for node in model.graph.node)
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Where the calibration images come from and how the ranges are chosen.
@@ -66,7 +73,7 @@ def calibration_files(calibration: Calibration, num_classes: int) -> list[Path]:
             f"calibration folder {folder} holds {len(files)} image(s), fewer than the {calibration.images} asked for.",
             hint="Add images, or lower --calibration-images (a few hundred real images calibrate best).",
         )
-    return files
+    return files[: calibration.images]
 
 
 def held_out_files(calibration: Calibration, num_classes: int, count: int) -> list[Path]:

@@ -39,6 +39,7 @@ import onnx
 
 from ats_deploy.errors import UserError
 from ats_deploy.exporters import precisions
+from ats_deploy.exporters.precisions import int8
 from ats_deploy.profiles import Profile
 
 DEFAULT_WORKSPACE_MB = 2048
@@ -140,14 +141,9 @@ def _dynamic_batch(profile: Profile, path: Path) -> tuple[int, int, int]:
     return (profile.shapes.min, profile.shapes.opt, profile.shapes.max)
 
 
-def quantized(model: onnx.ModelProto) -> bool:
-    """Whether the graph holds DequantizeLinear nodes: an ``ats-deploy export --precision int8`` file."""
-    return any(node.op_type == "DequantizeLinear" for node in model.graph.node)
-
-
 def _precision(model: onnx.ModelProto, profile: Profile, path: Path) -> str:
     """The precision the engine is built in: the file's own when it holds Q/DQ, else the profile's."""
-    if quantized(model):
+    if int8.quantized(model):
         return "int8"
     if precisions.get(profile.precision).explicit:
         raise UserError(
