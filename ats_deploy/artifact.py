@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import filekinds
 from .errors import UserError
+from .filekinds import ENGINE_SUFFIXES
 
 if TYPE_CHECKING:
     import onnx
 
-ENGINE_SUFFIXES = (".plan", ".engine")
 # <engine>.json keeps the exported file's metadata under this key, beside the build settings.
 SIDECAR_KEY = "onnx_metadata"
 REEXPORT = "`ats-deploy export CHECKPOINT --dynamic`"
@@ -95,7 +96,10 @@ OPTIONAL: dict[str, tuple[Callable[[str], Any], str]] = {
     "prefix_tokens": (int, "a whole number of tokens"),
     "ats_op": (_text, "subgraph or custom"),
     "head": (_bool, "true or false"),
+    "validation_failed": (_text, "why the file failed validation"),
 }
+# The flag of `triton`, `serve` and `build` that deploys a file marked as failed (:func:`refuse_failed`).
+ALLOW_FAILED = "--allow-failed-validation"
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,9 @@ class Artifact:
     prefix_tokens: int = PREFIX_TOKENS
     interface_version: int = INTERFACE_VERSION
     head: bool = True  # False: a feature extractor, whose `logits` are the pooled feature (num_classes its width)
+    # Why validation against the PyTorch reference failed ("" when it never did): such a file is kept for
+    # inspection, and the commands that deploy it refuse it unless told otherwise (:func:`refuse_failed`).
+    validation_failed: str = ""
 
     def to_metadata(self) -> dict[str, str]:
         """The ONNX ``metadata_props`` (all strings, lists as JSON) that :meth:`from_metadata` reads back."""
@@ -153,6 +160,8 @@ class Artifact:
             props["budget"] = json.dumps(list(self.budget or ()))
         if self.ats_op != SUBGRAPH:
             props["ats_op"] = self.ats_op
+        if self.validation_failed:
+            props["validation_failed"] = self.validation_failed
         return props
 
     @classmethod
@@ -229,6 +238,7 @@ def load(path: Path) -> onnx.ModelProto:
     def unreadable(why: str) -> Unreadable:
         return Unreadable(f"{path} is corrupt or not an ONNX file: {why}.", hint=f"Re-export it with {REEXPORT}.")
 
+    filekinds.expect_exported(Path(path))  # a sound file of the other kind is not "corrupt": say what it is
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
@@ -301,3 +311,32 @@ def sidecar_metadata(model: onnx.ModelProto) -> dict[str, str]:
     """
     artifact = maybe_of_onnx(model)
     return artifact.to_metadata() if artifact is not None else read_metadata(model)
+
+
+def refuse_failed(artifact: Artifact | None, where: str | Path, allow: bool) -> None:
+    """Refuse to deploy a file (or an engine built from one) that failed validation, unless ``allow``."""
+    if artifact is None or not artifact.validation_failed or allow:
+        return
+    raise UserError(
+        f"{where} failed validation against the PyTorch reference ({artifact.validation_failed}); it was kept "
+        "for inspection, not for deployment.",
+        hint=f"Re-export it and validate it with `ats-deploy validate`, or pass {ALLOW_FAILED} to deploy it anyway.",
+    )
+
+
+def mark_failed(path: Path, why: str) -> None:
+    """Record in the ONNX file at ``path`` that it failed validation (``why``), rewriting it atomically.
+
+    The weights stay where they are: a file with external data keeps its references beside it.
+    """
+    import onnx
+
+    from .atomic import atomic_output
+
+    model = load(path)
+    props = {**read_metadata(model), "validation_failed": why}
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    with atomic_output(path) as temporary:
+        onnx.save(model, str(temporary))

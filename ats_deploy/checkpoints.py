@@ -8,11 +8,15 @@ user trusts the file):
 * timm training checkpoints ``{'state_dict': ..., 'arch': ...}``;
 * the ATS authors' training checkpoints ``{'model_state': state_dict, ...}``,
   whose ``out_zero_mask`` buffers are not part of the network;
+* PyTorch Lightning checkpoints ``{'state_dict': {'model.…': ...}, 'pytorch-lightning_version': ...}``;
 * this project's own self-describing checkpoint (:func:`save_checkpoint`).
 
-A ``module.`` prefix (DistributedDataParallel) is stripped everywhere. When a
-file does not name its architecture, :func:`infer_arch` finds the timm
-architecture whose every tensor has the checkpoint's shape.
+A ``module.`` prefix (DistributedDataParallel) is stripped everywhere, and so is
+the one prefix a training wrapper puts before a whole ViT (PyTorch Lightning's
+``model.``), with a note. When a file does not name its architecture,
+:func:`infer_arch` finds the timm architecture whose every tensor has the
+checkpoint's shape; where several build the same network with different
+pre-processing (``deit_*`` and ``vit_*``), only the file's format can settle it.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import os
 import pickle
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +36,10 @@ import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from timm.data import resolve_model_data_config
 from torch import nn
 
-from . import __version__
+from . import __version__, filekinds
 from .atomic import atomic_output
 from .errors import UserError
 from .model import ATSVisionTransformer, build, parse_stages
@@ -44,6 +49,13 @@ FORMAT_VERSION = 1
 TRUST_FLAG = "--trust-checkpoint"
 ARCH_FLAG = "--arch"
 _LISTED = 5  # how many keys an error message lists before counting the rest
+_LIGHTNING_KEY = "pytorch-lightning_version"  # in every PyTorch Lightning checkpoint
+# Formats whose wrapper settles which of same-shaped deit_* / vit_* names the weights are: (name prefix, evidence).
+_FORMAT_FAMILY = {
+    "deit-release": ("deit_", "the file is in the DeiT repository's release format ({'model': ...})"),
+    "ats-authors": ("deit_", "the file is an ATS authors' training checkpoint ({'model_state': ...}), and their ViTs "
+                    "are DeiTs"),
+}
 
 
 @dataclass
@@ -56,6 +68,7 @@ class Checkpoint:
     keep: list[float] | None
     format: str
     path: Path
+    notes: list[str] = field(default_factory=list)  # what reading it decided that the user should hear
 
 
 # --------------------------------------------------------------------------- reading
@@ -66,9 +79,33 @@ def read_checkpoint(path: str | os.PathLike[str], trust_code: bool = False) -> C
     path = _existing_file(Path(path))
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes); re-download or re-save it.")
+    filekinds.expect_checkpoint(path)
     if _is_safetensors(path):
-        return Checkpoint(_load_safetensors(path), None, None, None, "safetensors", path)
-    return _interpret(_torch_load(path, trust_code), path)
+        ckpt = Checkpoint(_load_safetensors(path), None, None, None, "safetensors", path)
+    else:
+        ckpt = _interpret(_torch_load(path, trust_code), path)
+    return _unwrapped(ckpt)
+
+
+def _unwrapped(ckpt: Checkpoint) -> Checkpoint:
+    """The ViT's own keys when a training wrapper holds it under one prefix (Lightning: ``model.patch_embed...``).
+
+    Tensors outside that prefix (a loss's buffers, an EMA copy under another name) are not the ViT's: left out, and
+    said so in the note.
+    """
+    state_dict = ckpt.state_dict
+    if "patch_embed.proj.weight" in state_dict:
+        return ckpt
+    prefixes = [k.removesuffix("patch_embed.proj.weight") for k in state_dict if k.endswith(".patch_embed.proj.weight")]
+    if len(prefixes) != 1:
+        return ckpt  # no ViT, or several (a model and its EMA copy): the fit check lists the keys
+    prefix = prefixes[0]
+    inner = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    others = [k for k in state_dict if not k.startswith(prefix)]
+    left_out = f"; left out {len(others)} tensors outside it ({_listing('keys', others)})" if others else ""
+    note = f"the checkpoint holds the ViT under the key prefix '{prefix}' (a training wrapper's): loaded without it"
+    ckpt.state_dict, ckpt.notes = inner, [*ckpt.notes, note + left_out]
+    return ckpt
 
 
 def _existing_file(path: Path) -> Path:
@@ -141,11 +178,13 @@ def _interpret(obj: Any, path: Path) -> Checkpoint:
             state_dict = _as_state_dict(obj.get(key))
             if state_dict is not None:
                 arch = obj.get("arch") if isinstance(obj.get("arch"), str) else None
+                fmt = "lightning" if _LIGHTNING_KEY in obj else fmt
                 return Checkpoint(state_dict, arch, None, None, fmt, path)
     state_dict = _as_state_dict(obj)
+    if state_dict is not None and isinstance(obj, nn.Module):
+        return Checkpoint(state_dict, _module_arch(obj), None, None, "pickled-module", path)
     if state_dict is not None:
-        fmt = "pickled-module" if isinstance(obj, nn.Module) else "timm-state-dict"
-        return Checkpoint(state_dict, None, None, None, fmt, path)
+        return Checkpoint(state_dict, None, None, None, "timm-state-dict", path)
     seen = (
         f"top-level keys {', '.join(map(repr, list(obj)[:10]))}"
         if isinstance(obj, Mapping) and obj
@@ -155,6 +194,13 @@ def _interpret(obj: Any, path: Path) -> Checkpoint:
         f"{path} holds no recognisable state_dict: it has {seen}. Expected a state_dict of tensors, or a "
         "dict with one under 'model', 'model_state' or 'state_dict'; re-save the model's state_dict()."
     )
+
+
+def _module_arch(module: nn.Module) -> str | None:
+    """The name a pickled timm model was created as (its ``pretrained_cfg`` records it), if it is one."""
+    config = getattr(module, "pretrained_cfg", None)
+    name = config.get("architecture") if isinstance(config, Mapping) else None
+    return name if isinstance(name, str) and timm.is_model(name) else None
 
 
 def _as_state_dict(value: Any) -> dict[str, torch.Tensor] | None:
@@ -196,28 +242,38 @@ def _own_format(obj: Mapping[str, Any], path: Path) -> Checkpoint:
 # --------------------------------------------------------------------------- architecture
 
 
-def infer_arch(state_dict: Mapping[str, torch.Tensor], checkpoint_format: str | None = None) -> str:
+@dataclass(frozen=True)
+class Inferred:
+    """The architecture settled from a checkpoint's tensors, and what the user should hear about how (or None)."""
+
+    arch: str
+    note: str | None = None
+
+
+def infer_arch(state_dict: Mapping[str, torch.Tensor], checkpoint_format: str | None = None) -> Inferred:
     """The timm architecture whose every tensor (key set and shapes) matches ``state_dict``.
 
     Candidates are timm's ViT and DeiT models with the checkpoint's patch size,
     distilled DeiTs when it has a distillation token (register tokens show in
     the shapes), built on the meta device: first those named for its resolution,
-    then (for a model fine-tuned at another size) the others. Several matches that build the
-    same network (``deit_small_patch16_224`` and ``vit_small_patch16_224``) are
-    one answer: ``deit_*`` names are preferred for DeiT release files, ``vit_*``
-    otherwise. Matches that differ where shapes cannot tell (number of heads,
-    activation) are ambiguous and need ``--arch``.
+    then (for a model fine-tuned at another size) the others. Matches that differ
+    where shapes cannot tell (number of heads, activation) are ambiguous and need
+    ``--arch``. Matches that build the same network but pre-process differently
+    (``deit_small_patch16_224``: ImageNet mean/std; ``vit_small_patch16_224``: 0.5)
+    are settled only by the file's format (:data:`_FORMAT_FAMILY`), said in the
+    note; otherwise they are ambiguous too: the export records the pre-processing, and
+    a wrong one costs accuracy that validation cannot see.
     """
     patch = _patch_size(state_dict)
     img_size = _image_size(state_dict, patch)
     num_classes = _head_classes(state_dict)
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    matches: dict[str, tuple] = {}
+    matches: dict[str, tuple[tuple, tuple]] = {}
     for names in _candidates(patch, img_size or 224, distilled="dist_token" in state_dict):
         for name in names:
             profile = _meta_profile(name, num_classes, img_size)
             if profile is not None and profile[0] == shapes:
-                matches[name] = profile[1]
+                matches[name] = profile[1:]
         if matches:
             break
     if not matches:
@@ -225,14 +281,51 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor], checkpoint_format: str | 
             f"no timm ViT/DeiT architecture has exactly this checkpoint's tensors ({_describe(state_dict)}); "
             f"pass {ARCH_FLAG} with the timm model name it was trained as."
         )
-    if len(set(matches.values())) > 1:
+    if len({structure for structure, _ in matches.values()}) > 1:
         raise UserError(
             f"the checkpoint's tensor shapes fit several timm architectures that differ in what shapes "
             f"cannot show (number of heads, activation, ...): {', '.join(sorted(matches))}; "
             f"pass {ARCH_FLAG} with the one it was trained as."
         )
-    prefix = "deit_" if checkpoint_format == "deit-release" else "vit_"
-    return min(matches, key=lambda n: (not n.startswith(prefix), len(n), n))
+    return _settle({name: preprocessing for name, (_, preprocessing) in matches.items()}, checkpoint_format)
+
+
+def _settle(preprocessing: dict[str, tuple], checkpoint_format: str | None) -> Inferred:
+    """One name among matches that build the same network (``name -> pre-processing``); never a silent guess."""
+    shortest = partial(min, key=lambda n: (len(n), n))
+    if len(set(preprocessing.values())) == 1:
+        return Inferred(shortest(preprocessing))  # any of them: the same network, fed the same pixels
+    prefix, evidence = _FORMAT_FAMILY.get(checkpoint_format or "", (None, None))
+    named = [n for n in preprocessing if prefix and n.startswith(prefix)]
+    if named and len({preprocessing[n] for n in named}) == 1:
+        arch = shortest(named)
+        others = sorted(n for n in preprocessing if preprocessing[n] != preprocessing[arch])
+        return Inferred(
+            arch,
+            f"architecture {arch} ({_preprocessing_text(preprocessing[arch])}) because {evidence}; "
+            f"{', '.join(others)} {'has' if len(others) == 1 else 'have'} the same tensors with other pre-processing: "
+            f"pass {ARCH_FLAG} {others[0] if len(others) == 1 else 'NAME'} if the weights were trained as that.",
+        )
+    groups: dict[tuple, list[str]] = {}
+    for name in sorted(preprocessing):
+        groups.setdefault(preprocessing[name], []).append(name)
+    listed = "; ".join(f"{', '.join(names)}: {_preprocessing_text(p)}" for p, names in groups.items())
+    raise UserError(
+        f"the checkpoint's tensors fit timm architectures that build the same network but pre-process images "
+        f"differently, and the file does not say which it is: {listed}. The export records the pre-processing and "
+        "every prediction uses it, so a wrong guess would cost accuracy silently.",
+        hint=f"Pass {ARCH_FLAG} with the architecture the weights were trained as (the name given to "
+        f"timm.create_model); `ats-deploy convert ... {ARCH_FLAG} NAME -o FILE` records it in the checkpoint.",
+    )
+
+
+def _preprocessing_text(preprocessing: tuple) -> str:
+    mean, std, crop_pct, interpolation = preprocessing
+    return f"mean {_joined(mean)}, std {_joined(std)}, crop {crop_pct:g}, {interpolation}"
+
+
+def _joined(values: Sequence[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 def _patch_size(state_dict: Mapping[str, torch.Tensor]) -> int:
@@ -302,8 +395,8 @@ def _resolution(name: str) -> int:
 
 
 @lru_cache(maxsize=512)
-def _meta_profile(name: str, num_classes: int, img_size: int | None) -> tuple[dict[str, tuple], tuple] | None:
-    """Tensor shapes and hyperparameters of a timm model built on the meta device (no memory, no init)."""
+def _meta_profile(name: str, num_classes: int, img_size: int | None) -> tuple[dict[str, tuple], tuple, tuple] | None:
+    """Tensor shapes, hyperparameters and pre-processing of a timm model built on the meta device (no memory)."""
     kwargs: dict[str, Any] = {"num_classes": num_classes, "weight_init": "skip"}
     if img_size is not None:
         kwargs["img_size"] = img_size
@@ -313,7 +406,9 @@ def _meta_profile(name: str, num_classes: int, img_size: int | None) -> tuple[di
     except Exception:  # a candidate that cannot take these arguments is simply not a match
         return None
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    return shapes, _structure(model)
+    config = resolve_model_data_config(model)
+    preprocessing = (tuple(config["mean"]), tuple(config["std"]), config["crop_pct"], config["interpolation"])
+    return shapes, _structure(model), preprocessing
 
 
 def _structure(model: nn.Module) -> tuple:
@@ -350,7 +445,11 @@ def load_model(
     else:
         ckpt = read_checkpoint(source, trust_code=trust_code)
         how = f"given with {ARCH_FLAG}" if arch else "recorded in the checkpoint" if ckpt.arch else "inferred"
-        arch = arch or ckpt.arch or infer_arch(ckpt.state_dict, ckpt.format)
+        if not (arch or ckpt.arch):
+            inferred = infer_arch(ckpt.state_dict, ckpt.format)
+            arch = inferred.arch
+            ckpt.notes.extend(filter(None, [inferred.note]))
+        arch = arch or ckpt.arch
         vit = _timm_model(arch, ckpt.state_dict)
         _check_fit(vit, ckpt.state_dict, arch, how)
         vit.load_state_dict(ckpt.state_dict, strict=True)
@@ -359,8 +458,8 @@ def load_model(
         stage_list = ckpt.stages
     if ckpt is not None and keep is None and ckpt.stages is not None and stage_list == ckpt.stages:
         keep = ckpt.keep
-    path, fmt = (ckpt.path, ckpt.format) if ckpt is not None else (None, "random")
-    return build(vit, arch, stage_list, keep, source=path, checkpoint_format=fmt).eval()
+    path, fmt, notes = (ckpt.path, ckpt.format, ckpt.notes) if ckpt is not None else (None, "random", [])
+    return build(vit, arch, stage_list, keep, source=path, checkpoint_format=fmt, load_notes=notes).eval()
 
 
 def _random_vit(source: str, arch: str | None) -> nn.Module:
@@ -448,11 +547,9 @@ def save_checkpoint(model: ATSVisionTransformer, path: str | os.PathLike[str]) -
         "ats_deploy_version": __version__,
         "model": model.vit.state_dict(),
     }
-    try:
-        with atomic_output(path) as temporary:
-            torch.save(payload, temporary)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}; choose a writable location.") from None
+    # Through a Python file: torch's own writer reports a full disk as an opaque RuntimeError, a file as OSError.
+    with atomic_output(path) as temporary, temporary.open("wb") as file:
+        torch.save(payload, file)
     return path
 
 

@@ -8,18 +8,22 @@ non-zero exit, never a traceback.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from . import __version__, backends
+from .console import OutputConsole
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .serving import adaptive as serving_adaptive
+    from .serving import kserve as serving_kserve
 
 app = typer.Typer(
     name="ats-deploy",
@@ -34,9 +38,10 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-# No emoji codes: user text such as "skimage:coffee: ..." must print as written, never as an emoji.
-console = Console(emoji=False)
-err_console = Console(stderr=True, emoji=False)
+# No emoji codes: user text such as "skimage:coffee: ..." must print as written, never as an emoji. Not wrapped
+# when not a terminal (a pipe, a log, CI): ats_deploy/console.py.
+console = OutputConsole(emoji=False)
+err_console = OutputConsole(stderr=True, emoji=False)
 
 CheckpointArg = Annotated[
     str,
@@ -117,7 +122,15 @@ def main_callback(
 def _load(checkpoint: str, arch: str | None, stages: str | None, keep: str | None, trust: bool):
     from .checkpoints import load_model
 
-    return load_model(checkpoint, arch=arch, stages=stages, keep=parse_keep(keep), trust_code=trust)
+    model = load_model(checkpoint, arch=arch, stages=stages, keep=parse_keep(keep), trust_code=trust)
+    _notes(model.load_notes)
+    return model
+
+
+def _notes(notes: Iterable[str]) -> None:
+    """What loading or planning decided that the user should hear, before the work starts."""
+    for note in notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
 @command()
@@ -156,18 +169,20 @@ def inspect(
 @command()
 def convert(
     checkpoint: CheckpointArg,
-    output: Annotated[Path, typer.Option("-o", "--output", help="The ats-deploy checkpoint to write.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="The ats-deploy checkpoint file to write.")],
     arch: ArchOpt = None,
     stages: StagesOpt = None,
     keep: KeepOpt = None,
     trust_checkpoint: TrustOpt = False,
 ) -> None:
     """Write a self-describing ats-deploy checkpoint (arch, stages, default keep, weights)."""
+    from .atomic import output_path
     from .checkpoints import save_checkpoint
     from .keep import format_keep
 
+    target = output_path(output, None)  # a folder is refused before the checkpoint is loaded
     model = _load(checkpoint, arch, stages, keep, trust_checkpoint)
-    path = save_checkpoint(model, output)
+    path = save_checkpoint(model, target)
     console.print(
         f"wrote [bold]{escape(str(path))}[/]: {model.arch}, stages {','.join(map(str, model.stages)) or 'none'}, "
         f"keep {format_keep(model.default_keep)}"
@@ -258,11 +273,12 @@ ProfileOpt = Annotated[
 def export(
     checkpoint: CheckpointArg,
     output: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "-o",
             "--output",
-            help="ONNX file to write. Default: the checkpoint's stem + .onnx for --dynamic, "
+            help="ONNX file to write, or a folder to write it in (an existing one, or a path ending in /). "
+            "Default: the checkpoint's stem + .onnx for --dynamic, "
             "+ .static-b<batch>-k<keep>.onnx for a static export, + .custom-op before .onnx with --ats-op custom, "
             "+ .int8 before .onnx with --precision int8.",
         ),
@@ -321,6 +337,14 @@ def export(
     calibration_images: Annotated[
         int, typer.Option("--calibration-images", help="INT8: how many images of --calibration to calibrate on.")
     ] = 100,
+    validation_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--validation-data",
+            help="Validate on up to 100 images of this folder (ImageFolder or flat). Default: for int8, the "
+            "--calibration images after the calibrated ones; for fp32, the scikit-image photos.",
+        ),
+    ] = None,
 ) -> None:
     """Export to ONNX and validate against the PyTorch reference.
 
@@ -337,10 +361,10 @@ def export(
         exporter=exporter, arch=arch, stages=stages, img_size=img_size, ats_op=ats_op, opset=opset,
         trust_checkpoint=trust_checkpoint, profile=_profile(profile) if profile else None,
         precision=precision, calibration=calibration, calibration_images=calibration_images,
+        validation_data=validation_data,
     )
     planned = plan(request)
-    for note in planned.notes:
-        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    _notes(planned.notes)
     start = time.perf_counter()
     with console.status(f"exporting {planned.model.arch} with the {exporter} exporter"):
         path = run_export(planned.model, planned.output, planned.options)
@@ -348,10 +372,8 @@ def export(
         f"exported [bold]{escape(str(path))}[/] ({path.stat().st_size / 1e6:.1f} MB, {planned.kind}) "
         f"in {time.perf_counter() - start:.1f} s"
     )
-    if validate_ and planned.options.calibration is not None:
-        _validate_int8(path, planned.model, planned.options.calibration)
-    elif validate_:
-        _validate(path, planned.model, request.profile, atol)
+    if validate_:
+        _validate(path, planned.model, request.profile, atol, planned.options.calibration, validation_data)
 
 
 def _profile(name: str):
@@ -360,37 +382,52 @@ def _profile(name: str):
     return load_profile(name)
 
 
-def _validate_int8(path: Path, model, calibration) -> None:
-    """INT8 against the float32 PyTorch reference on held-out images, by agreement (ATS_SPEC.md section 5)."""
-    from .exporters.validate import validate_reduced
+def _validate(path: Path, model, prof, atol: float, calibration, data: Path | None) -> None:
+    """Validate right after export; the file stays on disk either way, and the message says in what state.
 
-    agreement = validate_reduced(path, model, calibration)
-    console.print(escape(agreement.describe()), highlight=False)
-    agreement.check(path)
+    int8 (``calibration`` set) is judged by agreement on held-out images, fp32 patch for patch (docs/ATS.md).
+    """
+    from .errors import Interrupted
+    from .exporters import validate as checks
 
-
-def _validate(path: Path, model, prof, atol: float) -> None:
-    """Validate right after export; the file stays on disk either way, and the message says in what state."""
-    from .errors import Interrupted, ValidationFailed
-    from .exporters.validate import DEFAULT_KEEPS, default_inputs, validate
-
-    names, images = default_inputs(model)
     stages = len(model.stages)
-    keeps = [prof.keep_for(stages)] if prof is not None else [[k] * stages for k in DEFAULT_KEEPS]
+    if calibration is not None:
+        names, images = checks.held_out_inputs(model, calibration, data, err_console)
+        keeps = [[k] * stages for k in checks.REDUCED_KEEPS]
+        batches = tuple(b for b in checks.REDUCED_BATCHES if b <= len(images)) or (1,)  # every case sees images
+    else:
+        if data is not None:
+            names, images = checks.folder_inputs(model, data, checks.HELD_OUT_IMAGES, err_console)
+        else:
+            names, images = checks.default_inputs(model)
+        keeps = [prof.keep_for(stages)] if prof is not None else [[k] * stages for k in checks.DEFAULT_KEEPS]
+        batches = checks.DEFAULT_BATCHES
     try:
-        report = validate(str(path), model, names, images, keeps, atol=atol, console=err_console)
+        report = checks.validate(str(path), model, names, images, keeps, batches, atol=atol, console=err_console)
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted during validation: {path} is written in full but NOT validated.",
             f"Validate it with `ats-deploy validate {path}` before you use it, or export again.",
         ) from None
     _report_validation(report, path)
-    if not report.ok:
-        raise ValidationFailed(
-            f"{path} disagrees with the PyTorch reference beyond float-tie flips (see above); the file is kept "
-            "for inspection: do not deploy it.",
-            "Re-export with the other --exporter, or report the mismatch with this output.",
-        )
+    _fail_and_mark(report, path, "Re-export with the other --exporter (int8: calibrate on more real images), or "
+                   "report the mismatch with this output.")
+
+
+def _fail_and_mark(report, path: Path, hint: str | None = None) -> None:
+    """A failed validation marks the file (artifact key ``validation_failed``) so that deploying it is refused."""
+    from .artifact import ALLOW_FAILED, mark_failed
+    from .errors import ValidationFailed
+
+    if report.ok:
+        return
+    first = report.failures[0]
+    mark_failed(path, f"{len(report.failures)} mismatch(es); the first: {first[:300]}")
+    raise ValidationFailed(
+        f"{path} disagrees with the PyTorch reference (see above). The file is kept for inspection and marked as "
+        f"failed: `ats-deploy triton`, `serve` and `build` refuse it unless given {ALLOW_FAILED}. Do not deploy it.",
+        hint,
+    )
 
 
 def _report_validation(report, path: Path) -> None:
@@ -587,9 +624,10 @@ def validate_command(
     """Check an exported model against the PyTorch reference; exit 1 on any difference that is not a float-tie flip.
 
     Compares logits, token counts and which patches every stage kept. A difference counts as a flip only when the
-    reference, replayed with a near tie resolved the other way, reproduces it. For CI pipelines: exit 0 means valid.
+    reference, replayed with a near tie resolved the other way, reproduces it. An int8 export is judged by top-1
+    agreement against its precision's bar instead (docs/ATS.md). A failed file is marked so that triton, serve and
+    build refuse it. For CI pipelines: exit 0 means valid.
     """
-    from .errors import ValidationFailed
     from .exporters.validate import DEFAULT_BATCHES, validate_file
 
     if not model.is_file():
@@ -600,8 +638,7 @@ def validate_command(
         checkpoint=checkpoint, trust=trust_checkpoint, console=err_console,
     )
     _report_validation(report, model)
-    if not report.ok:
-        raise ValidationFailed(f"{model} disagrees with the PyTorch reference beyond float-tie flips (see above).")
+    _fail_and_mark(report, model)
 
 
 def _profile_origin(profile, builtin_dir: Path) -> str:
@@ -660,25 +697,29 @@ def visualize(
         ),
     ] = None,
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="PNG to write.", show_default="<image name>-tokens.png")
+        str | None,
+        typer.Option(
+            "-o", "--output", help="PNG to write, or a folder to write it in.", show_default="<image name>-tokens.png"
+        ),
     ] = None,
     arch: ArchOpt = None,
     stages: StagesOpt = None,
     trust_checkpoint: TrustOpt = False,
 ) -> None:
     """Draw which tokens each ATS stage kept (the ATS paper's Fig. 2): rows are keep values, columns ATS stages."""
+    from .atomic import output_path
     from .exporters.onnx_export import check_output_path
     from .visualize import figure, open_image, save_png, token_grid
 
     name = image.split(":", 1)[1] if image.startswith("skimage:") else Path(image).stem
-    output = check_output_path(output or Path(f"{name}-tokens.png"))
-    if output.suffix.lower() != ".png":
-        raise UserError(f"output {output} must be a .png file.")
+    target = check_output_path(output_path(output, f"{name}-tokens.png"))
+    if target.suffix.lower() != ".png":
+        raise UserError(f"output {target} must be a .png file.")
     picture = open_image(image)
     model = _load(checkpoint, arch, stages, None, trust_checkpoint)
     keeps = [parse_keep(text) for text in keep] if keep else [model.default_keep]
     grid = token_grid(model, picture, keeps)
-    path = save_png(figure(grid, f"{model.arch}: tokens kept per ATS stage, {image}"), output)
+    path = save_png(figure(grid, f"{model.arch}: tokens kept per ATS stage, {image}"), target)
     rows, cols = grid.shape
     console.print(f"wrote [bold]{escape(str(path))}[/] ({rows} x {cols} panels: keep values x ATS stages)")
 
@@ -800,6 +841,7 @@ def build(
         Path | None, typer.Option("-o", "--output", help="Engine file (default: MODEL stem + .PROFILE.plan).")
     ] = None,
     workspace_mb: Annotated[int, typer.Option("--workspace-mb", min=64, help="Builder workspace in MiB.")] = 2048,
+    allow_failed: AllowFailedOpt = False,
 ) -> None:
     """Build a TensorRT engine (needs TensorRT and an NVIDIA GPU); prints the equivalent trtexec command.
 
@@ -818,7 +860,7 @@ def build(
     if not model.is_file():
         raise UserError(f"ONNX file not found: {model}; export one with `ats-deploy export CHECKPOINT --dynamic`.")
     prof = _profile(profile)
-    spec = spec_from(model, prof, output, workspace_mb=workspace_mb)
+    spec = spec_from(model, prof, output, workspace_mb=workspace_mb, allow_failed=allow_failed)
     check_output_path(spec.engine)
     if spec.precision != prof.precision:
         console.print(f"{escape(str(model))} holds int8 Q/DQ pairs: building an int8 engine from them (strongly "
@@ -836,6 +878,31 @@ def build(
         console.print(Text(trtexec_command(spec)), soft_wrap=True, highlight=False)
     engine = build_engine(spec, console, converted)
     console.print(f"built [bold]{escape(str(engine))}[/]")
+
+
+AllowFailedOpt = Annotated[
+    bool,
+    typer.Option("--allow-failed-validation", help="Deploy MODEL even though its validation against the PyTorch "
+                 "reference failed (the file is marked so; refused otherwise)."),
+]
+SloMsOpt = Annotated[
+    float | None,
+    typer.Option("--slo-ms", help="Latency target per request (ms): a front model lowers keep for a while when the "
+                 "load would break it and raises it back when the load falls; requests that send keep get theirs."),
+]
+MinKeepOpt = Annotated[
+    float | None, typer.Option("--min-keep", help="With --slo-ms: the lowest keep it may use (default 0.5).")
+]
+MaxDropOpt = Annotated[
+    float | None,
+    typer.Option("--max-drop", help="With --slo-ms: the lowest setting is the tune log's cheapest within POINTS of "
+                 "the dense model's top-1 (needs a tune log)."),
+]
+TuneLogOpt = Annotated[
+    Path | None,
+    typer.Option("--tune-log", help="With --slo-ms: the tune log whose Pareto front is the keep ladder (default: "
+                 "the one beside a -tuned profile)."),
+]
 
 
 @command()
@@ -857,26 +924,88 @@ def triton(
     name: Annotated[
         str | None, typer.Option("--name", help="Model name in the repository (default: MODEL's file stem).")
     ] = None,
+    slo_ms: SloMsOpt = None,
+    min_keep: MinKeepOpt = None,
+    max_drop: MaxDropOpt = None,
+    tune_log: TuneLogOpt = None,
+    kserve: Annotated[
+        bool, typer.Option("--kserve", help="Also write REPO-kserve/: KServe InferenceService, ServingRuntime (for an "
+                           "engine), HPA on Triton's queue time; checked against their schemas.")
+    ] = False,
+    storage_uri: Annotated[
+        str | None, typer.Option("--storage-uri", help="With --kserve: where the repository is uploaded (s3://, "
+                                 "gs://, pvc://CLAIM/PATH, ...).", show_default="pvc://NAME-repository")
+    ] = None,
+    min_replicas: Annotated[int, typer.Option("--min-replicas", min=1, help="With --kserve: fewest replicas.")] = 1,
+    max_replicas: Annotated[int, typer.Option("--max-replicas", min=1, help="With --kserve: most replicas.")] = 4,
+    allow_failed: AllowFailedOpt = False,
 ) -> None:
     """Write a Triton Inference Server model repository: NAME/config.pbtxt and NAME/1/model.onnx or model.plan.
+
+    With --slo-ms, NAME is a front model (Python backend) that picks each batch's keep to hold the latency
+    target and calls the model, written as NAME_inner (README: "Load-adaptive budgets").
+
+    With --kserve, REPO-kserve/ beside the repository deploys it on Kubernetes (README: "Deploying on
+    Kubernetes"); --name then also names the InferenceService, so it must be a Kubernetes name.
 
     Triton batches requests up to the profile's serving.max_batch_size; keep is an input with one row per
     image, so requests with different budgets share a batch. An existing NAME folder is never overwritten.
     """
     from .serving.repository import docker_command, write
+    from .serving.triton_releases import known_release
 
     prof = _profile(profile)
-    with console.status(f"writing the model repository {escape(str(output))}"):
-        written = write(model, prof, output, name)
+    slo = _slo(slo_ms, min_keep, max_drop, tune_log)
+    deployment = None
+    if kserve:  # every object built and checked before anything is written
+        from .serving import kserve as deploy
+
+        options = deploy.Options(name, storage_uri, min_replicas, max_replicas)
+        deployment = deploy.plan(model, prof, output, options, front=slo is not None, allow_failed=allow_failed)
+    if slo is not None:
+        from .serving.adaptive import front_shm_flag, write_repository_with_front
+
+        written, front = write_repository_with_front(model, prof, output, name, slo, allow_failed)
+        console.print(Text(f"front model {front.name}: SLO {slo.slo_ms:g} ms, keep ladder {front.describe()}"))
+        console.print(Text(f"add {front_shm_flag()} to tritonserver's options: the front passes whole batches "
+                           "of images to the model (README, \"Load-adaptive budgets\")."), soft_wrap=True)
+    else:
+        with console.status(f"writing the model repository {escape(str(output))}"):
+            written = write(model, prof, output, name, allow_failed)
     config = written.config
     batching = f"batches up to {config.max_batch_size}" if config.max_batch_size else "no batching (static export)"
     console.print(f"wrote [bold]{escape(str(written.folder))}[/]: {config.platform}, {batching}, "
                   f"{config.instance_group[0].count} instance(s) on the {'GPU' if written.on_gpu else 'CPU'}")
+    release = known_release(written.source.tensorrt_version)
     if written.source.tensorrt_version:
-        console.print(f"the engine needs TensorRT {written.source.tensorrt_version}: pick the Triton release that "
-                      "ships it (NVIDIA's frameworks support matrix) for <yy.mm>.")
+        console.print(f"the engine needs TensorRT {written.source.tensorrt_version}: " + (
+            f"Triton {release} ships it." if release else
+            "pick the Triton release that ships it (NVIDIA's frameworks support matrix) for <yy.mm>."))
     console.print("[bold]serve it[/] with NVIDIA's Triton container:")
-    console.print(Text(docker_command(output, written.on_gpu)), soft_wrap=True, highlight=False)
+    console.print(Text(docker_command(output, written.on_gpu, release or "<yy.mm>")), soft_wrap=True, highlight=False)
+    if deployment is not None:
+        _write_kserve(deployment, output)
+
+
+def _write_kserve(deployment: serving_kserve.Deployment, repository: Path) -> None:
+    """Write ``REPO-kserve/`` and print how to deploy it and reach the endpoint."""
+    from .serving import kserve
+
+    folder = kserve.write(deployment)
+    console.print(Text(f"wrote {folder}: {', '.join(deployment.files)}; checked against "
+                       f"{' and '.join(deployment.checked_against)}"), soft_wrap=True, highlight=False)
+    if deployment.triton_release:
+        console.print(f"the engine runs in Triton {deployment.triton_release} "
+                      f"(nvcr.io/nvidia/tritonserver:{deployment.triton_release}-py3), whose TensorRT built it")
+    upload = kserve.upload_hint(deployment.storage_uri, repository)
+    steps = [f"upload {repository} to {deployment.storage_uri}: {upload}",
+             f"install prometheus-adapter with the rule in {folder / kserve.ADAPTER_FILE}",
+             f"kubectl apply -f {folder}",
+             f"kubectl port-forward service/{deployment.name}{kserve.PREDICTOR} 8000:80, then ats-deploy loadtest "
+             f"localhost:8000 --model-name {deployment.entry_model} --data IMAGES"]
+    console.print("[bold]deploy it[/] on Kubernetes:")
+    for number, step in enumerate(steps, 1):
+        console.print(Text(f"{number}. {step}"), soft_wrap=True, highlight=False)
 
 
 @command()
@@ -894,17 +1023,44 @@ def serve(
     metrics_port: Annotated[
         int, typer.Option("--metrics-port", min=1, max=65535, help="Triton's Prometheus metrics port.")
     ] = 8002,
+    slo_ms: SloMsOpt = None,
+    min_keep: MinKeepOpt = None,
+    max_drop: MaxDropOpt = None,
+    tune_log: TuneLogOpt = None,
+    host: Annotated[
+        str, typer.Option("--host", help="The address all three ports listen on: 127.0.0.1 serves this machine "
+                          "only, 0.0.0.0 every network interface (anyone who reaches a port can run the model).")
+    ] = "127.0.0.1",
+    allow_failed: AllowFailedOpt = False,
 ) -> None:
-    """Serve MODEL with NVIDIA Triton Inference Server (PyTriton) until Ctrl-C or SIGTERM.
+    """Serve MODEL with NVIDIA Triton Inference Server (PyTriton's) until Ctrl-C or SIGTERM.
 
     Inputs: images FP32 [3, H, W] and, optional, keep FP32 [S] (default: the profile's); outputs logits and
     tokens. Triton's dynamic batcher batches requests with different keep rows together; a request with a bad
-    keep gets its own error without failing the others. Health, readiness and metrics are Triton's.
+    keep gets its own error without failing the others; past the profile's queue bound (serving.max_queue_size,
+    serving.queue_timeout_ms) requests are refused at once with 503. Health, readiness and metrics are Triton's.
     """
     from .serving.server import Ports
     from .serving.server import serve as run_server
 
-    run_server(model, profile, Ports(http_port, grpc_port, metrics_port), console)
+    run_server(model, profile, Ports(http_port, grpc_port, metrics_port), console,
+               _slo(slo_ms, min_keep, max_drop, tune_log), host=host, allow_failed=allow_failed)
+
+
+def _slo(
+    slo_ms: float | None, min_keep: float | None, max_drop: float | None, tune_log: Path | None
+) -> serving_adaptive.SloOptions | None:
+    """``--slo-ms`` and its floor options as the serving layer's options; None without --slo-ms."""
+    from .serving.adaptive import SloOptions
+
+    if slo_ms is None:
+        given = [flag for flag, value in (("--min-keep", min_keep), ("--max-drop", max_drop),
+                                          ("--tune-log", tune_log)) if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} sets the load-adaptive keep, which needs --slo-ms.",
+                            hint="Add --slo-ms MS (the latency target), e.g. --slo-ms 100.")
+        return None
+    return SloOptions(slo_ms, min_keep, max_drop, tune_log)
 
 
 @command()
@@ -951,6 +1107,22 @@ def loadtest(
         int, typer.Option("--verify", min=0, help="Compare N answers with the PyTorch reference; exit 1 on a "
                           "mismatch that is not a float-tie flip.")
     ] = 0,
+    step_seconds: Annotated[
+        float | None,
+        typer.Option("--step-seconds", help="The --rate values become one schedule: each rate for this many "
+                     "seconds, in turn, repeated to fill --duration (bursts: --rate 40,110 --step-seconds 10 "
+                     "--duration 60); reported per step."),
+    ] = None,
+    trace: Annotated[
+        Path | None,
+        typer.Option("--trace", help="Send at the arrival times in FILE (seconds from the start, one per line); "
+                     "reported in windows of --step-seconds (default 10)."),
+    ] = None,
+    slo_ms: Annotated[
+        float | None,
+        typer.Option("--slo-ms", help="Report SLO attainment: the share of requests sent answered without error "
+                     "within MS of their scheduled arrival, per step and overall (errors and refusals miss)."),
+    ] = None,
     checkpoint: ReferenceOpt = None,
     trust_checkpoint: TrustOpt = False,
     output: Annotated[
@@ -958,13 +1130,17 @@ def loadtest(
         typer.Option("--output", help="Folder for results.json, results.csv and the latency-throughput plot.",
                      show_default="./results/<time>-loadtest/"),
     ] = None,
+    max_error_rate: Annotated[
+        float, typer.Option("--max-error-rate", help="Exit 1 when a larger share of requests fails (errors, not "
+                            "timeouts), e.g. 0.05; the figures are printed and written first.")
+    ] = 0.01,
 ) -> None:
     """Load a Triton server serving an ATS model: throughput, latency percentiles, errors, kept tokens, top-1.
 
     Closed loop (--concurrency) and open loop (--rate) levels run for --duration seconds each, on the images of
     --data pre-processed as the export says, with keep mixed per request (--keep).
     """
-    from .serving.loadtest import Request
+    from .serving.loadtest import Request, check_errors
     from .serving.loadtest import loadtest as run_loadtest
     from .serving.loadtest_report import render
 
@@ -972,10 +1148,11 @@ def loadtest(
         url=url, data=data, concurrency=concurrency, rate=rate, duration=duration, keep=keep, batch=batch,
         timeout=timeout, images=images, model_name=model_name, model_file=model_file, verify=verify,
         checkpoint=checkpoint, trust_checkpoint=trust_checkpoint, output=output,
+        step_seconds=step_seconds, trace=trace, slo_ms=slo_ms, max_error_rate=max_error_rate,
     )
-    result, files = run_loadtest(request, err_console)
-    render(result, console)
+    result, files = run_loadtest(request, err_console, show=lambda measured: render(measured, console))
     console.print(Text(f"wrote {files[0].parent}/: {', '.join(p.name for p in files)}"), highlight=False)
+    check_errors(result, max_error_rate)
     if result.verification is not None and not result.verification.ok:
         from .errors import ValidationFailed
 

@@ -88,9 +88,16 @@ def _check(value: float) -> None:
     if not math.isfinite(value) or value <= 0:
         raise UserError(f"keep value {value} is invalid: {USAGE}.")
     if value > 1 and value != int(value):
+        floored = math.floor(value)
+        # What the budget rule (docs/ATS.md section 2) would make of it: floored, then clamped to [P + 1, n0].
+        tokens = (
+            f"{floored} tokens (for a model of at least {floored})"
+            if floored >= 2
+            else "2 tokens (the floor P + 1, for a model with one class token)"
+        )
         raise UserError(
-            f"keep value {value:g} is above 1, so it would be an absolute budget of floor({value:g}) = "
-            f"{int(value)} tokens: {USAGE}."
+            f"keep value {value:g} is above 1, so it is an absolute budget, which counts whole tokens: the budget "
+            f"rule would take clamp(floor({value:g}), P + 1, n0) = {tokens}, not {value:g}: {USAGE}."
         )
 
 

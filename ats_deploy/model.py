@@ -76,7 +76,9 @@ class ATSVisionTransformer(nn.Module):
 
     ``source`` and ``checkpoint_format`` say where the weights came from (the
     checkpoint file and its format, :mod:`ats_deploy.checkpoints`): ``None`` and
-    ``"random"`` for random weights or a ViT built in code.
+    ``"random"`` for random weights or a ViT built in code. ``load_notes`` are what
+    loading decided that the user should hear (how the architecture was settled, a
+    key prefix stripped), said by the commands that load it.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class ATSVisionTransformer(nn.Module):
         *,
         source: Path | None = None,
         checkpoint_format: str = "random",
+        load_notes: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.family = family_of(vit)  # refuses, with the reason, a model no family runs faithfully
@@ -106,6 +109,7 @@ class ATSVisionTransformer(nn.Module):
         self.default_keep = per_stage(keep, len(stages))
         self.source = source
         self.checkpoint_format = checkpoint_format
+        self.load_notes = tuple(load_notes)
 
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -369,11 +373,14 @@ def build(
     *,
     source: Path | None = None,
     checkpoint_format: str = "random",
+    load_notes: Sequence[str] = (),
 ) -> ATSVisionTransformer:
     """Wrap a timm ViT; default stages are the paper's: block 3 to the last."""
     if stages is None:
         stages = default_stages(len(vit.blocks))
-    return ATSVisionTransformer(vit, stages, arch, keep, source=source, checkpoint_format=checkpoint_format)
+    return ATSVisionTransformer(
+        vit, stages, arch, keep, source=source, checkpoint_format=checkpoint_format, load_notes=load_notes
+    )
 
 
 def with_input_size(model: ATSVisionTransformer, img_size: int) -> ATSVisionTransformer:
@@ -394,6 +401,7 @@ def with_input_size(model: ATSVisionTransformer, img_size: int) -> ATSVisionTran
         model.default_keep,
         source=model.source,
         checkpoint_format=model.checkpoint_format,
+        load_notes=model.load_notes,
     )
 
 

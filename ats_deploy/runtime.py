@@ -201,9 +201,8 @@ class ExportedModel:
         A static export runs in chunks of its batch, the last one padded.
         """
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        self._check_pixels(pixels)
         count = len(pixels)
-        if count == 0:
-            raise UserError("no images given; pass at least one image.")
         rows = self.keep_rows(keep, count)
         chunk = self.batch or count
         outputs = [
@@ -212,6 +211,18 @@ class ExportedModel:
         ]
         logits, tokens = (np.concatenate(parts)[:count] for parts in zip(*outputs, strict=True))
         return logits, tokens
+
+    def _check_pixels(self, pixels: np.ndarray) -> None:
+        """``[N, 3, H, W]`` at the recorded input size, before onnxruntime would refuse it in its own words."""
+        expected = tuple(self.data_config["input_size"])
+        if pixels.ndim != 4 or pixels.shape[1:] != expected:
+            raise UserError(
+                f"pixels must be float32 [N, {', '.join(map(str, expected))}] for {self.path}, got "
+                f"{list(pixels.shape)}.",
+                hint="model.preprocess(images) makes them from images (resize, centre crop, mean/std as recorded).",
+            )
+        if len(pixels) == 0:
+            raise UserError("no images given; pass at least one image.")
 
     def _run_chunk(self, pixels: np.ndarray, keep: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
         padding = size - len(pixels)

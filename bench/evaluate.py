@@ -128,23 +128,25 @@ def evaluate(
     return Evaluation(tallies, cases, timing_inputs, np.concatenate(labels) if labels else None)
 
 
-def reduced_agreement(evaluation: Evaluation, key: str, runtime: str, keep: list[float]) -> dict:
+def reduced_agreement(evaluation: Evaluation, key: str, runtime: str, keep: list[float], precision: str) -> dict:
     """A reduced-precision ATS variant against the float32 PyTorch ATS model on the measured images.
 
-    ATS_SPEC.md section 5 compares int8 by agreement (top-1, kept tokens), not patch for patch; the top-1 bar
-    is the one export validation applies to int8 (:class:`~ats_deploy.exporters.validate.ReducedAgreement`).
+    ATS_SPEC.md section 5 compares int8 by agreement (top-1, kept tokens), not patch for patch, with the
+    one verdict that export, validate and loadtest --verify use (``precisions.agreement.top1_agreement``).
     """
-    from ats_deploy.exporters.validate import ReducedAgreement
+    from ats_deploy.exporters import precisions
+    from ats_deploy.exporters.precisions.agreement import top1_agreement
 
     reference, observed = evaluation.tallies[PYTORCH_ATS], evaluation.tallies[key]
-    top1 = float((observed.predictions() == reference.predictions()).mean())
-    bar = ReducedAgreement.required(min(keep))
+    agree = int((observed.predictions() == reference.predictions()).sum())
+    verdict = top1_agreement(precisions.get(precision), [keep], agree, observed.images)
     return {
         "between": f"exported ATS ({runtime}) vs PyTorch ATS (float32)",
         "images": observed.images,
-        "top1_agree": top1,
-        "top1_bar": bar,
-        "ok": top1 >= bar,
+        "top1_agree": verdict.rate,
+        "top1_bar": verdict.bar,
+        "top1_upper": verdict.upper,
+        "ok": verdict.ok,
         "same_tokens_per_stage": (observed.all_tokens() == reference.all_tokens()).mean(axis=0).tolist(),
     }
 

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
 
 from ats_deploy import backends
 from ats_deploy.backends import Backend, Runner, RunOptions
 from ats_deploy.backends.pytorch_cpu import TorchRunner
+from ats_deploy.console import counted, step
 from ats_deploy.errors import UserError
 from ats_deploy.exporters import precisions as precision_registry
 from ats_deploy.exporters.onnx_export import ExportOptions, export
@@ -133,8 +133,8 @@ class Plan:
 
     @property
     def backend(self) -> str:
-        """The backends' names, joined by ", " when there are several."""
-        return ", ".join(t.name for t in self.targets)
+        """The backends' names, each once (a backend benched at two precisions is two targets), joined by ", "."""
+        return ", ".join(dict.fromkeys(t.name for t in self.targets))
 
     @property
     def precision(self) -> str:
@@ -355,7 +355,7 @@ def dense_export(plan: Plan, dense: ATSVisionTransformer, workdir: Path, status:
     """The dense baseline exported the way the model was (dynamic, or static at its batch)."""
     exported = plan.exported
     options = ExportOptions(dynamic=exported.dynamic, batch=exported.batch or 1)
-    with status.status("exporting the dense baseline (the same network without token sampling)"):
+    with step(status, "exporting the dense baseline (the same network without token sampling)"):
         return export(dense, workdir / "dense.onnx", options)
 
 
@@ -365,10 +365,15 @@ def quantize_int8(
     """The int8 copy of each fp32 ONNX file of ``sources`` (name -> file), all calibrated on the same images."""
     calibration = plan.calibration
     assert calibration is not None  # plan() settles it for every int8 target
-    pixels = int8.load_images(calibration.files, data_config(model.vit))
-    settings = int8.Calibration(calibration.folder, images=len(calibration.files))
+    read = int8.read_images(calibration.files, data_config(model.vit), plan.request.calibration_images)
+    if read.skipped:
+        name, why = read.skipped[0]
+        status.print(f"skipped {len(read.skipped)} unreadable calibration file(s); the first: {name}: {why}",
+                     highlight=False, markup=False)
+    pixels = read.pixels
+    settings = int8.Calibration(calibration.folder, images=len(pixels))
     quantized = {}
-    with status.status(f"quantizing {', '.join(sources)} to int8 on {calibration.source}"):
+    with step(status, f"quantizing {', '.join(sources)} to int8 on {calibration.source}"):
         for name, source in sources.items():
             quantized[name] = workdir / f"{name}.int8.onnx"
             int8.quantize(source, quantized[name], pixels, settings)
@@ -383,7 +388,8 @@ def exported_runners(
     ats_file, dense_onnx = files
     options = RunOptions(precision=target.precision, threads=plan.profile.threads, workdir=workdir)
     dense_file = backend.prepare(dense_onnx, plan.profile, target.measured, workdir, status)
-    return backend.open(ats_file, options), backend.open(dense_file, options)
+    with step(status, f"opening the exported ATS and dense models on {target.label}"):
+        return backend.open(ats_file, options), backend.open(dense_file, options)
 
 
 def build_variants(plan: Plan, model: ATSVisionTransformer, workdir: Path, status: Console) -> dict[str, Variant]:
@@ -430,7 +436,7 @@ def compared(plan: Plan, variants: dict[str, Variant]) -> dict[str, float]:
 def agreements(plan: Plan, evaluation: Evaluation) -> dict[str, dict]:
     """Each int8 ATS variant against the float32 PyTorch ATS reference on the measured images, by agreement."""
     return {
-        t.key(EXPORTED_ATS): reduced_agreement(evaluation, t.key(EXPORTED_ATS), t.label, plan.keep)
+        t.key(EXPORTED_ATS): reduced_agreement(evaluation, t.key(EXPORTED_ATS), t.label, plan.keep, t.precision)
         for t in plan.targets
         if t.precision not in ATOL and t.key(EXPORTED_ATS) in evaluation.tallies
     }
@@ -444,13 +450,12 @@ def _accuracy_pass(
         total, batches = len(data.files), folder_batches(data, config, batch, skipped)
     else:
         total, batches = data.count, sample_batches(data, config, batch)
-    with Progress(console=status, transient=True) as progress:
-        task = progress.add_task(f"accuracy: {len(variants)} variants", total=total)
-        counted = [0]  # skipped files counted so far, so that progress covers them too
+    with counted(status, f"accuracy: {len(variants)} variants on {total} images", total) as progress:
+        seen = [0]  # skipped files counted so far, so that progress covers them too
 
         def advance(images: int) -> None:
-            progress.advance(task, images + len(skipped) - counted[0])
-            counted[0] = len(skipped)
+            progress(images + len(skipped) - seen[0])
+            seen[0] = len(skipped)
 
         return evaluate(batches, model, variants, batch, compared(plan, variants), advance)
 
@@ -459,10 +464,10 @@ def _latency_pass(
     plan: Plan, variants: dict[str, Variant], evaluation: Evaluation, status: Console
 ) -> dict[str, Latency]:
     calls, profile = cycling(variants, evaluation.timing_inputs), plan.profile
-    with Progress(console=status, transient=True) as progress:
-        rounds = profile.warmup + profile.iterations
-        task = progress.add_task(f"latency: {len(calls)} variants interleaved, batch {profile.batch}", total=rounds)
-        return interleaved(calls, profile.batch, profile.warmup, profile.iterations, lambda: progress.advance(task))
+    rounds = profile.warmup + profile.iterations
+    text = f"latency: {len(calls)} variants interleaved, batch {profile.batch}, {rounds} rounds"
+    with counted(status, text, rounds) as progress:
+        return interleaved(calls, profile.batch, profile.warmup, profile.iterations, lambda: progress(1))
 
 
 def _variant_results(
@@ -510,7 +515,7 @@ def bench(request: Request, status: Console) -> tuple[BenchResult, list[Path]]:
     checked = plan(request)
     check_folder(checked.folder, "--out")  # here, not in plan: tune plans too, and writes no results folder
     print_warnings(checked.warnings, status)
-    with status.status("loading the PyTorch reference"):
+    with step(status, "loading the PyTorch reference"):
         model = reference(checked.exported, request.checkpoint, request.trust_checkpoint)
         checked.warnings.extend(filter(None, [changed_source(checked.exported, request.checkpoint)]))
     skipped = Skipped()

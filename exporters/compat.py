@@ -47,6 +47,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ats_deploy.errors import BackendUnavailable, UserError
+from ats_deploy.filekinds import expect_exported
 
 from .custom_op import DOMAIN, OP_TYPE, register, uses_custom_op
 
@@ -963,6 +964,8 @@ def _load(model: onnx.ModelProto | str | Path) -> tuple[onnx.ModelProto, Path | 
     if isinstance(model, onnx.ModelProto):
         return model, None
     path = Path(model)
+    if path.is_file():
+        expect_exported(path)
     try:
         proto = onnx.load(path)
     except Exception as exc:  # missing file, protobuf DecodeError, missing external data...

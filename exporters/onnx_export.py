@@ -264,8 +264,7 @@ def _quantize(model: ATSVisionTransformer, path: Path, calibration: Calibration,
 
     from .precisions import int8
 
-    files = int8.calibration_files(calibration, model.num_classes)
-    images = int8.load_images(files, data_config(model.vit))
+    images = int8.read_calibration(calibration, model.num_classes, data_config(model.vit)).pixels
     with tempfile.TemporaryDirectory() as work:
         quantized = Path(work) / "int8.onnx"
         int8.quantize(path, quantized, images, calibration)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ats_deploy.atomic import output_path
 from ats_deploy.errors import UserError
 from ats_deploy.keep import Keep, format_keep, per_stage
 
@@ -31,7 +32,7 @@ class ExportRequest:
     """What the user asked for; ``None`` means "from the profile, else the checkpoint's default"."""
 
     checkpoint: str
-    output: Path | None = None
+    output: str | Path | None = None  # as typed: "models/" (a folder) must keep its slash
     dynamic: bool = False
     keep: list[float] | None = None
     profile: Profile | None = None
@@ -46,6 +47,7 @@ class ExportRequest:
     precision: str = "fp32"
     calibration: Path | None = None  # int8: the folder of real images to calibrate on
     calibration_images: int = DEFAULT_IMAGES
+    validation_data: Path | None = None  # validate on this folder's images instead of the default ones
 
 
 @dataclass
@@ -77,8 +79,13 @@ def check_flags(request: ExportRequest) -> None:
     if request.batch is not None and request.dynamic:
         raise UserError("--batch fixes the batch of a static export; with --dynamic the batch is a run-time input.")
     check_precision(request)
-    if request.output is not None:
-        check_output_path(request.output)
+    if request.validation_data is not None and not Path(request.validation_data).is_dir():
+        raise UserError(
+            f"--validation-data {request.validation_data} is not a folder; give a folder of real images "
+            "(ImageFolder or flat)."
+        )
+    if request.output is not None:  # the file's own name, when output is a folder, is settled after loading
+        check_output_path(output_path(request.output, "model.onnx"))
 
 
 def check_precision(request: ExportRequest) -> None:
@@ -161,6 +168,6 @@ def plan(request: ExportRequest) -> ExportPlan:
         from .precisions.int8 import calibration_files
 
         calibration_files(options.calibration, model.num_classes)  # a missing or short folder fails before tracing
-    output = check_output_path(request.output or default_name(request.checkpoint, model.arch, options))
-    notes = Keep.parse(keep).notes(model.n0, model.prefix_tokens) if keep else []
+    output = check_output_path(output_path(request.output, default_name(request.checkpoint, model.arch, options)))
+    notes = [*model.load_notes, *(Keep.parse(keep).notes(model.n0, model.prefix_tokens) if keep else [])]
     return ExportPlan(model, output, options, notes)

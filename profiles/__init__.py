@@ -51,10 +51,20 @@ _REQUIRED = (
 _OPTIONAL = ("threads", "static", "latency_budget_ms", "dla_core", "gpu_fallback", "serving")
 _KEYS = _REQUIRED + _OPTIONAL
 _SHAPE_KEYS = ("min", "opt", "max")
-_SERVING_KEYS = ("max_batch_size", "preferred_batch_sizes", "max_queue_delay_us", "instances")
+_SERVING_KEYS = (
+    "max_batch_size", "preferred_batch_sizes", "max_queue_delay_us", "instances", "max_queue_size", "queue_timeout_ms"
+)
 # How long a server waits for more requests to fill a batch when the profile does not say: short
 # enough not to show in a ViT's latency, long enough for concurrent requests to share a batch.
 DEFAULT_QUEUE_DELAY_US = 100
+# The queue bound, in batches of max_batch_size: more waiting requests are refused at once (503) instead of
+# growing memory and latency without limit.
+DEFAULT_QUEUE_BATCHES = 8
+# How long a request may wait in the server's queue before it is refused (503); 0: no limit, the default. With
+# any timeout set, Triton 2.51's dynamic batcher now and then sleeps through a wake-up (~0.5 s stalls, a few per
+# thousand requests: bench/RESULTS.md, "Queue policy"), so only a profile that asks for one gets it; the queue
+# bound alone already caps the work run for clients that gave up.
+DEFAULT_QUEUE_TIMEOUT_MS = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,8 @@ class Serving:
     preferred_batch_sizes: tuple[int, ...]  # batch sizes it waits for, up to max_queue_delay_us; empty: any
     max_queue_delay_us: int  # how long a request may wait for others to join its batch
     instances: int  # copies of the model running side by side on the device
+    max_queue_size: int  # requests that may wait for an instance; more are refused at once (0: no bound)
+    queue_timeout_ms: int  # how long a request may wait before it is refused (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -241,7 +253,8 @@ def _shapes(data: dict, batch: int, check: _Checker) -> Shapes:
 
 def _serving_defaults(batch: int, shapes: Shapes) -> Serving:
     preferred = (batch,) if batch > 1 else ()  # a preferred size of 1 would send every request alone
-    return Serving(shapes.max, preferred, DEFAULT_QUEUE_DELAY_US, instances=1)
+    return Serving(shapes.max, preferred, DEFAULT_QUEUE_DELAY_US, instances=1,
+                   max_queue_size=DEFAULT_QUEUE_BATCHES * shapes.max, queue_timeout_ms=DEFAULT_QUEUE_TIMEOUT_MS)
 
 
 def _serving(data: dict, batch: int, shapes: Shapes, check: _Checker) -> Serving | None:
@@ -263,11 +276,15 @@ def _serving(data: dict, batch: int, shapes: Shapes, check: _Checker) -> Serving
         preferred = tuple(size for size in default.preferred_batch_sizes if size <= largest)
     delay = check.optional_int(section, "serving.max_queue_delay_us", 0)
     instances = check.optional_int(section, "serving.instances", 1)
+    queue = check.optional_int(section, "serving.max_queue_size", 0)
+    timeout = check.optional_int(section, "serving.queue_timeout_ms", 0)
     return Serving(
         max_batch_size=largest,
         preferred_batch_sizes=preferred,
         max_queue_delay_us=default.max_queue_delay_us if delay is None else delay,
         instances=instances or default.instances,
+        max_queue_size=DEFAULT_QUEUE_BATCHES * largest if queue is None else queue,
+        queue_timeout_ms=default.queue_timeout_ms if timeout is None else timeout,
     )
 
 

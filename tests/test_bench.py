@@ -119,6 +119,15 @@ def test_bench_finds_the_only_export_and_records_overrides(exported):
     assert data["data"]["labelled"] is False and data["data"]["images"] == 2
     assert data["accuracy_metric"] == "top-1 agreement with PyTorch dense"
     assert {row["backend"] for row in rows} == {label}
+    # Logged (not a terminal), every long pass says when it starts and ends: 12 silent minutes before (issue 23).
+    lines = result.output.splitlines()
+    for started, ended in [("loading the PyTorch reference ...", "loading the PyTorch reference: done in"),
+                           ("exporting the dense baseline", "exporting the dense baseline"),
+                           ("opening the exported ATS and dense models", "opening the exported ATS and dense models"),
+                           ("accuracy: 4 variants on 2 images: 0/2", "accuracy: 4 variants on 2 images: done (2/2)"),
+                           ("latency: ", "latency: ")]:
+        assert any(line.startswith(started) for line in lines) and any(
+            line.startswith(ended) and ("done" in line) for line in lines), (started, result.output)
 
 
 def test_bench_without_model_needs_exactly_one_export(here, tiny_ats_onnx):

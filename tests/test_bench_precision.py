@@ -83,6 +83,17 @@ def test_a_calibration_folder_of_its_own_leaves_every_data_image_measured(export
     assert [(t.name, t.precision, t.quantize) for t in plan.targets] == [("onnxruntime", "int8", True)]
 
 
+def test_two_precisions_on_the_profiles_backend_are_one_backend_not_an_override(exported):
+    """fp32 and int8 on onnxruntime are two targets of one backend: the report says "onnxruntime", not overridden."""
+    from ats_deploy.bench import run
+
+    data(Path("data"), 2)
+    plan = run.plan(run.Request(profile="cpu", model=exported, data=Path("data"), precisions=["fp32", "int8"],
+                                calibration_images=2))
+    assert [(t.name, t.precision) for t in plan.targets] == [("onnxruntime", "fp32"), ("onnxruntime", "int8")]
+    assert plan.backend == plan.profile.backend == "onnxruntime"  # what BenchResult.overridden compares
+
+
 def test_a_profile_that_says_int8_benches_int8_from_the_fp32_export(exported):
     from ats_deploy.bench import run
 

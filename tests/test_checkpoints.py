@@ -20,7 +20,6 @@ from ats_deploy.model import build, with_input_size
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
 REAL_DEIT_TINY = WEIGHTS / "deit_tiny_patch16_224_wvfunc_bittrue_reconstructed.pth"
-TINY_NAMES = {"deit_tiny_patch16_224", "vit_tiny_patch16_224"}
 REG4 = "vit_small_patch14_reg4_dinov2"
 
 
@@ -103,6 +102,12 @@ FORMATS = {
 }
 
 
+# Formats that settle the architecture of a DeiT-Tiny state dict (DeiT and ViT-Tiny have the same tensors): their
+# wrapper is DeiT's (release, ATS authors') or they name it (timm's training checkpoint). The others need --arch.
+SETTLED = {"deit-release": "deit_tiny_patch16_224", "ats-authors": "deit_tiny_patch16_224",
+           "timm-train": "vit_tiny_patch16_224"}
+
+
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_each_format_loads_back_identical_weights(name: str, random_deit_tiny: VisionTransformer, tmp_path: Path):
     sd = state_dict_of(random_deit_tiny)
@@ -112,10 +117,10 @@ def test_each_format_loads_back_identical_weights(name: str, random_deit_tiny: V
     assert ckpt.path == path
     assert ckpt.state_dict.keys() == sd.keys()  # no module. prefix, no out_zero_mask
 
-    model = load_model(path)
+    model = load_model(path, arch=None if name in SETTLED else "deit_tiny_patch16_224")
 
     assert_same_weights(model.vit, sd)
-    assert model.arch in TINY_NAMES
+    assert model.arch == SETTLED.get(name, "deit_tiny_patch16_224")
     assert model.source == path
     assert model.checkpoint_format == ckpt.format
     assert not model.training
@@ -128,11 +133,47 @@ def test_a_resized_model_keeps_where_its_weights_came_from(random_deit_tiny, tmp
     assert (resized.source, resized.checkpoint_format) == (path, "deit-release")
 
 
-def test_deit_release_prefers_deit_name_and_timm_train_keeps_its_arch(random_deit_tiny, tmp_path: Path):
+def test_deit_release_is_taken_as_deit_saying_so_and_timm_train_keeps_its_arch(random_deit_tiny, tmp_path: Path):
     sd = state_dict_of(random_deit_tiny)
-    assert load_model(write_deit_release(sd, tmp_path / "a.pth")).arch == "deit_tiny_patch16_224"
-    assert load_model(write_plain(sd, tmp_path / "b.pth")).arch == "vit_tiny_patch16_224"
-    assert load_model(write_timm_train(sd, tmp_path / "c.pth")).arch == "vit_tiny_patch16_224"
+    release = load_model(write_deit_release(sd, tmp_path / "a.pth"))
+    assert release.arch == "deit_tiny_patch16_224"
+    (note,) = release.load_notes
+    assert "DeiT repository's release format" in note and "--arch vit_tiny_patch16_224" in note
+    assert "mean 0.485,0.456,0.406" in note
+    timm_train = load_model(write_timm_train(sd, tmp_path / "c.pth"))
+    assert (timm_train.arch, timm_train.load_notes) == ("vit_tiny_patch16_224", ())
+
+
+@pytest.mark.parametrize("writer", ["timm-state-dict", "safetensors"])
+def test_a_bare_state_dict_of_deit_or_vit_is_refused_naming_both_and_what_differs(writer, random_deit_tiny, tmp_path):
+    """timm.create_model("deit_tiny_patch16_224").state_dict(): the same tensors as vit_tiny_patch16_224, which
+    normalises with 0.5 instead of ImageNet's mean/std. For DeiT-S, guessing cost 3.5 points of top-1 silently."""
+    path = FORMATS[writer](state_dict_of(random_deit_tiny), tmp_path / "deit_t.pth")
+    expect_error(
+        lambda: load_model(path),
+        "deit_tiny_patch16_224: mean 0.485,0.456,0.406, std 0.229,0.224,0.225, crop 0.9, bicubic",
+        "vit_tiny_patch16_224: mean 0.5,0.5,0.5, std 0.5,0.5,0.5",
+        "the file does not say which",
+        "Pass --arch",
+    )
+    assert load_model(path, arch="deit_tiny_patch16_224").arch == "deit_tiny_patch16_224"
+
+
+@pytest.mark.parametrize("wrapper", ["lightning", "model-prefix"])
+def test_a_checkpoint_with_the_vit_under_a_prefix_loads_without_it_saying_so(wrapper, random_deit_tiny, tmp_path):
+    """PyTorch Lightning keeps the module as ``self.model``: keys ``model.patch_embed...`` (issue 23)."""
+    sd = state_dict_of(random_deit_tiny)
+    inner = {f"model.{k}": v for k, v in sd.items()}
+    payload = {"state_dict": inner | {"criterion.weight": torch.ones(3)}, "epoch": 3, "global_step": 10,
+               "pytorch-lightning_version": "2.4.0"} if wrapper == "lightning" else inner
+    path = tmp_path / "last.ckpt"
+    torch.save(payload, path)
+    model = load_model(path, arch="deit_tiny_patch16_224")
+    assert_same_weights(model.vit, sd)
+    assert model.checkpoint_format == ("lightning" if wrapper == "lightning" else "timm-state-dict")
+    (note,) = model.load_notes
+    assert "under the key prefix 'model.'" in note
+    assert ("left out 1 tensors" in note and "criterion.weight" in note) == (wrapper == "lightning")
 
 
 def test_own_format_round_trip_keeps_arch_stages_and_keep(random_deit_tiny, tmp_path: Path):
@@ -165,23 +206,24 @@ def test_newer_own_format_asks_for_an_upgrade(tmp_path: Path):
 
 def test_infer_arch_of_deit_tiny():
     sd = meta_state_dict("deit_tiny_patch16_224")
-    assert infer_arch(sd) == "vit_tiny_patch16_224"
-    assert infer_arch(sd, checkpoint_format="deit-release") == "deit_tiny_patch16_224"
+    expect_error(lambda: infer_arch(sd), "deit_tiny_patch16_224", "vit_tiny_patch16_224", "--arch")
+    assert infer_arch(sd, checkpoint_format="deit-release").arch == "deit_tiny_patch16_224"
 
 
 def test_infer_arch_and_load_keep_the_class_count(tmp_path: Path):
     vit = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=10)
-    assert infer_arch(vit.state_dict()) in TINY_NAMES
-    model = load_model(write_plain(state_dict_of(vit), tmp_path / "ten.pth"))
+    assert infer_arch(vit.state_dict(), "deit-release").arch == "deit_tiny_patch16_224"
+    model = load_model(write_deit_release(state_dict_of(vit), tmp_path / "ten.pth"))
     assert model.num_classes == 10
     assert_same_weights(model.vit, vit.state_dict())
 
 
 def test_infer_arch_of_a_model_fine_tuned_at_another_resolution(tmp_path: Path):
     vit = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=256)
-    assert infer_arch(vit.state_dict()) in TINY_NAMES
-    model = load_model(write_plain(state_dict_of(vit), tmp_path / "256.pth"))
-    assert model.input_size == (3, 256, 256)
+    # Nothing is named for 256 px: every patch-16 model with these tensors matches, ViTs at 224 and 384 among them.
+    expect_error(lambda: infer_arch(vit.state_dict()), "vit_tiny_patch16_224", "vit_tiny_patch16_384", "--arch")
+    model = load_model(write_deit_release(state_dict_of(vit), tmp_path / "256.pth"))
+    assert (model.arch, model.input_size) == ("deit_tiny_patch16_224", (3, 256, 256))
 
 
 def test_ambiguous_shapes_list_the_candidates():
@@ -216,14 +258,14 @@ def test_distilled_and_register_checkpoints_load_with_the_inferred_arch(arch, kw
     vit = timm.create_model(arch, pretrained=False, **kwargs)
     sd = state_dict_of(vit)
     model = load_model(FORMATS[writer](sd, tmp_path / "weights.pth"))
-    assert model.arch == arch
+    assert (model.arch, model.load_notes) == (arch, ())
     assert (model.prefix_tokens, model.input_size) == (prefix, (3, *vit.patch_embed.img_size))
     assert_same_weights(model.vit, sd)
 
 
 def test_a_distilled_checkpoint_is_matched_only_by_distilled_deits():
     sd = meta_state_dict("deit_small_distilled_patch16_224")
-    assert infer_arch(sd) == "deit_small_distilled_patch16_224"
+    assert infer_arch(sd) == checkpoints.Inferred("deit_small_distilled_patch16_224")
     del sd["dist_token"]  # a distillation head without its token: no timm model has that
     expect_error(lambda: infer_arch(sd), "no timm ViT/DeiT architecture", "--arch")
 
@@ -282,6 +324,20 @@ def test_truncated_file(suffix: str, random_deit_tiny, tmp_path: Path):
     expect_error(lambda: read_checkpoint(cut), "truncated, corrupt", "re-download or re-save")
 
 
+def test_an_exported_model_given_as_a_checkpoint_is_named_as_one(tiny_ats_onnx, tmp_path: Path):
+    """`inspect x.onnx` names what the file is and what reads it, instead of calling it corrupt."""
+    message = expect_error(
+        lambda: read_checkpoint(tiny_ats_onnx),
+        "is an ONNX model (an exported model), not a checkpoint",
+        "ats_deploy.runtime.open",
+        "the checkpoint it was exported from",
+    )
+    assert "corrupt" not in message
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"not really an engine")
+    expect_error(lambda: read_checkpoint(engine), "model.plan is a TensorRT engine (an exported model)")
+
+
 def test_garbage_bytes(tmp_path: Path):
     path = tmp_path / "garbage.pth"
     path.write_bytes(bytes(range(7, 256)) * 40)
@@ -302,7 +358,9 @@ def test_trusted_pickled_module_gives_its_state_dict(random_deit_tiny, tmp_path:
     expect_error(lambda: read_checkpoint(path), "VisionTransformer", "--trust-checkpoint")
     ckpt = read_checkpoint(path, trust_code=True)
     assert ckpt.format == "pickled-module"
-    assert_same_weights(load_model(path, trust_code=True).vit, random_deit_tiny.state_dict())
+    model = load_model(path, trust_code=True)
+    assert model.arch == "deit_tiny_patch16_224"  # what timm recorded in the module's pretrained_cfg
+    assert_same_weights(model.vit, random_deit_tiny.state_dict())
 
 
 def test_missing_keys_are_listed_and_counted(random_deit_tiny, tmp_path: Path):
@@ -385,8 +443,9 @@ def test_sha256_file(tmp_path: Path):
 @pytest.mark.skipif(not REAL_DEIT_TINY.exists(), reason=f"real DeiT-Tiny weights not found at {REAL_DEIT_TINY}")
 def test_real_deit_tiny_release_file_loads_with_inferred_arch():
     model = load_model(REAL_DEIT_TINY)
-    assert model.arch in TINY_NAMES
+    assert model.arch == "deit_tiny_patch16_224"  # its {'model': ...} wrapper is the DeiT repository's
     assert model.checkpoint_format == "deit-release"
+    assert "DeiT repository's release format" in model.load_notes[0]
     vit = model.vit
     assert (vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads) == (192, 12, 3)
     raw = torch.load(REAL_DEIT_TINY, map_location="cpu", weights_only=True)["model"]

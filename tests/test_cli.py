@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 import subprocess
 import sys
@@ -246,7 +247,7 @@ def test_ctrl_c_inside_a_command_is_one_line_and_exit_130(monkeypatch):
 def test_keep_above_one_that_is_not_a_whole_number_is_refused(here):
     result = invoke("export", "random:0", "--arch", "deit_tiny_patch16_224", "--dynamic", "--keep", "1.5")
     assert result.exit_code == 2
-    assert "absolute budget of floor(1.5) = 1" in plain(result.output)
+    assert "clamp(floor(1.5), P + 1, n0) = 2 tokens" in plain(result.output)
     assert not list(here.iterdir())
 
 
@@ -302,3 +303,102 @@ def test_the_dynamo_exporter_prints_no_generated_code(here):
                     "--no-validate")
     assert result.exit_code == 0, result.output
     assert "def forward" not in result.output and len(result.output.splitlines()) < 10
+
+
+def test_output_that_is_not_a_terminal_is_never_wrapped(here, monkeypatch):
+    """A pipe or log at COLUMNS=40: messages, paths and table titles stay whole, each on its line."""
+    monkeypatch.setenv("COLUMNS", "40")
+    deep = here / ("a-folder-name-long-enough-to-pass-forty-columns" * 2) / "and-deeper"
+    deep.mkdir(parents=True)
+    target = deep / "deit_t_ats.pt"
+    result = invoke("convert", *RANDOM, "-o", target)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {target}: deit_tiny_patch16_224, stages 3,4,5,6,7,8,9,10,11, keep 1" in result.output.splitlines()
+    result = invoke("inspect", target)
+    assert str(target) in [line.strip() for line in result.output.splitlines()], result.output  # the table's title
+    missing = deep / "missing.pth"
+    result = invoke("inspect", missing)
+    assert f"error: {missing} does not exist; check the path" in result.output.splitlines()[0], result.output
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("command", ["export", "visualize"])
+def test_a_full_disk_is_one_message_and_leaves_no_file(command, here, monkeypatch):
+    if command == "export":  # the ONNX file is written after tracing, through onnx.save
+        monkeypatch.setattr("ats_deploy.exporters.onnx_export.onnx.save", _disk_full)
+        args = ["export", *RANDOM, "--dynamic", "--no-validate", "-o", "out.onnx"]
+    else:  # the PNG through write_atomic
+        monkeypatch.setattr(Path, "write_bytes", _disk_full)
+        args = ["visualize", *RANDOM, "skimage:chelsea", "-o", "out.png"]
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    lines = plain(result.output)
+    assert lines.startswith(f"error: cannot write out.{'onnx' if command == 'export' else 'png'}: No space left")
+    assert "Free space on the disk" in lines and "Traceback" not in result.output
+    assert list(here.iterdir()) == [], "no file, no temporary file"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", ["export", "visualize"])
+def test_an_unwritable_target_like_proc_is_one_message(command, here):
+    target = f"/proc/x.{'onnx' if command == 'export' else 'png'}"
+    given = {"export": ["--dynamic", "--no-validate"], "visualize": ["skimage:chelsea"]}[command]
+    result = invoke(command, *RANDOM, *given, "-o", target)
+    assert result.exit_code == 2, result.output
+    assert "cannot write" in plain(result.output) and "/proc" in plain(result.output), result.output
+    assert "Traceback" not in result.output and not Path(target).exists()
+
+
+def test_convert_never_writes_a_guessed_arch_and_inspect_says_how_it_was_settled(here, random_deit_tiny):
+    """DeiT and ViT state dicts have the same tensors: a bare one is refused; a DeiT release file is DeiT, said so."""
+    import torch
+
+    torch.save(random_deit_tiny.state_dict(), "deit_t.pth")
+    result = invoke("convert", "deit_t.pth", "-o", "out.pt")
+    assert result.exit_code == 2, result.output
+    assert "deit_tiny_patch16_224: mean 0.485,0.456,0.406" in plain(result.output), result.output
+    assert "vit_tiny_patch16_224: mean 0.5,0.5,0.5" in plain(result.output) and "Pass --arch" in plain(result.output)
+    assert not Path("out.pt").exists()
+    result = invoke("convert", "deit_t.pth", "--arch", "deit_tiny_patch16_224", "-o", "out.pt")
+    assert result.exit_code == 0 and "wrote out.pt: deit_tiny_patch16_224" in plain(result.output), result.output
+
+    torch.save({"model": random_deit_tiny.state_dict()}, "release.pth")
+    result = invoke("inspect", "release.pth")
+    assert result.exit_code == 0, result.output
+    assert "note: architecture deit_tiny_patch16_224 (mean 0.485,0.456,0.406" in plain(result.output)
+    assert "DeiT repository's release format" in plain(result.output)
+
+
+def test_an_output_folder_means_put_it_in_there(here):
+    """`-o out/` or an existing folder: the file goes inside under its default name; never a file called `out`."""
+    Path("out").mkdir()
+    result = invoke("export", *RANDOM, "--dynamic", "--no-validate", "-o", "out/")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in Path("out").iterdir()] == ["deit_tiny_patch16_224_ats.onnx"]
+    result = invoke("visualize", *RANDOM, "skimage:chelsea", "-o", "out")
+    assert result.exit_code == 0 and Path("out/chelsea-tokens.png").is_file(), result.output
+
+    result = invoke("export", *RANDOM, "--dynamic", "--no-validate", "-o", "missing/")
+    assert result.exit_code == 2 and "output directory missing does not exist" in plain(result.output)
+    result = invoke("convert", *RANDOM, "-o", "saved/")  # no default name: a folder is refused, not made a file
+    assert result.exit_code == 2 and "output saved/ is a folder; give a file name" in plain(result.output)
+    assert sorted(p.name for p in here.iterdir()) == ["out"]
+
+
+def test_progress_off_a_terminal_is_a_line_at_each_tenth_and_at_the_end():
+    """rich draws no bar into a log; a counted pass prints plain lines there instead (ats_deploy/console.py)."""
+    import io
+
+    from ats_deploy.console import OutputConsole, counted, step
+
+    log = io.StringIO()
+    console = OutputConsole(file=log)
+    with step(console, "exporting"), counted(console, "accuracy", 20) as advance:
+        for _ in range(20):
+            advance(1)
+    heads = [re.sub(r",? (in )?[0-9.]+ s$", "", line) for line in log.getvalue().splitlines()]  # times cut off
+    tenths = [f"accuracy: {done}/20" for done in range(2, 20, 2)]
+    assert heads == ["exporting ...", "accuracy: 0/20", *tenths, "accuracy: done (20/20)", "exporting: done"]

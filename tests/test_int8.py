@@ -38,9 +38,9 @@ def quantized(tiny_ats_onnx, calibration_folder, tmp_path_factory) -> Path:
 
     model = load_model("random:0", arch="deit_tiny_patch16_224")
     calibration = int8.Calibration(calibration_folder, images=4)
-    files = int8.calibration_files(calibration, model.num_classes)
+    pixels = int8.read_calibration(calibration, model.num_classes, data_config(model.vit)).pixels
     output = tmp_path_factory.mktemp("int8") / "tiny.int8.onnx"
-    int8.quantize(tiny_ats_onnx, output, int8.load_images(files, data_config(model.vit)), calibration)
+    int8.quantize(tiny_ats_onnx, output, pixels, calibration)
     return output
 
 
@@ -117,10 +117,11 @@ def test_export_int8_records_the_precision_and_names_the_file(here, calibration_
     [
         (("--calibration", "missing"), "calibration folder missing does not exist"),
         (("--calibration", "empty"), "calibration folder empty is empty"),
-        (("--calibration", "few", "--calibration-images", 5), "holds 1 image(s), fewer than the 5 asked for"),
+        (("--calibration", "few", "--calibration-images", 5), "holds 1 image file(s), fewer than the 5 asked for"),
         (("--calibration", "few", "--static"), "quantizes the --dynamic export only"),
         (("--calibration", "few", "--ats-op", "custom"), "--precision int8 needs --ats-op subgraph"),
         ((), "--precision int8 needs --calibration DIR"),
+        (("--calibration", "few", "--validation-data", "missing"), "--validation-data missing is not a folder"),
     ],
 )
 def test_a_bad_int8_request_gives_one_message_and_no_file(here, extra, message):
@@ -136,18 +137,26 @@ def test_a_bad_int8_request_gives_one_message_and_no_file(here, extra, message):
 
 
 def test_int8_agrees_with_the_fp32_reference_on_held_out_real_images(real_deit_tiny, imagenet_sample, tmp_path):
+    from rich.console import Console
+
+    from ats_deploy.bench.data import image_folder
+    from ats_deploy.exporters import validate
     from ats_deploy.exporters.onnx_export import ExportOptions, export
-    from ats_deploy.exporters.validate import validate_reduced
 
     calibration = int8.Calibration(imagenet_sample, images=24)
-    files = int8.calibration_files(calibration, real_deit_tiny.num_classes)
-    fp32 = export(real_deit_tiny, tmp_path / "real.onnx", ExportOptions(dynamic=True))
-    int8.quantize(fp32, tmp_path / "real.int8.onnx", int8.load_images(files, data_config(real_deit_tiny.vit)),
-                  calibration)
-    agreement = validate_reduced(tmp_path / "real.int8.onnx", real_deit_tiny, calibration, keeps=(1.0, 0.5), count=24)
-    assert "held-out images" in agreement.images
-    assert agreement.ok, agreement.describe()
-    assert agreement.max_logit_diff > 0  # quantized for real, not the float32 file
+    options = ExportOptions(dynamic=True, calibration=calibration)
+    path = export(real_deit_tiny, tmp_path / "real.int8.onnx", options)
+    console = Console(record=True, width=200)
+    names, images = validate.held_out_inputs(real_deit_tiny, calibration, None, console, count=24)
+    files = [path for path, _ in image_folder(imagenet_sample, 1000).files]
+    assert not set(names) & {str(path.relative_to(imagenet_sample)) for path in files[:24]}, "never calibrated on"
+    assert set(names) <= {str(path.relative_to(imagenet_sample)) for path in files[24:48]}
+    keeps = [[k] * len(real_deit_tiny.stages) for k in (1.0, 0.5)]
+    report = validate.validate(str(path), real_deit_tiny, names, images, keeps, batches=(8,))
+    assert "validating on 24 held-out images" in console.export_text()
+    assert report.ok, report.failures
+    assert all(case.agreement is not None and case.images == 24 for case in report.cases)
+    assert report.cases[0].max_logit_diff > 0  # quantized for real, not the float32 file
 
 
 def test_check_tensorrt_10_passes_the_int8_export_and_names_each_misplaced_or_asymmetric_qdq(quantized):
@@ -182,12 +191,21 @@ def test_the_registry_names_int8_as_calibrated_at_export_with_the_sampling_in_fl
     assert "class-token attention row" in entry.keeps_float32 and "||V||" in entry.keeps_float32
 
 
-def test_ats_deploy_sessions_recognise_a_qdq_file(tiny_ats_onnx, quantized):
-    """The onnxruntime sessions of validation and the CPU backend keep MatMulAddFusion off for Q/DQ files only."""
-    from ats_deploy.exporters.validate import quantized as is_quantized
-    from ats_deploy.exporters.validate import session
+def test_default_onnxruntime_runs_every_quantized_product_as_an_integer_kernel(quantized, tmp_path):
+    """As a user's own session or Triton's onnxruntime backend opens it: onnxruntime's defaults, no option of ours.
 
-    assert is_quantized(quantized) and not is_quantized(tiny_ats_onnx)
-    outputs = session(str(quantized)).run(["tokens"], {"images": np.zeros((1, 3, 224, 224), np.float32),
-                                                      "keep": np.full((1, 9), 0.5, np.float32)})
-    assert outputs[0].shape == (1, 9)
+    No float Gemm or MatMul may read a dequantized tensor in the graph onnxruntime optimizes and runs.
+    """
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(quantized), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    producers = _producers(optimized)
+    float_products = [
+        node.name for node in optimized.graph.node
+        if node.op_type in {"Gemm", "MatMul", "FusedMatMul"}
+        and any(producers[n].op_type == "DequantizeLinear" for n in node.input if n in producers)
+    ]
+    assert not float_products, f"float products behind dequantized weights: {float_products}"
+    assert sum(node.op_type == "QGemm" for node in optimized.graph.node) == 12 * 4 + 1  # qkv, proj, MLP; head

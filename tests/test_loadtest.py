@@ -178,7 +178,7 @@ def test_refusals_name_the_fix(server, labelled, tmp_path):
         ({"url": f"localhost:{_free_port()}"}, "ats-deploy serve MODEL --profile cpu"),
         ({"url": "ftp://localhost:1"}, "http:// or grpc://"),
         ({"model_name": "nope"}, "model 'nope' is not ready"),
-        ({"model_name": None}, "--model-name NAME"),
+        # no --model-name: `serve` lists its one model (its index is open), so the load test finds it
         ({"batch": 9}, "batches of 1 to 8 images"),
         ({"concurrency": "0,4"}, "--concurrency"),
         ({"concurrency": "two"}, "--concurrency"),
@@ -213,3 +213,60 @@ def test_urls_keep_mix_and_arrivals():
     times = arrivals(50.0, 20.0)
     assert np.all(np.diff(times) > 0) and times[-1] < 20.0
     assert abs(len(times) - 1000) < 4 * np.sqrt(1000)  # a Poisson count: mean rate x duration
+
+
+@pytest.mark.slow
+def test_a_full_disk_prints_the_table_first_then_one_message(server, labelled, tmp_path, monkeypatch):
+    import errno
+
+    from ats_deploy.serving import loadtest_report
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loadtest_report, "write", full)
+    result = invoke("loadtest", server["http"], "--data", labelled, "--concurrency", "1", "--duration", "0.3",
+                    "--model-name", server["name"], "--output", tmp_path / "out")
+    printed = plain(result.output)
+    assert result.exit_code == 2 and "Traceback" not in printed, printed
+    assert "p50 ms" in printed and "No space left on device" in printed
+    assert printed.index("p50 ms") < printed.index("cannot write the results")
+
+
+def test_a_dead_server_ends_the_run_after_backing_off_with_one_line_and_exit_1():
+    """Senders that find no server wait, doubling, instead of failing thousands of requests a second; the run then
+    fails on --max-error-rate, naming the first error."""
+    from contextlib import nullcontext
+
+    from ats_deploy.serving import loadtest as lt
+
+    class NoServer:  # what closed_loop needs of a Sender
+        def client(self):
+            return nullcontext()
+
+        def __call__(self, client, index, scheduled):
+            return lt.Answer(index, 0, np.array([0]), "error", 0.1, time.perf_counter(),
+                             error="ConnectionRefusedError: [Errno 111] Connection refused", unreachable=True)
+
+    answers = lt.closed_loop(NoServer(), concurrency=2, duration=0.5, tick=lambda elapsed: None)
+    assert 2 <= len(answers) <= 2 * 6  # 0.05 + 0.1 + 0.2 + 0.4 s of back-off fill the 0.5 s
+    level = lt.level_stats(lt.Level("closed", 2), answers, 0.0, lt.Images(np.zeros((1, 3, 2, 2)), ["a"], None, "x",
+                                                                         []), lt.Mix((None,), ("server default",)))
+    result = lt.LoadTest("now", {}, {}, [], 1, 0.5, 1.0, [level])
+    with pytest.raises(lt.TooManyErrors) as caught:
+        lt.check_errors(result, 0.01)
+    assert caught.value.exit_code == 1 and "Connection refused" in caught.value.message
+    assert f"{len(answers)} of {len(answers)} requests failed" in caught.value.message
+    lt.check_errors(result, 1.0)  # a threshold the run is within passes
+
+
+def test_only_a_missing_server_counts_as_unreachable():
+    from tritonclient.utils import InferenceServerException
+
+    from ats_deploy.serving.triton_client import is_unreachable
+
+    assert is_unreachable(ConnectionRefusedError(111, "Connection refused"))
+    assert is_unreachable(ConnectionResetError(104, "Connection reset by peer"))
+    assert not is_unreachable(TimeoutError("timed out"))
+    assert not is_unreachable(InferenceServerException("Exceeds maximum queue size", status="503"))
+    assert not is_unreachable(ValueError("a bad answer"))

@@ -17,11 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run(
+    built = subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(ROOT)],
-        check=True, capture_output=True,
+        check=True, capture_output=True, text=True,
     )
+    (out / "build.log").write_text(built.stdout + built.stderr)  # for test_the_build_uses_no_deprecated_metadata
     return next(out.glob("ats_deploy-*.whl"))
+
+
+def test_the_build_uses_no_deprecated_metadata(wheel):
+    """pip and setuptools warned that the `license` table is deprecated (PEP 639: an SPDX string)."""
+    log = (wheel.parent / "build.log").read_text()
+    assert "deprecated" not in log.lower(), log
+    metadata = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info/METADATA")
+    assert "License-Expression: Apache-2.0" in metadata.decode()
 
 
 def test_wheel_claims_only_ats_deploy(wheel):
@@ -35,6 +44,9 @@ def test_wheel_claims_only_ats_deploy(wheel):
         "ats_deploy/bench/__init__.py",
         "ats_deploy/profiles/jetson.yaml",
         "ats_deploy/profiles/cpu.yaml",
+        "ats_deploy/serving/kserve_schemas/inferenceservices.v1beta1.json.gz",
+        "ats_deploy/serving/kserve_schemas/servingruntimes.v1alpha1.json.gz",
+        "ats_deploy/serving/kserve_schemas/LICENSE",
     ):
         assert expected in names
 
@@ -51,6 +63,8 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(wheel, tmp_path):
     code = (
         "import ats_deploy, ats_deploy.exporters.onnx_export, ats_deploy.exporters.tensorrt.build, ats_deploy.bench;"
         "from ats_deploy.profiles import load_profile;"
+        "from ats_deploy.serving.k8s_check import vendored_schema;"
+        "assert vendored_schema('serving.kserve.io/v1beta1', 'InferenceService')['type'] == 'object';"
         "print(ats_deploy.__file__, load_profile('jetson').backend)"
     )
     # From a neutral folder: in the repository root, "import ats_deploy" would find the sources.

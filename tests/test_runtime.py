@@ -160,6 +160,26 @@ def test_files_that_cannot_be_run_are_refused_by_name(tmp_path):
         runtime.open(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["deit_t.pth", "mistaken.onnx"])
+def test_a_checkpoint_given_to_runtime_open_is_named_as_one(name, tmp_path):
+    """Recognised by its content, whatever its name, with the command that makes what open() runs."""
+    path = tmp_path / name
+    torch.save({"model": {"cls_token": torch.zeros(1, 1, 4)}}, path)
+    with pytest.raises(UserError, match=rf"{name} is a PyTorch checkpoint, not an exported model") as info:
+        runtime.open(path)
+    assert "ats-deploy export CHECKPOINT --dynamic" in str(info.value) and "ReferenceModel" in str(info.value)
+    result = invoke("check", path)  # every reader of exported files says the same
+    assert result.exit_code == 2 and f"{name} is a PyTorch checkpoint, not an exported model" in plain(result.output)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 112, 112), (3, 224, 224), (1, 224, 224, 3)])
+def test_run_refuses_pixels_of_the_wrong_shape_naming_the_expected_one(tiny_ats_onnx, shape):
+    model = runtime.open(tiny_ats_onnx, threads=1)
+    got = ", ".join(map(str, shape))
+    with pytest.raises(UserError, match=rf"pixels must be float32 \[N, 3, 224, 224\] .* got \[{got}\]"):
+        model.run(np.zeros(shape, dtype=np.float32))
+
+
 def test_engine_needs_its_build_record_and_tensorrt(tiny_ats_onnx, tmp_path):
     engine = tmp_path / "model.plan"
     engine.write_bytes(b"not really an engine")

@@ -1,17 +1,23 @@
-"""`ats-deploy serve`: a real Triton Inference Server (PyTriton) serving the tiny random-weight export on onnxruntime.
+"""`ats-deploy serve`: a real Triton Inference Server (PyTriton's) serving the tiny random-weight export on onnxruntime.
 
 One server is shared by the request tests (starting one costs seconds); its dynamic batcher waits long enough
 that concurrent requests share a batch, which Triton's own metrics confirm. Answers are compared with the same
-file run in-process; start-up refusals run the CLI in-process, before any server starts.
+file run in-process; start-up refusals run the CLI in-process, before any server starts. The fault tests (a
+killed model instance, a killed Triton, a killed `serve`) each start a short-lived server of their own.
 """
 
 from __future__ import annotations
 
+import gzip
+import http.client
+import json
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import invoke, plain
+from cli_helpers import free_ports, invoke, plain
 
 from ats_deploy import backends
 from ats_deploy.backends import RunOptions
@@ -31,6 +37,7 @@ pytest.importorskip("pytriton")
 STAGES = 9  # the tiny export's ATS blocks, 3 to 11
 PROFILE_KEEP = 0.5
 QUEUE_DELAY_US = 300_000  # long enough for concurrent requests to meet in one batch
+QUEUE_SIZE = 12  # requests that may wait; the queue test sends more at once
 PROFILE = f"""\
 description: onnxruntime on 1 thread, batches of up to 8 for the serve tests.
 source: tests/test_serve.py
@@ -42,21 +49,9 @@ shapes: {{min: 1, opt: 1, max: 8}}
 threads: 1
 warmup: 1
 iterations: 1
-serving: {{max_batch_size: 8, max_queue_delay_us: {QUEUE_DELAY_US}}}
+serving: {{max_batch_size: 8, max_queue_delay_us: {QUEUE_DELAY_US}, max_queue_size: {QUEUE_SIZE}}}
 """
 START_TIMEOUT_S = 120
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports nothing listens on now (the kernel's ephemeral picks, released again)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def descendants(pid: int) -> set[int]:
@@ -114,15 +109,83 @@ class Server:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=90)
 
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of Triton's Prometheus metrics (0 when not exported yet)."""
+        import urllib.request
 
-def start_server(model: Path, folder: Path) -> Server:
+        text = urllib.request.urlopen(f"http://localhost:{self.metrics}/metrics", timeout=5).read().decode()
+        wanted = {"model": self.name, **labels}
+        for row in text.splitlines():
+            if row.startswith(name + "{"):
+                found = dict(pair.split("=", 1) for pair in row[len(name) + 1 : row.rindex("}")].split(","))
+                if all(found.get(k) == f'"{v}"' for k, v in wanted.items()):
+                    return float(row.split()[-1])
+        return 0.0
+
+    def processes(self) -> set[int]:
+        """Every running process below `serve` (Triton, its stubs, the watchdog)."""
+        return {pid for pid in descendants(self.process.pid) if running(pid)}
+
+    def leftovers(self) -> list[Path]:
+        """The run's temp folder and shared-memory segments, named after `serve`'s PID."""
+        prefix = f"ats-deploy-serve-{self.process.pid}-"
+        return [*Path(tempfile.gettempdir()).glob(prefix + "*"), *Path("/dev/shm").glob(prefix + "*")]
+
+    def pids(self, comm: str) -> list[int]:
+        return [pid for pid in self.processes() if comm_of(pid).startswith(comm)]
+
+    def ready(self) -> bool:
+        try:
+            with self.client() as client:
+                return client.is_model_ready(self.name)
+        except Exception:  # refused while Triton restarts
+            return False
+
+
+def comm_of(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def wait_for(condition, timeout: float) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass; whether it held."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def outside_address() -> str | None:
+    """An address of this machine other than loopback (its route to the outside; no packet is sent), if any."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def accepts(address: str, port: int) -> bool:
+    try:
+        socket.create_connection((address, port), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def start_server(model: Path, folder: Path, *options: str) -> Server:
     """`ats-deploy serve MODEL` with the test profile on free ports, once the model is ready."""
     profile = folder / "serve-test.yaml"
     profile.write_text(PROFILE)
     http, grpc, metrics = free_ports(3)
     log = folder / "serve.log"
     command = [Path(sys.executable).parent / "ats-deploy", "serve", model, "--profile", profile,
-               "--http-port", http, "--grpc-port", grpc, "--metrics-port", metrics]
+               "--http-port", http, "--grpc-port", grpc, "--metrics-port", metrics, *options]
     with log.open("wb") as out:
         process = subprocess.Popen([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT)
     server = Server(process, http, grpc, metrics, model.stem, log)
@@ -332,7 +395,7 @@ def test_sigterm_stops_triton_and_its_python_backend(tiny_ats_onnx, tmp_path):
         below = descendants(server.process.pid)
         names = {(Path("/proc") / str(pid) / "comm").read_text().strip() for pid in below if running(pid)}
         assert "tritonserver" in names and any(name.startswith("triton_python") for name in names), names
-        url = f"http://localhost:{server.http}/v2/models/sigterm_model/infer"
+        url = f"http://127.0.0.1:{server.http}/v2/models/sigterm_model/infer"
         deadline = time.monotonic() + 10  # printed once the model is ready, just after Triton says so
         while url not in plain(server.output()) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -364,3 +427,276 @@ def test_grpc_serves_too_and_names_a_bad_keep_as_an_invalid_argument(server):
         assert "keep value nan is invalid" in caught.value.message()
         result = client.infer(server.name, tensors[:1])
     assert result.as_numpy("tokens").shape == (1, STAGES)
+
+
+# --------------------------------------------------------------------------- hostile requests, exposure, metrics
+
+
+def post(server: Server, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """A raw HTTP POST to the server's HTTP port: the status and the body."""
+    connection = http.client.HTTPConnection("localhost", server.http, timeout=30)
+    try:
+        connection.request("POST", path, body=body, headers=headers or {})
+        answer = connection.getresponse()
+        return answer.status, answer.read().decode(errors="replace")
+    finally:
+        connection.close()
+
+
+def assert_still_serves(server: Server, runner) -> None:
+    pixels = images(1, seed=7)
+    with server.client() as client:
+        assert_same(client.infer(server.name, inputs(pixels)), alone(runner, pixels, [PROFILE_KEEP] * STAGES))
+    assert server.process.poll() is None
+
+
+@pytest.mark.slow
+def test_a_json_request_declaring_a_huge_shape_is_refused_and_the_server_stays_up(server, runner):
+    """Triton 2.51 allocates a JSON tensor's declared bytes first: this 100-byte request used to abort it."""
+    bomb = {"inputs": [{"name": "images", "shape": [1_000_000_000, 3, 224, 224], "datatype": "FP32", "data": [1]}]}
+    status, body = post(server, f"/v2/models/{server.name}/infer", json.dumps(bomb).encode())
+    assert status == 400
+    assert "input 'images' declares shape [1000000000, 3, 224, 224]" in body
+    negative = {"inputs": [{"name": "images", "shape": [-1, 3, 224, 224], "datatype": "FP32", "data": [1]}]}
+    assert post(server, f"/v2/models/{server.name}/infer", json.dumps(negative).encode())[0] == 400
+    assert_still_serves(server, runner)
+
+
+@pytest.mark.slow
+def test_a_gzip_body_that_inflates_past_the_limit_is_refused(server, runner):
+    from ats_deploy.serving.guard import MAX_BODY
+
+    body = gzip.compress(b'{"inputs": [' + b" " * (MAX_BODY + 1024) + b"]}", compresslevel=1)
+    assert len(body) < MAX_BODY // 100
+    status, answer = post(server, f"/v2/models/{server.name}/infer", body, {"Content-Encoding": "gzip"})
+    assert status == 413 and "inflates to more than" in answer
+    pixels = images(1, seed=8)  # a gzip body within the limit still serves
+    with server.client() as client:
+        result = client.infer(server.name, inputs(pixels), request_compression_algorithm="gzip")
+    assert_same(result, alone(runner, pixels, [PROFILE_KEEP] * STAGES))
+    assert_still_serves(server, runner)
+
+
+@pytest.mark.slow
+def test_by_default_it_listens_on_loopback_only_and_says_so(server):
+    address = outside_address()
+    if address is None:
+        pytest.skip("this machine has no address besides loopback")
+    for port in (server.http, server.grpc, server.metrics):
+        assert accepts("127.0.0.1", port)
+        assert not accepts(address, port), f"port {port} answers on {address}"
+    printed = plain(server.output())
+    assert f"http://127.0.0.1:{server.http}/v2/models/{server.name}/infer" in printed
+    assert "127.0.0.1" in next(line for line in printed.splitlines() if "listens on" in line)
+
+
+@pytest.mark.slow
+def test_no_secret_on_a_command_line_and_the_model_cannot_be_swapped(server, runner):
+    """PyTriton put its access token in tritonserver's arguments; serve needs none: loading is off, and the APIs
+    no client needs (shared memory, trace, logging) are closed with a lock no request can open."""
+    grpc = pytest.importorskip("tritonclient.grpc")
+    for pid in server.processes():
+        try:
+            command = (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace").lower()
+        except OSError:
+            continue
+        assert "token" not in command, command
+    status, body = post(server, f"/v2/repository/models/{server.name}/load", b"{}")
+    assert status != 200 and "not allowed" in body
+    status, _ = post(server, f"/v2/repository/models/{server.name}/unload", b"{}")
+    assert status != 200
+    status, _ = post(server, "/v2/systemsharedmemory/region/x/register", b'{"key": "/x", "byte_size": 8}')
+    assert status == 403
+    for header in ({"ats-deploy-closed": "no key"}, {"ats-deploy-closed": "no\\nkey"}):
+        status, _ = post(server, "/v2/logging", b'{"log_verbose_level": 9}', header)
+        assert status == 403
+    with grpc.InferenceServerClient(f"localhost:{server.grpc}") as client:
+        for header in (None, {"triton-grpc-protocol-ats-deploy-closed": "no-key"}):
+            with pytest.raises(Exception, match="restricted"):
+                client.get_system_shared_memory_status(headers=header)
+    assert_still_serves(server, runner)
+
+
+@pytest.mark.slow
+def test_past_the_queue_bound_requests_are_refused_at_once_with_503(server):
+    pixels = images(1, seed=9)
+    with tritonclient_http.InferenceServerClient(f"localhost:{server.http}", concurrency=64) as client:
+        pending = [client.async_infer(server.name, inputs(pixels)) for _ in range(64)]
+        outcomes = []
+        for request in pending:
+            try:
+                request.get_result()
+                outcomes.append("ok")
+            except Exception as err:
+                outcomes.append(f"{err.status()} {err.message()}")
+    refused = [o for o in outcomes if o != "ok"]
+    assert refused and all(o.startswith("503") and "Exceeds maximum queue size" in o for o in refused), refused
+    assert outcomes.count("ok") >= QUEUE_SIZE
+
+
+@pytest.mark.slow
+def test_refused_requests_count_as_failures_in_the_metrics(server):
+    from ats_deploy.serving.python_model import FAILURE, SUCCESS
+
+    before = server.metric(SUCCESS), server.metric(FAILURE, reason="invalid_argument")
+    good, bad = images(1, seed=11), np.zeros((1, STAGES), np.float32)
+    with server.client() as client:
+        for _ in range(3):
+            client.infer(server.name, inputs(good))
+        for _ in range(2):
+            with pytest.raises(Exception, match=r"keep value 0\.0 is invalid"):
+                client.infer(server.name, inputs(good, bad))
+    after = server.metric(SUCCESS), server.metric(FAILURE, reason="invalid_argument")
+    assert (after[0] - before[0], after[1] - before[1]) == (3, 2)
+
+
+@pytest.mark.slow
+def test_a_request_without_images_or_with_nan_pixels_is_refused_naming_why(server, runner):
+    keep_only = tritonclient_http.InferInput("keep", [1, STAGES], "FP32")
+    keep_only.set_data_from_numpy(np.full((1, STAGES), 0.7, np.float32))
+    with server.client() as client:
+        with pytest.raises(Exception) as caught:
+            client.infer(server.name, [keep_only])
+        assert caught.value.status() == "400"
+        assert "no input 'images'" in caught.value.message() and ".py" not in caught.value.message()
+        for value in (np.nan, np.inf):
+            pixels = images(2, seed=12)
+            pixels[1, 0, 5, 5] = value
+            with pytest.raises(Exception) as caught:
+                client.infer(server.name, inputs(pixels))
+            assert caught.value.status() == "400" and "NaN or infinite" in caught.value.message()
+    assert_still_serves(server, runner)
+
+
+@pytest.mark.slow
+def test_the_log_has_no_gpu_lines_on_a_cpu_profile(server):
+    from ats_deploy.serving.server import GPU_NOISE
+
+    printed = server.output()
+    assert not [line for line in printed.splitlines() if any(noise in line for noise in GPU_NOISE)]
+    assert "serving" in printed
+
+
+# --------------------------------------------------------------------------- faults: each its own server
+
+
+@pytest.mark.slow
+def test_a_killed_model_instance_makes_it_unready_then_it_serves_again(tiny_ats_onnx, tmp_path, runner):
+    """Triton 2.51 neither restarts a dead stub nor reports the model unready; serve does both. Then a stop that
+    cannot finish (a stopped stub holding a request) exits non-zero, leaving nothing behind."""
+    server = start_server(tiny_ats_onnx, tmp_path)
+    try:
+        (stub,) = server.pids("triton_python")
+        os.kill(stub, signal.SIGKILL)
+        assert wait_for(lambda: not server.ready(), 10), "still ready with its model instance dead"
+        assert wait_for(server.ready, START_TIMEOUT_S), plain(server.output())[-2000:]
+        assert "a model instance died" in plain(server.output())
+        assert_still_serves(server, runner)
+        (stub,) = server.pids("triton_python")
+        os.kill(stub, signal.SIGSTOP)  # a model that hangs: the request below never finishes
+        client = server.client()
+        client.async_infer(server.name, inputs(images(1, seed=13)))
+        time.sleep(0.5)
+        below = server.processes()
+        assert server.stop() == 1
+        client.close()
+        assert "did not stop cleanly" in plain(server.output())
+        assert wait_for(lambda: not any(running(pid) for pid in below), 10)
+        assert not server.leftovers()
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+
+
+@pytest.mark.slow
+def test_a_killed_triton_takes_its_stub_and_shared_memory_and_serve_exits_non_zero(tiny_ats_onnx, tmp_path):
+    server = start_server(tiny_ats_onnx, tmp_path)
+    try:
+        (triton,) = server.pids("tritonserver")
+        stubs = server.pids("triton_python")
+        assert stubs and [p for p in server.leftovers() if p.parent == Path("/dev/shm")]
+        os.kill(triton, signal.SIGKILL)
+        assert server.process.wait(timeout=30) == 1
+        assert "Triton Inference Server stopped unexpectedly (signal SIGKILL)" in plain(server.output())
+        assert not any(running(pid) for pid in stubs)
+        assert not server.leftovers()
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+
+
+@pytest.mark.slow
+def test_with_host_0000_it_listens_everywhere_and_a_killed_serve_leaves_nothing(tiny_ats_onnx, tmp_path):
+    address = outside_address()
+    server = start_server(tiny_ats_onnx, tmp_path, "--host", "0.0.0.0")
+    try:
+        if address is not None:
+            assert all(accepts(address, port) for port in (server.http, server.grpc, server.metrics))
+        assert "every interface (0.0.0.0)" in plain(server.output())
+        below = server.processes()
+        assert {comm_of(pid)[:12] for pid in below} >= {"tritonserver", "triton_pytho"}
+        server.process.kill()  # SIGKILL: serve runs no code of its own any more
+        server.process.wait()
+        assert wait_for(lambda: not any(running(pid) for pid in below), 10), "processes outlived serve"
+        assert wait_for(lambda: not server.leftovers(), 10), server.leftovers()
+        for port in (server.http, server.grpc, server.metrics):
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(("0.0.0.0", port))  # free again
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+
+
+def test_the_start_up_sweep_removes_only_what_dead_runs_left(tmp_path):
+    from ats_deploy.serving.watchdog import PREFIX, sweep
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    temp, shm = tmp_path / "tmp", tmp_path / "shm"
+    temp.mkdir()
+    shm.mkdir()
+    left = [temp / f"{PREFIX}{dead.pid}-abc", shm / f"{PREFIX}{dead.pid}-abc-segment"]
+    alive = [temp / f"{PREFIX}{os.getppid()}-def", shm / f"{PREFIX}{os.getppid()}-def-segment", temp / "other"]
+    for path in (left[0], alive[0], alive[2]):
+        path.mkdir()
+    for path in (left[1], alive[1]):
+        path.write_bytes(b"x")
+    assert sorted(sweep(temp, shm)) == sorted(left)
+    assert all(path.exists() for path in alive) and not any(path.exists() for path in left)
+
+
+def test_the_banner_says_int8_for_an_int8_file(tiny_ats_onnx):
+    import dataclasses
+    import io
+
+    from rich.console import Console
+
+    from ats_deploy.serving.server import Ports, _banner, plan
+
+    checked = plan(tiny_ats_onnx, "cpu", Ports(*free_ports(3)))
+    int8 = dataclasses.replace(checked.source, artifact=dataclasses.replace(checked.source.artifact, precision="int8"))
+    for served, expected in ((checked, "onnxruntime CPU, fp32"), (dataclasses.replace(checked, source=int8),
+                                                                  "onnxruntime CPU, int8")):
+        console = Console(file=io.StringIO(), width=200)
+        _banner(served, console)
+        assert expected in console.file.getvalue()
+
+
+def test_the_guard_refuses_what_triton_cannot_parse_safely():
+    from ats_deploy.serving.guard import MAX_BODY, Refused, check_tensors, inflate
+
+    check_tensors(json.dumps({"inputs": [{"name": "images", "shape": [2, 3, 224, 224], "datatype": "FP32"}]}).encode())
+    for shape in ([10**9, 3, 224, 224], [-1, 3], "3", [2.5]):
+        with pytest.raises(Refused) as caught:
+            check_tensors(json.dumps({"inputs": [{"name": "x", "shape": shape, "datatype": "FP32"}]}).encode())
+        assert caught.value.status == 400 and "input 'x'" in caught.value.message
+    with pytest.raises(Refused, match="cannot be parsed"):
+        check_tensors(b"[" * 100_000)
+    assert inflate(gzip.compress(b"abc"), "gzip") == b"abc"
+    with pytest.raises(Refused) as caught:
+        inflate(gzip.compress(b"\0" * (MAX_BODY + 1)), "gzip")
+    assert caught.value.status == 413
+    with pytest.raises(Refused) as caught:
+        inflate(b"abc", "br")
+    assert caught.value.status == 415

@@ -286,3 +286,25 @@ def test_tritonserver_accepts_the_configs(tiny_ats_onnx, tmp_path):
         assert f"failed to load '{name}' version 1: Invalid argument: unable to find backend library for " \
                f"backend '{backend}'" in log, log[-3000:]
         assert f"Poll failed for model directory '{name}'" not in log
+
+
+def test_the_queue_is_bounded_by_default_and_a_profile_may_add_a_timeout(tiny_ats_onnx, tmp_path):
+    """serving.max_queue_size and serving.queue_timeout_ms become Triton's default queue policy (refuse with 503):
+    by default 8 batches may wait and no timeout is set (Triton 2.51's batcher stalls with one); a profile sets
+    its own bound and timeout."""
+    policy = write(tiny_ats_onnx, load_profile("cpu"), tmp_path / "a").config.dynamic_batching.default_queue_policy
+    assert (policy.max_queue_size, policy.default_timeout_microseconds) == (8 * 8, 0)
+    assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
+    data = {**dump_profile_data("cpu"), "serving": {"max_batch_size": 4, "max_queue_size": 5, "queue_timeout_ms": 250}}
+    own = write(tiny_ats_onnx, parse_profile(data, "own", None), tmp_path / "b").config.dynamic_batching
+    assert (own.default_queue_policy.max_queue_size, own.default_queue_policy.default_timeout_microseconds) == (
+        5, 250_000)
+    with pytest.raises(UserError, match=r"serving\.max_queue_size"):
+        parse_profile({**data, "serving": {"max_queue_size": -1}}, "bad", None)
+
+
+def dump_profile_data(name: str) -> dict:
+    """A shipped profile as the mapping its file holds."""
+    import yaml
+
+    return yaml.safe_load((Path(load_profile(name).path)).read_text())

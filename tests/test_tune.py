@@ -119,7 +119,12 @@ def test_max_drop_picks_the_fastest_setting_within_the_drop(tuned, there):
     # The refinement starts from the fastest uniform setting within the drop and only moves to faster ones.
     uniform = [s for s in settings[: len(search.COARSE)] if 100 * (accuracy(dense) - accuracy(s)) <= MAX_DROP]
     assert chosen["p50_ms"] <= min(s["p50_ms"] for s in uniform)
-    assert profile == dataclasses.replace(load_profile("cpu"), name="cpu-tuned", keep=profile.keep)
+    assert profile == dataclasses.replace(load_profile("cpu"), name="cpu-tuned", keep=profile.keep,
+                                          source=profile.source)
+    # The source profile's "a starting point ... Not measured" is replaced by what was measured.
+    assert "starting point" not in profile.source and "Not measured" not in profile.source
+    assert plain(profile.source).startswith("keep measured by `ats-deploy tune` on ")
+    assert f"keep {format_keep(keep)}: top-1" in plain(profile.source) and f"{IMAGES} images" in profile.source
     assert isinstance(profile.keep, float) == (len(set(keep)) == 1)
 
     text = Path("profiles/cpu-tuned.yaml").read_text()

@@ -16,6 +16,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from ats_deploy import ats
+from ats_deploy.artifact import read
 from ats_deploy.checkpoints import load_model
 from ats_deploy.exporters.onnx_export import ExportOptions, export
 from ats_deploy.exporters.validate import (
@@ -265,7 +266,8 @@ def test_a_failed_validation_keeps_the_file_and_says_so(here, monkeypatch):
     monkeypatch.setattr("ats_deploy.exporters.validate.validate", with_right_budget)
     result = invoke("export", "random:0", "--arch", "deit_tiny_patch16_224", "--dynamic")
     assert result.exit_code == 1, result.output
-    assert "the file is kept for inspection: do not deploy it" in plain(result.output)
+    assert "The file is kept for inspection and marked as failed" in plain(result.output)
+    assert read(here / "deit_tiny_patch16_224_ats.onnx").validation_failed, "marked, so deploying it is refused"
 
 
 def test_the_real_deit_tiny_export_passes_on_real_imagenet_photos(real_deit_tiny, imagenet_sample, tmp_path):
@@ -282,3 +284,59 @@ def test_the_real_deit_tiny_export_passes_on_real_imagenet_photos(real_deit_tiny
     broken = _edited(path, tmp_path, _add_to_initializer("vit.blocks.4.attn.qkv.weight", (0, 0), 0.5))
     report = validate(broken, real_deit_tiny, names, images, [[0.72] * 9], batches=(4,))
     assert not report.ok
+
+
+# --------------------------------------------------------------------------- thousands of tokens
+
+MANY_PX = 512  # 1024 patches: a 4-block DeiT-Tiny with ATS at blocks 1-3 (random weights), fast at this size
+
+
+@pytest.fixture(scope="module")
+def many_tokens():
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=4, img_size=MANY_PX).eval()
+    return build(vit, "deit_tiny_patch16_224", stages=[1, 2, 3]).eval()
+
+
+def test_sub_resolution_ties_resolved_together_are_one_flip_at_a_thousand_tokens(many_tokens, photos):
+    """Several quantiles of one stage within float32 resolution of the cdf, resolved the other way together.
+
+    No single tie replayed alone reproduces it (what one-tie-at-a-time replay could not explain); replaying
+    every tie the export's kept patches point to, with the other sub-resolution ties pinned, does.
+    """
+    from itertools import combinations
+
+    from ats_deploy.exporters.validate import FLOAT_RESOLUTION, Case, Judge, _first_difference
+
+    image = preprocess(photos[1][:1], data_config(many_tokens.vit))[0]
+    keep = torch.full((1, 3), 0.7)
+    judge = Judge(many_tokens, 1e-3)
+    expected = judge.replay(image, keep[0], [])
+    assert sum(t.margin <= FLOAT_RESOLUTION for t in expected.ties[0]) >= 2, "many tokens, several sub-resolution ties"
+    for pair in combinations(expected.ties[0][:10], 2):
+        observed = judge.replay(image, keep[0], pair)
+        alone = [_first_difference(observed, judge.replay(image, keep[0], [tie])) for tie in pair]
+        if _first_difference(observed, expected) == 0 and None not in alone:
+            break
+    else:
+        raise AssertionError("no pair of ties whose joint resolution only a joint replay reproduces")
+    case = Case([0.7] * 3, 1)
+    judge.compare(case, "photo", observed, expected, lambda force, pin=(): judge.replay(image, keep[0], force, pin))
+    assert not case.failures, case.failures
+    (flip,) = case.flips
+    assert {(t.position, t.quantile) for t in pair} <= {(t.position, t.quantile) for t in flip.ties}
+
+
+def test_an_export_at_a_thousand_tokens_passes_and_a_skewed_cdf_still_fails(many_tokens, photos, tmp_path):
+    names, pictures = photos
+    images = preprocess(pictures[:2], data_config(many_tokens.vit))
+    path = export(many_tokens, tmp_path / "many.onnx", ExportOptions(dynamic=True))
+    keeps = [[0.7] * 3]
+    report = validate(str(path), many_tokens, names[:2], images, keeps, batches=(1,))
+    assert report.ok, report.failures
+    shutil.copy(path, tmp_path / "copy.onnx")
+    wrong = _edited(tmp_path / "copy.onnx", tmp_path, _edit_cdf("Mul", np.array(0.999)))
+    report = validate(wrong, many_tokens, names[:2], images, keeps, batches=(1,))
+    assert not report.ok and "block 1 " in report.failures[0]

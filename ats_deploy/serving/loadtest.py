@@ -32,11 +32,22 @@ from rich.progress import Progress
 from ats_deploy.errors import UserError
 from ats_deploy.keep import format_keep
 
-from .triton_client import Client, Endpoint, ServedModel, connect, describe_error, is_timeout
+from .triton_client import (
+    Client,
+    Endpoint,
+    ServedModel,
+    connect,
+    describe_error,
+    is_rejection,
+    is_timeout,
+    is_unreachable,
+)
 
 OPEN_LOOP_SENDERS = 32  # requests in flight at most in open loop; later arrivals wait on the client, timed
 WARMUP_PER_KEEP = 2  # untimed requests per keep before the first level: connections, the server's first runs
 MIX_SEED = 0  # the keep each request picks and the open loop's arrival times are reproducible
+DEFAULT_MAX_ERROR_RATE = 0.01  # past this share of failed requests the run exits 1: a healthy server fails none
+BACKOFF_S = (0.05, 2.0)  # a sender's wait after its request found no server: first, and at most (doubling)
 ATOL = 1e-3  # largest |logit difference| of a token-identical answer (fp32, as bench and validate)
 KEEP_USAGE = (
     "give the keeps to mix, comma-separated (--keep 0.5,0.7,1.0); a per-stage keep joins its stage values "
@@ -63,6 +74,15 @@ class Request:
     checkpoint: str | None = None
     trust_checkpoint: bool = False
     output: Path | None = None
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE
+    step_seconds: float | None = None  # --rate values become steps of a schedule (ats_deploy/serving/schedule.py)
+    trace: Path | None = None  # arrival times from a file
+    slo_ms: float | None = None  # report SLO attainment (slo_report.py)
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the run is one open-loop schedule, reported per step (steps, a trace, or an SLO to attain)."""
+        return self.step_seconds is not None or self.trace is not None or self.slo_ms is not None
 
 
 @dataclass(frozen=True)
@@ -292,6 +312,8 @@ class Answer:
     tokens: np.ndarray | None = None  # [batch, S]
     logits: np.ndarray | None = None  # kept only for answers --verify compares
     error: str | None = None
+    served_keep: float | None = None  # the mean keep the server says it ran (a --slo-ms front model's served_keep)
+    unreachable: bool = False  # the error was no connection at all: the sender backs off before its next request
 
 
 @dataclass
@@ -319,18 +341,22 @@ class Sender:
 
     def __call__(self, client: Client, index: int, scheduled: float) -> Answer:
         chosen, keep, rows = self.inputs(index)
+        extra = ("served_keep",) if "served_keep" in self.target.served.outputs else ()
         try:
-            logits, tokens = client.infer(self.target.served.name, self.images.pixels[chosen], rows)
+            logits, tokens, *served = client.infer(self.target.served.name, self.images.pixels[chosen], rows, extra)
         except Exception as err:  # every failure is counted, none stops the run
             finished = time.perf_counter()
-            status = "timeout" if is_timeout(err) else "error"
+            status = "timeout" if is_timeout(err) else "rejected" if is_rejection(err) else "error"
             latency_ms = (finished - scheduled) * 1e3
-            return Answer(index, keep, chosen, status, latency_ms, finished, error=describe_error(err))
+            return Answer(index, keep, chosen, status, latency_ms, finished, error=describe_error(err),
+                          unreachable=is_unreachable(err))
         finished = time.perf_counter()
         latency_ms = (finished - scheduled) * 1e3
         status = "timeout" if latency_ms > self.timeout_s * 1e3 else "ok"
         kept = logits if index < self.keep_logits else None
-        return Answer(index, keep, chosen, status, latency_ms, finished, logits.argmax(-1), tokens, kept)
+        served_keep = float(np.mean(served[0])) if served else None
+        return Answer(index, keep, chosen, status, latency_ms, finished, logits.argmax(-1), tokens, kept,
+                      served_keep=served_keep)
 
     def expired(self, index: int, scheduled: float) -> Answer:
         """An open-loop arrival that waited on the client past the timeout: never sent, counted as a timeout."""
@@ -351,6 +377,24 @@ def warm_up(sender: Sender) -> None:
                 )
 
 
+class Backoff:
+    """A sender's wait after a request that found no server, doubling up to a limit, reset by any answer.
+
+    Without it a dead server costs thousands of failed connections a second and nothing is learnt from them.
+    """
+
+    def __init__(self) -> None:
+        self.wait = 0.0
+
+    def after(self, answer: Answer) -> None:
+        if not answer.unreachable:
+            self.wait = 0.0
+            return
+        first, most = BACKOFF_S
+        self.wait = min(most, self.wait * 2 or first)
+        time.sleep(self.wait)
+
+
 def closed_loop(sender: Sender, concurrency: int, duration: float, tick: Callable[[float], None]) -> list[Answer]:
     """``concurrency`` senders, each sending its next request when its last is answered, for ``duration`` s."""
     answers: list[Answer] = []
@@ -358,9 +402,11 @@ def closed_loop(sender: Sender, concurrency: int, duration: float, tick: Callabl
     start = time.perf_counter()
 
     def run() -> None:
+        backoff = Backoff()
         with sender.client() as client:
             while time.perf_counter() - start < duration:
                 answers.append(sender(client, next(counter), time.perf_counter()))
+                backoff.after(answers[-1])
 
     threads = [threading.Thread(target=run, daemon=True) for _ in range(concurrency)]
     for thread in threads:
@@ -387,13 +433,16 @@ def arrivals(rate: float, duration: float) -> np.ndarray:
     return times[times < duration]
 
 
-def open_loop(sender: Sender, rate: float, duration: float, tick: Callable[[float], None]) -> list[Answer]:
-    """Requests at Poisson arrival times; each one's latency runs from its scheduled arrival, queueing included."""
+def open_loop(sender: Sender, rate: float, duration: float, tick: Callable[[float], None],
+              times: np.ndarray | None = None) -> list[Answer]:
+    """Requests at Poisson arrival times (or at ``times``, s from the start); each one's latency runs from its
+    scheduled arrival, queueing included."""
     answers: list[Answer] = []
     pending: queue.Queue[tuple[int, float] | None] = queue.Queue()
-    schedule = arrivals(rate, duration)
+    schedule = arrivals(rate, duration) if times is None else times
 
     def run() -> None:
+        backoff = Backoff()
         with sender.client() as client:
             while (item := pending.get()) is not None:
                 index, scheduled = item
@@ -401,6 +450,7 @@ def open_loop(sender: Sender, rate: float, duration: float, tick: Callable[[floa
                     answers.append(sender.expired(index, scheduled))
                 else:
                     answers.append(sender(client, index, scheduled))
+                    backoff.after(answers[-1])
 
     threads = [threading.Thread(target=run, daemon=True) for _ in range(min(OPEN_LOOP_SENDERS, len(schedule) or 1))]
     for thread in threads:
@@ -574,23 +624,28 @@ def reference_model(request: Request, target_: Target) -> Any:
 
 
 def verify(answers: list[Answer], count: int, model: Any, sender: Sender) -> Verification:
-    """Compare ``count`` answers (those that kept their logits) with the reference on the same pixels and keep rows."""
+    """Compare ``count`` answers (those that kept their logits) with the reference on the same pixels and keep rows.
+
+    An int8 export is judged by top-1 agreement against its precision's bar, as export and bench judge it.
+    """
     import torch
 
-    from ats_deploy.exporters.validate import Case, Judge, compare_batch, reference_samples, samples
+    from ats_deploy.exporters import validate
 
-    judge = Judge(model, ATOL)
+    judge = validate.Judge(model, ATOL)
     default = sender.target.default_keep
-    cases = [Case(keep=list(row) if row else default, batch=sender.batch) for row in sender.mix.rows]
+    precision = validate.judged_by_agreement(sender.target.artifact.precision)
+    cases = [validate.Case(keep=list(row) if row else default, batch=sender.batch, precision=precision)
+             for row in sender.mix.rows]
     chosen = [a for a in answers if a.logits is not None][:count]
     for answer in chosen:
         case = cases[answer.keep]
         pixels = torch.from_numpy(sender.images.pixels[answer.images])
         keep = case.rows(len(answer.images))
-        observed = samples(answer.logits, answer.tokens)
-        expected = reference_samples(model, pixels, keep)
+        observed = validate.samples(answer.logits, answer.tokens)
+        expected = validate.reference_samples(model, pixels, keep)
         names = [f"request {answer.index}: {sender.images.names[i]}" for i in answer.images]
-        compare_batch(case, judge, names, pixels, keep, observed, expected)
+        validate.compare_batch(case, judge, names, pixels, keep, observed, expected)
     return Verification(count, len(chosen), [c for c in cases if c.images or c.failures])
 
 
@@ -611,6 +666,7 @@ class LoadTest:
     levels: list[LevelStats]
     verification: Verification | None = None
     warnings: list[str] = field(default_factory=list)
+    slo: dict[str, Any] | None = None  # a schedule's per-step figures and SLO attainment (slo_report.summarize)
 
     @property
     def title(self) -> str:
@@ -633,6 +689,7 @@ class LoadTest:
             "latency_from": "the send (closed loop) or the scheduled Poisson arrival (open loop)",
             "levels": [level.to_dict() for level in self.levels],
             "verification": None if self.verification is None else self.verification.to_dict(),
+            "schedule": self.slo,
             "warnings": self.warnings,
         }
 
@@ -643,6 +700,27 @@ def _check_request(request: Request) -> None:
             raise UserError(f"{option} {value:g} is not a positive number of seconds.")
     if request.verify and request.verify < 0:
         raise UserError(f"--verify {request.verify}: give a number of answers to compare, e.g. --verify 50.")
+    if not 0 <= request.max_error_rate <= 1:
+        raise UserError(f"--max-error-rate {request.max_error_rate:g} is not a share between 0 and 1, e.g. 0.01.")
+
+
+class TooManyErrors(UserError):
+    """More requests failed than --max-error-rate allows: the figures measured a broken server, not a model."""
+
+    exit_code = 1
+
+
+def check_errors(result: LoadTest, max_rate: float) -> None:
+    """Refuse a run whose share of failed requests (errors, not timeouts) is over ``max_rate``, naming the first."""
+    sent = sum(level.requests for level in result.levels)
+    failed = sum(level.errors for level in result.levels)
+    if sent and failed / sent > max_rate:
+        first = next((e for level in result.levels for e in level.error_examples), "no message")
+        raise TooManyErrors(
+            f"{failed} of {sent} requests failed ({100 * failed / sent:.1f}%, more than --max-error-rate "
+            f"{100 * max_rate:g}%); the first: {first}",
+            hint="Check that the server is up and serves this model (its log says why it refused them).",
+        )
 
 
 def _check_batch(batch: int, served: ServedModel) -> None:
@@ -680,12 +758,18 @@ def run_levels(sender: Sender, levels: list[Level], duration: float, images: Ima
     return stats, kept
 
 
-def loadtest(request: Request, console: Console) -> tuple[LoadTest, list[Path]]:
-    """Check everything a user can get wrong first (levels, output, server, keep, data), then load and report."""
+def loadtest(request: Request, console: Console, show: Callable[[LoadTest], None] | None = None) -> tuple[
+    LoadTest, list[Path]
+]:
+    """Check everything a user can get wrong first (levels, output, server, keep, data), then load and report.
+
+    ``show`` gets the results before they are written, so a write that fails (a full disk) loses no figures.
+    """
     from .loadtest_report import write
 
     _check_request(request)
-    levels = parse_levels(request.concurrency, request.rate)
+    schedule = _schedule(request)
+    levels = [Level("open", schedule.mean_rate)] if schedule else parse_levels(request.concurrency, request.rate)
     folder = plan_output(request)
     target_, warnings = target(request, Endpoint.parse(request.url))
     _check_batch(request.batch, target_.served)
@@ -695,7 +779,11 @@ def loadtest(request: Request, console: Console) -> tuple[LoadTest, list[Path]]:
     quota = math.ceil(request.verify / len(levels)) if request.verify else 0
     sender = Sender(target_, images, mix, request.batch, request.timeout, quota)
     warm_up(sender)
-    stats, kept = run_levels(sender, levels, request.duration, images, console)
+    _quiet_collector()
+    if schedule is not None:
+        stats, kept, answers = run_schedule(sender, schedule, images, console)
+    else:
+        stats, kept = run_levels(sender, levels, request.duration, images, console)
     result = LoadTest(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         target=target_.summary(),
@@ -710,4 +798,84 @@ def loadtest(request: Request, console: Console) -> tuple[LoadTest, list[Path]]:
     )
     if model is not None:
         result.verification = verify(kept, request.verify, model, sender)
-    return result, write(result, folder)
+    if schedule is not None:
+        result.slo = _slo_summary(answers, schedule, images, request.slo_ms)
+    if show is not None:
+        show(result)
+    try:
+        files = write(result, folder)
+        if schedule is not None:
+            files.append(_slo_plot(answers, schedule, images, request.slo_ms, folder))
+        return result, files
+    except OSError as exc:
+        raise UserError(f"cannot write the results to {folder}: {exc.strerror or exc}.",
+                        hint="The figures are above; free some space or pass --output with another folder.") from None
+
+
+# --------------------------------------------------------------------------- schedules and SLO attainment
+
+
+def _quiet_collector() -> None:
+    """Exempt what is loaded by now (torch, the images: ~400k objects) from Python's garbage collector.
+
+    Its full collections took ~0.3-0.5 s on a loaded 2-core machine, during which no answer is read, so every
+    request in flight showed that much more latency than the server gave it.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
+def _schedule(request: Request) -> Any:
+    """The open-loop schedule of ``--step-seconds``, ``--trace`` or ``--slo-ms`` (schedule.py), else None."""
+    if not request.scheduled:
+        return None
+    from . import schedule
+
+    return schedule.plan(request.rate, request.concurrency, request.step_seconds, request.trace, request.duration,
+                         request.slo_ms)
+
+
+def run_schedule(sender: Sender, schedule: Any, images: Images, console: Console) -> tuple[
+    list[LevelStats], list[Answer], list[Answer]
+]:
+    """The whole schedule as one open-loop level; its figures, the answers kept for --verify, and every answer."""
+    level = Level("open", schedule.mean_rate)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(schedule.origin, total=schedule.duration)
+        start = time.perf_counter()
+        answers = open_loop(sender, level.load, schedule.duration,
+                            lambda elapsed: progress.update(task, completed=min(elapsed, schedule.duration)),
+                            times=schedule.times)
+    answers.sort(key=lambda a: a.index)
+    kept = [a for a in answers if a.logits is not None]
+    return [level_stats(level, answers, start, images, sender.mix)], kept, answers
+
+
+def _outcomes(answers: list[Answer], schedule: Any, images: Images) -> Any:
+    from .slo_report import Outcomes
+
+    correct = None
+    if images.labels is not None:
+        correct = np.array([float(np.mean(a.top1 == images.labels[a.images])) if a.top1 is not None else np.nan
+                            for a in answers])
+    return Outcomes(
+        scheduled=np.array([schedule.times[a.index] for a in answers]),
+        latency_ms=np.array([a.latency_ms for a in answers]),
+        status=np.array([a.status for a in answers]),
+        keep=np.array([np.nan if a.served_keep is None else a.served_keep for a in answers]),
+        correct=correct,
+    )
+
+
+def _slo_summary(answers: list[Answer], schedule: Any, images: Images, slo_ms: float | None) -> dict[str, Any]:
+    from .slo_report import summarize
+
+    return {"origin": schedule.origin, **summarize(_outcomes(answers, schedule, images), schedule.steps, slo_ms)}
+
+
+def _slo_plot(answers: list[Answer], schedule: Any, images: Images, slo_ms: float | None, folder: Path) -> Path:
+    from .slo_report import PLOT, plot
+
+    return plot(_outcomes(answers, schedule, images), slo_ms, folder / PLOT)

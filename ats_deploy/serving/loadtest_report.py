@@ -148,6 +148,10 @@ def render(result: LoadTest, console: Console) -> None:
             _accuracy(s),
         )
     console.print(table)
+    if result.slo is not None:
+        from .slo_report import render as render_slo
+
+        render_slo(result.slo, console)
     console.print(
         Text(
             "latency: of answered requests, from the send (closed loop) or the scheduled arrival (open loop); "

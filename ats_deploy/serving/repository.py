@@ -13,11 +13,8 @@ for each of its inputs; the exported graph has no default for ``keep``.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from .. import artifact as artifacts
 from .. import backends
+from ..atomic import write_folder
 from ..errors import UserError
 from ..profiles import Profile, Serving
 
@@ -83,8 +81,11 @@ def check_name(name: str) -> str:
     return name
 
 
-def open_source(path: Path) -> Source:
-    """The exported ONNX file or TensorRT engine at ``path``, refused when Triton could not serve it as exported."""
+def open_source(path: Path, allow_failed: bool = False) -> Source:
+    """The exported ONNX file or TensorRT engine at ``path``, refused when Triton could not serve it as exported.
+
+    A file marked as having failed validation (or an engine built from one) is refused unless ``allow_failed``.
+    """
     if not path.is_file():
         raise UserError(f"{path} not found.", hint=f"Export a model with {_EXPORT}, or build an engine: {_REBUILD}.")
     suffix = path.suffix.lower()
@@ -98,6 +99,7 @@ def open_source(path: Path) -> Source:
         raise UserError(f"{path} is neither an ONNX file (.onnx) nor a TensorRT engine (.plan, .engine).",
                         hint=f"Serve the file {_EXPORT} wrote, or an engine from {_REBUILD}.")
     _check_servable(source)
+    artifacts.refuse_failed(source.artifact, path, allow_failed)
     return source
 
 
@@ -183,6 +185,7 @@ def build_config(source: Source, profile: Profile, name: str) -> mc.ModelConfig:
         config.max_batch_size = serving.max_batch_size
         config.dynamic_batching.preferred_batch_size.extend(serving.preferred_batch_sizes)
         config.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
+        _queue_policy(config.dynamic_batching.default_queue_policy, serving)
         batch: list = []
     else:
         batch = [artifact.batch]
@@ -200,6 +203,19 @@ def build_config(source: Source, profile: Profile, name: str) -> mc.ModelConfig:
     return config
 
 
+def _queue_policy(policy: mc.ModelQueuePolicy, serving: Serving) -> None:
+    """Bound the batcher's queue and how long a request may wait in it (profile keys serving.max_queue_size and
+    serving.queue_timeout_ms); Triton refuses a request past either at once with UNAVAILABLE (HTTP 503).
+
+    Without a bound, a client that gives up leaves its request queued and run for nobody, and an overload grows
+    the server's memory without limit.
+    """
+    policy.max_queue_size = serving.max_queue_size
+    if serving.queue_timeout_ms:
+        policy.default_timeout_microseconds = serving.queue_timeout_ms * 1000
+        policy.timeout_action = mc.ModelQueuePolicy.REJECT
+
+
 def render(config: mc.ModelConfig) -> str:
     """``config.pbtxt``: the config in protobuf's text format, which Triton reads."""
     return text_format.MessageToString(config)
@@ -214,9 +230,18 @@ def read_config(folder: Path) -> mc.ModelConfig:
         raise UserError(f"cannot read {path} as a Triton model config: {exc}") from None
 
 
-def write(model: Path, profile: Profile, repository: Path, name: str | None = None) -> Repository:
+def write(
+    model: Path, profile: Profile, repository: Path, name: str | None = None, allow_failed: bool = False
+) -> Repository:
     """Write ``<repository>/<name>/`` for ``model`` served with ``profile``; an existing model folder is refused."""
-    source = open_source(Path(model))
+    return commit(plan(model, profile, repository, name, allow_failed))
+
+
+def plan(
+    model: Path, profile: Profile, repository: Path, name: str | None = None, allow_failed: bool = False
+) -> Repository:
+    """What :func:`write` writes, every check done and nothing written (so that more can be checked first)."""
+    source = open_source(Path(model), allow_failed)
     name = default_name(source.path) if name is None else check_name(name)
     config = build_config(source, profile, name)
     folder = Path(repository) / name
@@ -226,47 +251,29 @@ def write(model: Path, profile: Profile, repository: Path, name: str | None = No
             hint="Choose another name with --name, or remove that folder first (Triton unloads a model whose folder "
             "is removed when it polls the repository).",
         )
-    try:
-        _write_folder(folder, render(config), source)
-    except OSError as exc:
-        raise UserError(f"cannot write the model repository {repository}: {exc.strerror or exc}.") from None
     return Repository(folder, config, source)
 
 
-def _write_folder(folder: Path, config_text: str, source: Source) -> None:
-    """Build the model folder beside its place and rename it in: a server polling the repository never loads half of it.
-
-    The staging folder (``.NAME.*.tmp``) is removed on any failure, Ctrl-C included. It lies in the repository,
-    on the same file system as its target; Triton lists hidden folders too, so a server polling meanwhile logs
-    one failed poll of it (seen with Triton 2.51) and loads the model at its next poll.
-    """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+def commit(planned: Repository) -> Repository:
+    """Write the model folder :func:`plan` planned."""
     try:
-        (staging / CONFIG).write_text(config_text, encoding="utf-8")
-        (staging / VERSION).mkdir()
-        shutil.copyfile(source.path, staging / VERSION / source.filename)
-        staging.chmod(0o777 & ~_umask())  # mkdtemp's folder is private; the server may run as another user
-        os.rename(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        # Built beside its place and renamed in: a server polling the repository never loads half a model (Triton
+        # lists hidden folders too, so one polling meanwhile logs one failed poll of the staging folder).
+        source = planned.source
+        write_folder(planned.folder, {CONFIG: render(planned.config)}, {f"{VERSION}/{source.filename}": source.path})
+    except OSError as exc:
+        raise UserError(f"cannot write the model repository {planned.folder.parent}: {exc.strerror or exc}.") from None
+    return planned
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def docker_command(repository: Path, gpu: bool) -> str:
+def docker_command(repository: Path, gpu: bool, release: str = "<yy.mm>") -> str:
     """The ``docker run`` line that serves ``repository`` with NVIDIA's Triton container (HTTP, gRPC, metrics ports).
 
-    ``<yy.mm>`` is the container release to pick: for an engine, one whose TensorRT is the engine's.
+    ``release``: the container release; for an engine, the one whose TensorRT is the engine's (:mod:`.triton_releases`).
     """
     gpus = "--gpus all " if gpu else ""
     mount = shlex.quote(f"{Path(repository).resolve()}:/models")
     return (
         f"docker run --rm {gpus}-p 8000:8000 -p 8001:8001 -p 8002:8002 -v {mount} "
-        "nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models"
+        f"nvcr.io/nvidia/tritonserver:{release}-py3 tritonserver --model-repository=/models"
     )

@@ -19,6 +19,9 @@ from ats_deploy.errors import UserError
 
 PROTOCOLS = {"http": 8000, "grpc": 8001}  # Triton's default ports
 START_SERVER = "Start one with `ats-deploy serve MODEL --profile cpu` (it listens on localhost:8000, gRPC 8001)."
+# gRPC UNAVAILABLE answers that come from a server refusing a request (Triton's queue policy, a --slo-ms front model
+# over capacity or past a deadline), not from a missing server.
+SERVER_REFUSALS = ("Exceeds maximum queue size", "over capacity", "dropped:", "retry shortly")
 PROBE_TIMEOUT_S = 5.0  # how long the first questions to the server may take
 
 
@@ -62,6 +65,7 @@ class ServedModel:
     keep_required: bool  # a model repository's config makes keep required; ``ats-deploy serve``'s, optional
     max_batch_size: int  # 0: the config sets no limit
     parameters: dict[str, str]  # the model config's parameters (string values)
+    outputs: tuple[str, ...] = ()  # every output's name (a --slo-ms front model adds served_keep)
 
 
 class Client:
@@ -119,17 +123,21 @@ class Client:
         config = self._ask("get_model_config", name)
         return config.get("config", config) if self.grpc else config
 
-    def infer(self, name: str, images: np.ndarray, keep: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """``logits [B, classes]`` and ``tokens [B, S]`` for ``images [B, 3, H, W]`` and ``keep [B, S]`` (or none)."""
+    def infer(self, name: str, images: np.ndarray, keep: np.ndarray | None, extra: tuple[str, ...] = ()) -> tuple[
+        np.ndarray, ...
+    ]:
+        """``logits [B, classes]`` and ``tokens [B, S]`` for ``images [B, 3, H, W]`` and ``keep [B, S]`` (or none),
+        then the ``extra`` outputs asked for."""
         inputs = [self._input("images", images)]
         if keep is not None:
             inputs.append(self._input("keep", keep))
-        outputs = [self._module.InferRequestedOutput(n) for n in ("logits", "tokens")]
+        names = ("logits", "tokens", *extra)
+        outputs = [self._module.InferRequestedOutput(n) for n in names]
         if self.grpc:
             result = self._client.infer(name, inputs, outputs=outputs, client_timeout=self.timeout)
         else:
             result = self._client.infer(name, inputs, outputs=outputs)
-        return result.as_numpy("logits"), result.as_numpy("tokens")
+        return tuple(result.as_numpy(n) for n in names)
 
     def _input(self, name: str, array: np.ndarray) -> Any:
         tensor = self._module.InferInput(name, list(array.shape), "FP32")
@@ -143,6 +151,23 @@ def is_timeout(error: BaseException) -> bool:
         return True
     status = getattr(error, "status", None)
     return callable(status) and str(status()) == "StatusCode.DEADLINE_EXCEEDED"
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """Whether a failed call found no server at all (refused, reset, gRPC UNAVAILABLE), rather than an answer."""
+    if isinstance(error, ConnectionError):
+        return True
+    status = getattr(error, "status", None)
+    if callable(status):  # gRPC's own status; HTTP's is the server's answer (a 503 is an answer, not absence)
+        return str(status()) == "StatusCode.UNAVAILABLE" and not any(
+            refusal in describe_error(error) for refusal in SERVER_REFUSALS)
+    return isinstance(error, OSError) and not is_timeout(error)
+
+
+def is_rejection(error: BaseException) -> bool:
+    """Whether the server refused the request at once (HTTP 503 / gRPC UNAVAILABLE: over capacity, queue full)."""
+    status = getattr(error, "status", None)
+    return callable(status) and str(status()) in ("503", "StatusCode.UNAVAILABLE") and not is_unreachable(error)
 
 
 def describe_error(error: BaseException) -> str:
@@ -229,4 +254,5 @@ def _served(name: str, metadata: dict[str, Any], config: dict[str, Any], endpoin
         keep_required=keep is not None and not optional.get("keep", False),
         max_batch_size=int(config.get("max_batch_size", 0)),
         parameters=parameters,
+        outputs=tuple(outputs),
     )

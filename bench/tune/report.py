@@ -247,10 +247,26 @@ def write_profile(outcome: Outcome) -> None:
     """The source profile with the chosen keep (one value when all stages share it), named after the file."""
     keep = outcome.best.keep
     value: float | tuple[float, ...] = keep[0] if len(set(keep)) == 1 else keep
-    profile = replace(outcome.plan.profile, name=outcome.output.stem, keep=value, path=outcome.output)
+    profile = replace(
+        outcome.plan.profile, name=outcome.output.stem, keep=value, path=outcome.output, source=measured_source(outcome)
+    )
     if outcome.precision is not None:  # tune --precision: the profile runs the precision chosen (or the one asked)
         profile = replace(profile, precision=outcome.precision)
     dump_profile(profile, outcome.output, header_comments(outcome))
+
+
+def measured_source(outcome: Outcome) -> str:
+    """The tuned profile's ``source``: what was measured, in place of the source profile's reasons for its guess
+    ("a starting point ... not measured"), which no longer hold for the keep and precision tune chose."""
+    plan, profile = outcome.plan, outcome.plan.profile
+    precision, chosen = outcome.precision or plan.precision, describe(outcome.best, outcome.dense)
+    what = "keep and precision" if outcome.lanes else "keep"  # lanes: several precisions searched
+    return (
+        f"{what} measured by `ats-deploy tune` on {outcome.created}: {chosen}; on "
+        f"{outcome.backend_label}, {precision}, batch {profile.batch}, {outcome.images} images of "
+        f"{plan.data.describe()}; objective: {outcome.objective.describe()}. Every other field is profile "
+        f"'{profile.name}''s; the measurements behind the choice are in the comments above."
+    )
 
 
 def pareto_figure(outcome: Outcome) -> Figure:

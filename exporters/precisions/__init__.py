@@ -40,10 +40,26 @@ class Precision:
     # TensorRT 10's weak-typing builder flag (BuilderFlag.<flag>, trtexec --<flag in lower case>): the DLA's
     # recipe before 11.4.1, which lets TensorRT pick the precision per layer (exporters/tensorrt/plan.py).
     tensorrt_flag: str | None = None
-    min_top1_agreement: float = 1.0  # share of CPU check images that must keep the fp32 top-1
+    # The least share of images that must keep the float32 top-1 with every token kept (keep 1.0), and below
+    # keep 1.0, where the sampling turns small score changes into other tokens. 1.0: compared exactly instead
+    # (fp32 matches patch for patch, exporters/validate.py). Judged by :func:`.agreement.top1_agreement`.
+    min_top1_agreement: float = 1.0
+    min_top1_agreement_sampled: float | None = None  # None: the same bar below keep 1.0
     # The export itself carries the precision (Q/DQ pairs): TensorRT builds it as it is, strongly typed, with no
     # precision flag (explicit quantization, exporters/tensorrt/plan.py).
     explicit: bool = False
+
+    @property
+    def exact(self) -> bool:
+        """Whether a file of this precision must match the float32 reference patch for patch (fp32 only)."""
+        return self.min_top1_agreement >= 1.0
+
+    def required(self, keep_rows: Sequence[Sequence[float]]) -> float:
+        """The least top-1 agreement for images run at ``keep_rows``: the sampled bar if any keep is below 1."""
+        sampled = any(value < 1.0 for row in keep_rows for value in row)
+        if sampled and self.min_top1_agreement_sampled is not None:
+            return self.min_top1_agreement_sampled
+        return self.min_top1_agreement
 
     @property
     def converted(self) -> bool:
@@ -88,7 +104,11 @@ INT8 = Precision(
     "int8",
     converts="nothing at build: export quantizes the matrix work (patch embedding, qkv, proj, MLP, head) with Q/DQ",
     keeps_float32=(*ATS_FLOAT32, "class-token attention row", "||V||", "compaction"),
-    min_top1_agreement=0.6,  # exporters/validate.py INT8_MIN_TOP1_AGREEMENT_SAMPLED: sampling amplifies int8 noise
+    # Measured on the real DeiT-Tiny, 100 imagenet-sample-dev images calibrating, 400 held out (bench/RESULTS.md,
+    # "INT8"): top-1 agreement 91.2% at keep 1.0, 86.2% at 0.72, 77.8% at 0.5, with the same top-1 accuracy (within
+    # 1 point) at each. The bars sit well under those; a broken calibration drops agreement towards chance.
+    min_top1_agreement=0.8,
+    min_top1_agreement_sampled=0.6,
     explicit=True,
 )
 

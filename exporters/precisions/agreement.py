@@ -8,6 +8,7 @@ conversion that already disagrees here is caught before minutes of engine build.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,55 @@ if TYPE_CHECKING:
     from . import Precision
 
 RANDOM_IMAGES = 4
+CONFIDENCE_Z = 1.645  # one-sided 95%: the bound a reduced-precision verdict is decided by
+
+
+@dataclass(frozen=True)
+class TopOneAgreement:
+    """How many of ``images`` kept the float32 reference's top-1, against the precision's bar.
+
+    The one verdict on a reduced-precision file (export, validate, bench, loadtest --verify): it fails
+    only when the agreement is below the bar beyond sampling error, that is when the one-sided 95%
+    Wilson upper bound of the agreement rate is below it. 3 of 4 agreeing is no evidence against an
+    80% bar; 26 of 40 is. A broken file (agreement towards chance) fails on a handful of images.
+    """
+
+    agree: int
+    images: int
+    bar: float
+
+    @property
+    def rate(self) -> float:
+        return self.agree / self.images if self.images else 1.0
+
+    @property
+    def upper(self) -> float:
+        """The one-sided 95% Wilson upper bound of the agreement rate (1.0 with no image)."""
+        n, z = self.images, CONFIDENCE_Z
+        if n == 0:
+            return 1.0
+        p = self.rate
+        centre = p + z * z / (2 * n)
+        spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return min(1.0, (centre + spread) / (1 + z * z / n))
+
+    @property
+    def ok(self) -> bool:
+        return self.upper >= self.bar
+
+    def describe(self) -> str:
+        verdict = "at or above" if self.rate >= self.bar else ("within sampling error of" if self.ok else "below")
+        return (
+            f"top-1 agreement {self.agree}/{self.images} = {self.rate:.1%} (95% upper bound {self.upper:.1%}), "
+            f"{verdict} the {self.bar:.0%} bar"
+        )
+
+
+def top1_agreement(
+    precision: Precision, keep_rows: Sequence[Sequence[float]], agree: int, images: int
+) -> TopOneAgreement:
+    """The verdict on ``agree`` of ``images`` top-1s kept at ``keep_rows``, against ``precision``'s bar for them."""
+    return TopOneAgreement(agree, images, precision.required(keep_rows))
 
 
 @dataclass(frozen=True)

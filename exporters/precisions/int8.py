@@ -14,6 +14,7 @@ calibration runs every image at several keeps; one file still serves every K and
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +59,8 @@ class Calibration:
             raise UserError(f"--calibration-images must be at least 1, got {self.images}.")
 
 
-def calibration_files(calibration: Calibration, num_classes: int) -> list[Path]:
-    """The first ``calibration.images`` image files of the folder (ImageFolder or flat), checked to exist."""
+def _folder_files(calibration: Calibration, num_classes: int) -> list[Path]:
+    """The image files of the calibration folder (ImageFolder or flat), classes interleaved; checked to exist."""
     from ats_deploy.bench.data import image_folder
 
     folder = Path(calibration.folder)
@@ -67,28 +68,78 @@ def calibration_files(calibration: Calibration, num_classes: int) -> list[Path]:
         raise UserError(f"calibration folder {folder} does not exist; give --calibration a folder of real images.")
     if folder.is_dir() and not any(folder.iterdir()):
         raise UserError(f"calibration folder {folder} is empty; put at least {calibration.images} real images in it.")
-    files = [path for path, _ in image_folder(folder, num_classes).files]
+    return [path for path, _ in image_folder(folder, num_classes).files]
+
+
+def _too_few(calibration: Calibration, found: str) -> UserError:
+    return UserError(
+        f"calibration folder {calibration.folder} holds {found}, fewer than the {calibration.images} asked for.",
+        hint="Add images, or lower --calibration-images (a few hundred real images calibrate best).",
+    )
+
+
+def calibration_files(calibration: Calibration, num_classes: int) -> list[Path]:
+    """The first ``calibration.images`` image files of the folder, checked before any work to be enough.
+
+    A cheap check on file names: :func:`read_calibration` then decodes the folder's files, skipping and
+    counting unreadable ones until it has as many readable images.
+    """
+    files = _folder_files(calibration, num_classes)
     if len(files) < calibration.images:
-        raise UserError(
-            f"calibration folder {folder} holds {len(files)} image(s), fewer than the {calibration.images} asked for.",
-            hint="Add images, or lower --calibration-images (a few hundred real images calibrate best).",
-        )
+        raise _too_few(calibration, f"{len(files)} image file(s)")
     return files[: calibration.images]
 
 
-def held_out_files(calibration: Calibration, num_classes: int, count: int) -> list[Path]:
-    """Up to ``count`` files of the calibration folder after the calibrated ones: validation images it never saw."""
-    from ats_deploy.bench.data import image_folder
+@dataclass(frozen=True)
+class CalibrationImages:
+    """The readable images calibration runs on, what was skipped on the way, and the files after them."""
 
-    files = [path for path, _ in image_folder(Path(calibration.folder), num_classes).files]
-    return files[calibration.images : calibration.images + count]
+    pixels: np.ndarray  # [N, 3, H, W] float32, preprocessed
+    skipped: list[tuple[str, str]]  # (file, why) of each unreadable file met, skipped as bench's reader skips
+    rest: list[Path]  # the folder's files after the last one read: images calibration never saw
+
+    def describe(self) -> str:
+        if not self.skipped:
+            return f"{len(self.pixels)} images"
+        name, why = self.skipped[0]
+        return f"{len(self.pixels)} readable image(s) ({len(self.skipped)} unreadable file(s) skipped; {name}: {why})"
 
 
-def load_images(files: Sequence[Path], config: dict) -> np.ndarray:
-    """The preprocessed float32 pixels of ``files`` (``[N, 3, H, W]``); an unreadable file fails naming it."""
-    from ats_deploy.images import load_image, preprocess
+@dataclass(frozen=True)
+class ReadImages:
+    """The readable ones of some image files, preprocessed, and what was skipped on the way."""
 
-    return preprocess([load_image(path) for path in files], config).numpy()
+    pixels: np.ndarray  # [N, 3, H, W] float32
+    names: list[str]  # of the N images, relative to the files' common folder
+    skipped: list[tuple[str, str]]  # (file, why) of each unreadable file met
+    read: int  # files read to find them, unreadable ones included
+
+
+def read_images(files: Sequence[Path], config: dict, want: int | None = None) -> ReadImages:
+    """The first ``want`` readable ``files`` (all of them without it), preprocessed.
+
+    Read by bench's image-folder reader: an unreadable file is skipped and listed, not fatal.
+    """
+    from ats_deploy.bench.data import ImageFolder, Skipped, folder_batches
+
+    files = [Path(path) for path in files]
+    root = Path(os.path.commonpath([path.parent for path in files])) if files else Path()
+    folder = ImageFolder(root, [(path, -1) for path in files], 0, "none", labelled=False)
+    skipped = Skipped()
+    batch = next(folder_batches(folder, config, want or max(len(files), 1), skipped), None)
+    if batch is None:
+        return ReadImages(np.zeros((0, *config["input_size"]), np.float32), [], skipped.files, len(skipped))
+    return ReadImages(batch.images.numpy(), batch.names, skipped.files, len(batch.names) + len(skipped))
+
+
+def read_calibration(calibration: Calibration, num_classes: int, config: dict) -> CalibrationImages:
+    """The first ``calibration.images`` readable images of the folder; refused when it holds fewer readable ones."""
+    files = _folder_files(calibration, num_classes)
+    read = read_images(files, config, calibration.images)
+    found = CalibrationImages(read.pixels, read.skipped, files[read.read :])
+    if len(read.pixels) < calibration.images:
+        raise _too_few(calibration, found.describe())
+    return found
 
 
 class _Reader:
@@ -186,7 +237,7 @@ def quantize(source: Path, output: Path, images: np.ndarray, calibration: Calibr
     quantized tensor gets its own Q/DQ pair per consumer, so a tensor shared with the sampling
     path stays float32 there.
     """
-    model = gemm_as_matmul(onnx.load(str(source)))
+    model = bias_apart(onnx.load(str(source)))
     keep_input = next((i for i in model.graph.input if i.name == "keep"), None)
     stages = keep_input.type.tensor_type.shape.dim[1].dim_value if keep_input is not None else None
     reader = _Reader(images, calibration.keeps, stages)
@@ -211,37 +262,34 @@ def _quantize_static(model: onnx.ModelProto, output: Path, reader: _Reader, cali
     )
 
 
-def gemm_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Each plain ``Gemm`` with a weight -> ``MatMul`` (weight transposed) + ``Add`` of the bias, names kept.
+def bias_apart(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each ``Gemm`` with a weight and a bias -> the same ``Gemm`` without its bias, then an ``Add`` of it; names kept.
 
-    onnxruntime's CPU provider fuses DequantizeLinear -> MatMul into an integer kernel but runs a
-    DequantizeLinear -> Gemm with a float output as float32 Gemm after dequantizing the weight
-    each call (bench/RESULTS.md, "INT8"); TensorRT takes either. The MatMul keeps the Gemm's name.
+    onnxruntime's default CPU optimizer runs DequantizeLinear -> Gemm as its integer ``QGemm`` only
+    when every Gemm input is dequantized; a float bias leaves a float Gemm that dequantizes its
+    weight on every call. With the bias in an ``Add`` after it the product becomes ``QGemm`` (the
+    Add stays float32, or joins a following Gelu). A ``MatMul`` + ``Add`` would not do: onnxruntime's
+    ``MatMulAddFusion`` turns it back into a float Gemm with a bias (bench/RESULTS.md, "INT8"). TensorRT
+    takes either form.
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
+    initializers = {init.name for init in graph.initializer}
     nodes = []
     for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
-        if node.op_type != "Gemm" or not plain or node.input[1] not in initializers:
-            nodes.append(node)
+        nodes.append(node)
+        beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
+        if node.op_type != "Gemm" or node.input[1] not in initializers or len(node.input) < 3 or beta != 1.0:
             continue
-        weight = numpy_helper.to_array(initializers[node.input[1]])
-        name = f"{node.input[1]}_matmul"
-        graph.initializer.append(numpy_helper.from_array(weight.T.copy() if attrs.get("transB", 0) else weight, name))
-        product = node.output[0] if len(node.input) < 3 or not node.input[2] else f"{node.output[0]}_nobias"
-        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=node.name))
-        if product != node.output[0]:
-            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+        bias, output = node.input[2], node.output[0]
+        if not bias:
+            continue
+        del node.input[2]
+        node.output[0] = f"{output}_nobias"
+        nodes.append(helper.make_node("Add", [node.output[0], bias], [output], name=f"{node.name}_bias"))
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
     return model
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import onnx
 
+from ats_deploy.artifact import maybe_of_onnx, refuse_failed
 from ats_deploy.errors import UserError
 from ats_deploy.exporters import precisions
 from ats_deploy.exporters.precisions import int8
@@ -161,8 +162,12 @@ def spec_from(
     output: Path | str | None = None,
     *,
     workspace_mb: int = DEFAULT_WORKSPACE_MB,
+    allow_failed: bool = False,
 ) -> EngineSpec:
     """Plan an engine build for ``profile`` from the ONNX file's interface.
+
+    A file marked as having failed validation is refused unless ``allow_failed`` (bench, which judges the
+    engine against the reference itself, allows it).
 
     The engine goes to ``output`` (a file, or a directory to put the default name
     in), by default ``<onnx stem>.<profile>.plan`` beside the ONNX. The timing cache
@@ -176,6 +181,7 @@ def spec_from(
             "profiles with backend tensorrt, such as jetson or desktop-gpu."
         )
     graph = _load_graph(onnx_path)
+    refuse_failed(maybe_of_onnx(graph), onnx_path, allow_failed)
     io = _interface(graph, onnx_path)
     static = io.batch is not None
     batch = _static_batch(profile, io.batch, onnx_path) if static else _dynamic_batch(profile, onnx_path)
