@@ -199,3 +199,16 @@ def test_a_model_that_says_nothing_can_be_served_in_time_still_serves_lone_reque
     for _ in range(100):
         slow.observe(slack.floor, 1, device().measured(slack.floor, 1))  # what it really took
     assert slow.seconds(slack.floor, 1) < SLO_S  # the model learnt: the floor fits again
+
+
+@pytest.mark.parametrize("row", [[0.5, 0.5], [1.0, 1.0], [3.0, 0.7], [0.0, 0.5], [-0.2, 0.5], [1.5, 0.5],
+                                 [float("nan"), 0.5], [float("inf"), 0.5], [1e-6, 1.0], [200.0, 1.0]])
+def test_the_front_model_judges_keep_rows_as_the_served_model_does(row):
+    """The front model re-states the keep rule (docs/ATS.md section 2) in numpy, since it runs in a Triton container
+    without ats-deploy; it must refuse exactly the rows the model behind it refuses (ats_deploy.keep.Keep)."""
+    from ats_deploy.serving.front_model import request_problem
+    from ats_deploy.serving.python_model import keep_problem
+
+    keep = np.array([row], dtype=np.float32)
+    images = np.zeros((1, 3, 8, 8), dtype=np.float32)
+    assert (request_problem(images, keep) is None) == (keep_problem(keep, 1) is None), row
