@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 SIDECAR_KEY = "onnx_metadata"
 REEXPORT = "`ats-deploy export CHECKPOINT --dynamic`"
 EXPORT_HINT = f"Export the model with {REEXPORT}, which records what running it needs."
-# The interface (ATS_SPEC.md section 4): 2 since keep became one row per image, [batch, S].
+# The interface (docs/ATS.md section 4): 2 since keep became one row per image, [batch, S].
 INTERFACE_VERSION = 2
 # What files exported before these keys existed implicitly were.
 FIRST_INTERFACE_VERSION = 1
@@ -185,7 +185,7 @@ class Artifact:
         if self.interface_version != INTERFACE_VERSION:
             raise OutdatedInterface(
                 f"{where} has interface version {self.interface_version}; this ats-deploy runs version "
-                f"{INTERFACE_VERSION} (keep is one row per image, [batch, S]; ATS_SPEC section 4).",
+                f"{INTERFACE_VERSION} (keep is one row per image, [batch, S]; docs/ATS.md section 4).",
                 f"Re-export it from its checkpoint with this version: {REEXPORT}"
                 + (" (then rebuild the engine with `ats-deploy build`)." if "engine" in where else "."),
             )
@@ -220,7 +220,7 @@ def _bad(where: str, key: str, value: str, what: str, hint: str) -> UserError:
 
 
 class OutdatedInterface(UserError):
-    """An export of another interface version (ATS_SPEC section 4): its inputs are not what this version feeds."""
+    """An export of another interface version (docs/ATS.md section 4): its inputs are not what this version feeds."""
 
 
 class Unreadable(UserError):
@@ -266,10 +266,13 @@ def read(path: str | Path) -> Artifact:
     return of_onnx(load(path), str(path))
 
 
+def engine_info_path(engine: Path) -> Path:
+    """The JSON written beside an engine: ONNX metadata, TensorRT version, GPU, build settings."""
+    return engine.with_name(f"{engine.name}.json")
+
+
 def read_engine(engine: Path) -> tuple[Artifact, dict[str, Any]]:
     """An engine's artifact and the whole ``<engine>.json`` ``ats-deploy build`` wrote beside it (build settings)."""
-    from .exporters.tensorrt.plan import engine_info_path
-
     sidecar = engine_info_path(engine)
     rebuild = "Rebuild the engine with `ats-deploy build MODEL.onnx --profile NAME`."
     if not sidecar.is_file():

@@ -5,7 +5,9 @@ results, plots) goes to a temporary file beside its target and is moved into
 place only when complete: ``os.replace`` within one directory is atomic. A
 target that cannot be written (a full disk, a read-only or virtual file system
 such as ``/proc``) is one :class:`~ats_deploy.errors.UserError` here, for every
-writer, and leaves nothing behind.
+writer, and leaves nothing behind. Where a command's output goes is settled here
+too: the file ``-o`` means (:func:`output_path`), a results folder (:func:`output_folder`), checked writable before
+any work (:func:`check_folder`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import errno
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +52,34 @@ def output_path(output: str | os.PathLike[str] | None, default: str | os.PathLik
     if default is None:
         raise UserError(f"output {text} is a folder; give a file name such as {Path(text) / 'model.pth'}.")
     return Path(text) / Path(default).name
+
+
+def check_folder(folder: Path, option: str) -> None:
+    """Fail before any work when ``folder`` cannot be created or written in, as ``check_output_path`` does for files.
+
+    The folder need not exist yet: its nearest existing ancestor must then be a folder we may write in.
+    """
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {folder}: {existing} is a file, not a folder; choose another {option}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {existing}: permission denied; choose another {option}.")
+
+
+def output_folder(out: Path | None, profile: str, option: str = "--out") -> Path:
+    """``out`` (given as ``option``), or a new ``./results/<timestamp>-<profile>/``."""
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{option} {out} is a file; give a folder for results.json, results.csv and the plots.")
+        return out
+    base = Path("results") / f"{time.strftime('%Y%m%d-%H%M%S')}-{profile}"
+    folder, count = base, 1
+    while folder.exists():
+        count += 1
+        folder = base.with_name(f"{base.name}-{count}")
+    return folder
 
 
 def cannot_write(path: Path, error: OSError) -> UserError:

@@ -1,9 +1,9 @@
-"""The ATS math of ``ATS_SPEC.md``, written once for whole batches.
+"""The ATS math of ``docs/ATS.md``, written once for whole batches.
 
 In the spec's order: the budget ``K`` (section 2), the quantiles (step 4), the
 significance scores (step 2), the cdf (step 3), the sampling (steps 5-6), the
 compaction of the kept tokens (step 7, section 3), the key bias of the padding
-(section 3) and the clamp of step 5. Section numbers below refer to ``ATS_SPEC.md``.
+(section 3) and the clamp of step 5. Section numbers below refer to ``docs/ATS.md``.
 
 The math is batched with static-rank tensors and no data-dependent op:
 ``searchsorted`` is a count ``#{i : u_i <= cdf_p}``, ``unique`` of the
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .lowering import l2_norm, leading, reshape_tail, top_rows
+from .lowering import l2_norm, leading, named_greater, reshape_tail, top_rows
 
 # Smallest normal float32: the spec's ``tiny`` guard against an all-zero score row.
 TINY = float(torch.finfo(torch.float32).tiny)
@@ -123,7 +123,7 @@ def cdf(scores: torch.Tensor, clamp: torch.Tensor | None = None) -> torch.Tensor
 
 
 def sample(
-    scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor, prefix: int = 1
+    scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor, prefix: int = 1, name: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Section 1, steps 3-6: which tokens the inverse-transform sampling keeps.
 
@@ -143,12 +143,13 @@ def sample(
     token: its clamped cdf is above 1, so ``c_{n-P-1} = D`` (finite: the ``+inf`` slots of an
     image that draws fewer than the batch's most are counted nowhere). Both sides of the
     comparison are the counts shifted by one ``Pad`` each (with ``P > 1``, the
-    prefix counts are a constant concatenated in front instead).
+    prefix counts are a constant concatenated in front instead). ``name``: what exported graphs call
+    the ``kept`` mask (:func:`ats_deploy.sampler_op.kept_name`).
     """
     counts = (u <= cdf(scores, clamp)).to(torch.float32).sum(dim=-1, keepdim=True)
     current = _with_prefix_counts(counts, prefix)
     previous = F.pad(counts, (0, 0, prefix + 1, -1), value=0.0)
-    return current > previous, current
+    return named_greater(current, previous, name), current
 
 
 def _with_prefix_counts(counts: torch.Tensor, prefix: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
@@ -39,10 +39,14 @@ from safetensors.torch import load_file
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from . import __version__, filekinds
+from ._version import __version__
 from .atomic import atomic_output
 from .errors import UserError
+from .filekinds import expect_checkpoint
 from .model import ATSVisionTransformer, build, parse_stages
+
+if TYPE_CHECKING:
+    from .artifact import Artifact
 
 FORMAT_NAME = "ats-deploy"
 FORMAT_VERSION = 1
@@ -79,7 +83,7 @@ def read_checkpoint(path: str | os.PathLike[str], trust_code: bool = False) -> C
     path = _existing_file(Path(path))
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes); re-download or re-save it.")
-    filekinds.expect_checkpoint(path)
+    expect_checkpoint(path)
     if _is_safetensors(path):
         ckpt = Checkpoint(_load_safetensors(path), None, None, None, "safetensors", path)
     else:
@@ -460,6 +464,26 @@ def load_model(
         keep = ckpt.keep
     path, fmt, notes = (ckpt.path, ckpt.format, ckpt.notes) if ckpt is not None else (None, "random", [])
     return build(vit, arch, stage_list, keep, source=path, checkpoint_format=fmt, load_notes=notes).eval()
+
+
+def load_reference(artifact: Artifact, checkpoint: str | None, trust: bool, exported: str) -> ATSVisionTransformer:
+    """The PyTorch ATS model an export came from: ``checkpoint``, else the one its metadata records, built with the
+    export's architecture and stages. ``exported`` names the export in errors (its path, the served model).
+
+    Bench, ``validate`` and ``loadtest --verify`` all compare with this one model, so they judge alike.
+    """
+    source = checkpoint or artifact.source_checkpoint
+    if not source:
+        raise UserError(
+            f"{exported} does not record the checkpoint it was exported from.",
+            hint="Pass --checkpoint PATH with the weights it was exported from (or random:SEED for random weights).",
+        )
+    if not source.startswith("random:") and not Path(source).is_file():
+        raise UserError(
+            f"the checkpoint {exported} was exported from is gone: {source}.",
+            hint="Pass --checkpoint PATH with the same weights (the PyTorch reference needs them).",
+        )
+    return load_model(source, arch=artifact.arch, stages=list(artifact.stages), trust_code=trust)
 
 
 def _random_vit(source: str, arch: str | None) -> nn.Module:

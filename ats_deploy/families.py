@@ -1,7 +1,7 @@
 """The model families the ATS reference supports, one entry each (timm's ``@register_model`` idea).
 
 A family says which timm models it covers, why it refuses one it cannot run
-faithfully, how many prefix tokens the model has (ATS_SPEC.md section 1: always
+faithfully, how many prefix tokens the model has (docs/ATS.md section 1: always
 kept, never sampled) and how its head turns the last tokens into logits. The
 reference (:mod:`ats_deploy.model`) asks the family instead of testing model
 classes itself, so a new family is one entry here plus its tests.

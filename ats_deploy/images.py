@@ -94,6 +94,16 @@ def load_image(path: str | Path) -> Image.Image:
         raise UserError(f"cannot read image {path}: {err}. Is it a valid JPEG/PNG file?") from None
 
 
+def open_image(item: str) -> Image.Image:
+    """An image file, or ``skimage:NAME`` for a photo shipped with scikit-image."""
+    if not item.startswith("skimage:"):
+        return load_image(item)
+    name = item.split(":", 1)[1]
+    try:
+        return sample_images([name])[name]
+    except AttributeError:
+        raise UserError(f"scikit-image has no photo '{name}'; try skimage:chelsea or skimage:coffee.") from None
+
 def preprocess(images: Sequence[Image.Image], config: dict) -> torch.Tensor:
     """``[B, 3, H, W]`` float32, as the model's evaluation transform makes it."""
     transform = create_transform(**config, is_training=False)

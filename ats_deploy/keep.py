@@ -1,4 +1,4 @@
-"""The token budget ``keep`` (ATS_SPEC.md section 2), parsed, checked, broadcast and formatted in one place.
+"""The token budget ``keep`` (docs/ATS.md section 2), parsed, checked, broadcast and formatted in one place.
 
 A user gives keep as text (``--keep 0.7``, ``--keep 0.9,0.8,0.7``), a profile as a
 number or a list, Python as a float or a sequence; every one of them becomes a
@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     import numpy as np
 
 USAGE = "give a fraction in (0, 1] of the model's tokens (e.g. 0.7) or a whole number of tokens (e.g. 98)"
+MIX_USAGE = (
+    "Give the keeps to mix, comma-separated (--keep 0.5,0.7,1.0); a per-stage keep joins its stage values "
+    "with ':' (--keep 1:0.9:0.8:0.7:0.7:0.7:0.6:0.6:0.5)."
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,22 @@ class Keep:
             if k > asked:
                 notes.append(f"keep {value:g} gives K = {k} tokens, the floor of spec section 2 (it asks for {asked})")
         return notes
+
+    @classmethod
+    def parse_mix(cls, text: str) -> list[Keep]:
+        """A mix of keeps (``loadtest --keep 0.5,0.7,1.0``): comma-separated, a per-stage one joined with ``:``.
+
+        Commas already separate the keeps, so the stage values of one take ``:``; each keep is checked as any other.
+        """
+        try:
+            return [cls(tuple(float(v) for v in item.split(":"))) for item in text.split(",")]
+        except ValueError:
+            raise UserError(f"cannot read --keep '{text}'.", hint=MIX_USAGE) from None
+
+    @property
+    def mix_label(self) -> str:
+        """How :meth:`parse_mix` reads it back: ``0.7``, or ``0.9:0.8:0.7`` per stage."""
+        return str(self).replace(",", ":")
 
     def __str__(self) -> str:
         """``0.7`` when every stage has it, else ``0.9,0.8,0.7``: for reports and file names alike."""

@@ -11,7 +11,11 @@ TensorRT's parser accepts and onnxruntime runs fast:
 * reshapes copy the leading dims with ONNX ``0`` or read the batch size from one
   shared tensor, so no traced ``Shape``/``Gather``/``Concat`` chains appear;
 * linear layers run on 2-D token rows (``Gemm`` with its bias), row gathers copy
-  whole rows (``GatherND``) and the value norm uses ``ReduceSum``.
+  whole rows (``GatherND``) and the value norm uses ``ReduceSum``;
+* the graph names its ATS structure as it is traced, so no later pass looks for it:
+  each stage's kept-token mask carries its name (:func:`named_greater`), and under
+  :func:`sampler_as_node` each stage's sampler is traced as one node
+  (:class:`ats_deploy.model.TokenSampler`, ``--ats-op custom``).
 
 Each choice was measured against the alternative; bench/RESULTS.md ("Why the graph
 looks like this") says where.
@@ -19,7 +23,15 @@ looks like this") says where.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
+from torch.fx.traceback import annotate
+
+# The FX node annotation (``node.meta["custom"]``) that gives a tensor its name under torch.export.
+NAME = "onnx_name"
 
 
 def dynamic_length(length: torch.Tensor, upper: int) -> int:
@@ -170,3 +182,50 @@ def l2_norm(x: torch.Tensor) -> torch.Tensor:
     contiguous last axis has a fast kernel that ``ReduceL2`` and ``ReduceSumSquare`` lack.
     """
     return (x * x).sum(dim=-1, keepdim=True).sqrt()
+
+
+def named_greater(current: torch.Tensor, previous: torch.Tensor, name: str | None) -> torch.Tensor:
+    """``current > previous``, its output named ``name`` in exported graphs (a kept-token mask).
+
+    Under TorchScript tracing the traced value takes the name; the exporter renames every value
+    made inside a module's scope after its node (``/samplers.0/Greater_output_0``), so the
+    comparison is traced in a scope of its own, of no module, whose values keep their names.
+    Under torch.export the node carries the annotation :data:`NAME`, which the dynamo exporter's
+    caller gives its output as name.
+    """
+    if name is None:
+        return current > previous
+    if torch.jit.is_tracing():
+        state = torch._C._get_tracing_state()
+        state.push_scope(name)
+        try:
+            mask = current > previous
+        finally:
+            state.pop_scope()
+        torch._C._get_value_trace(mask).setDebugName(name)
+        return mask
+    if torch.compiler.is_exporting():  # annotate() edits a global dict: only while torch.export traces
+        with annotate({NAME: name}):
+            return current > previous
+    return current > previous
+
+
+_SAMPLER_NODE = contextvars.ContextVar("sampler_node", default=False)
+
+
+@contextlib.contextmanager
+def sampler_as_node() -> Iterator[None]:
+    """While active, TorchScript tracing writes each stage's sampler as one node (``--ats-op custom``).
+
+    A switch around the export, as timm's ``set_exportable`` is: the model's forward stays the math.
+    """
+    token = _SAMPLER_NODE.set(True)
+    try:
+        yield
+    finally:
+        _SAMPLER_NODE.reset(token)
+
+
+def traces_sampler_as_node() -> bool:
+    """Whether the sampler being traced is to become one node (:func:`sampler_as_node`)."""
+    return _SAMPLER_NODE.get() and torch.jit.is_tracing()

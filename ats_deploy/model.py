@@ -3,7 +3,7 @@
 ``ATSVisionTransformer`` wraps a timm ``VisionTransformer`` and reuses its own
 parts (patch embedding, position embedding, qkv, q/k norms, proj, layer scale,
 MLP, norms, head), so timm's ViT variants keep working. Only the attention is
-rewritten, to mask padded keys (``ATS_SPEC.md`` section 3) and, in an ATS stage,
+rewritten, to mask padded keys (``docs/ATS.md`` section 3) and, in an ATS stage,
 to score and sample tokens with :mod:`ats_deploy.ats`. Reshapes, row gathers and
 linear layers go through :mod:`ats_deploy.lowering`, which fixes the graph ops they export as.
 
@@ -28,6 +28,7 @@ from . import ats, lowering
 from .errors import UserError
 from .families import Family, family_of
 from .keep import per_stage
+from .sampler_op import DOMAIN, DYNAMIC, OP_TYPE, OP_VERSION, kept_name, sample_tokens
 
 
 @dataclass
@@ -52,23 +53,68 @@ QuantileHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.T
 
 
 class TokenSampler(nn.Module):
-    """Steps 3-7 of one stage: significance scores in, kept token indices out.
+    """Steps 3-7 of ATS stage ``stage``: significance scores in, kept token indices out.
 
-    A module of its own so that exported graphs scope its nodes
-    (``/samplers.N/...``): the custom-op export replaces exactly that subgraph
-    with one ``ats_deploy::AdaptiveTokenSampler`` node.
+    A module of its own so that exported graphs scope its nodes (``/samplers.N/...``). Traced
+    under :func:`lowering.sampler_as_node` (``--ats-op custom``), it is one
+    ``ats_deploy::AdaptiveTokenSampler`` node (:class:`_SamplerNode`); else its kept-token mask
+    is the tensor :func:`~ats_deploy.sampler_op.kept_name` of its stage.
     """
 
-    def __init__(self, n0: int, prefix: int = 1) -> None:
+    def __init__(self, n0: int, prefix: int = 1, stage: int = 0) -> None:
         super().__init__()
         self.n0 = n0
         self.prefix = prefix
+        self.stage = stage
 
     def forward(
         self, scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor, length: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        kept, count = ats.sample(scores, clamp, u, self.prefix)
+        if lowering.traces_sampler_as_node():
+            index, mask, n_kept, _ = _SamplerNode.apply(scores, clamp, u, DYNAMIC if length is None else length,
+                                                        self.prefix)
+            return index, mask, n_kept
+        kept, count = ats.sample(scores, clamp, u, self.prefix, kept_name(self.stage))
         return ats.compact(kept, count, self.n0, length)
+
+
+class _SamplerNode(torch.autograd.Function):
+    """One stage's sampling (:func:`~ats_deploy.sampler_op.sample_tokens`) as one ``AdaptiveTokenSampler`` node.
+
+    Its inputs, outputs and attributes are :mod:`ats_deploy.sampler_op`'s contract; the last
+    output is the kept length ``m``, TensorRT's size tensor, which nothing reads.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, scores: torch.Tensor, clamp: torch.Tensor, u: torch.Tensor, length: int, prefix: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if length == DYNAMIC:  # the kept length as a number: the tracer cannot nest lowering.top_rows in here
+            kept, _ = ats.sample(scores, clamp, u, prefix)
+            length = int(kept.sum(dim=1).max())
+        index, mask, n_kept = sample_tokens(scores, clamp, u, length, prefix)
+        return index, mask, n_kept, torch._shape_as_tensor(index)[1].to(torch.int32)
+
+    @staticmethod
+    def symbolic(g, scores, clamp, u, length: int, prefix: int):
+        outputs = g.op(
+            f"{DOMAIN}::{OP_TYPE}",
+            scores,
+            clamp,
+            u,
+            length_i=length,
+            prefix_i=prefix,
+            plugin_namespace_s=DOMAIN,
+            plugin_version_s=str(OP_VERSION),
+            outputs=4,
+        )
+        sizes = scores.type().varyingSizes()
+        batch, kept = sizes[0] if sizes else None, None if length == DYNAMIC else length
+        shapes = ((torch.int64, [batch, kept, 1]), (torch.float32, [batch, kept, 1]), (torch.float32, [batch, 1]))
+        for output, (dtype, shape) in zip(outputs[:3], shapes, strict=True):
+            output.setType(scores.type().with_dtype(dtype).with_sizes(shape))
+        outputs[3].setType(scores.type().with_dtype(torch.int32).with_sizes([]))
+        return outputs
 
 
 class ATSVisionTransformer(nn.Module):
@@ -104,7 +150,7 @@ class ATSVisionTransformer(nn.Module):
         self.stages = stages
         self.prefix_tokens = self.family.prefix_tokens(vit)
         self.n0 = vit.patch_embed.num_patches + self.prefix_tokens
-        self.samplers = nn.ModuleList(TokenSampler(self.n0, self.prefix_tokens) for _ in stages)
+        self.samplers = nn.ModuleList(TokenSampler(self.n0, self.prefix_tokens, s) for s in range(len(stages)))
         keep = list(default_keep) if default_keep is not None else [1.0] * len(stages)
         self.default_keep = per_stage(keep, len(stages))
         self.source = source

@@ -16,7 +16,7 @@ it: one value or one row serves every image, an ``[images, S]`` array gives each
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,11 +24,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from . import backends
 from .artifact import ENGINE_SUFFIXES, EXPORT_HINT, Artifact, load, of_onnx, read_engine
+from .backends import Runner, RunOptions
 from .errors import UserError
 from .keep import keep_rows
 
 if TYPE_CHECKING:
+    import torch
+
     from .flops import CostModel
     from .model import ATSVisionTransformer
 
@@ -36,7 +40,8 @@ MODEL_SUFFIXES = (".onnx", *ENGINE_SUFFIXES)
 
 ImageLike = Image.Image | str | Path | np.ndarray
 KeepLike = float | Sequence[float] | np.ndarray | None
-Backend = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+# The registry's backends that ``open`` runs a file on: an engine on TensorRT, ONNX on onnxruntime's CPU provider.
+ENGINE_BACKEND, ONNX_BACKEND = "tensorrt", "onnxruntime"
 
 
 @dataclass(frozen=True)
@@ -71,58 +76,37 @@ def open(path: str | Path, threads: int | None = None) -> ExportedModel:
     if path.is_dir():
         raise UserError(f"{path} is a directory; give the .onnx file (or .plan/.engine) ats-deploy wrote.")
     if path.suffix.lower() in ENGINE_SUFFIXES:
-        return _open_engine(path)
+        artifact, _ = read_engine(path)
+        return ExportedModel(path, artifact, _engine_runner(path), artifact.dynamic)
     return _open_onnx(path, threads)
 
 
 def _open_onnx(path: Path, threads: int | None) -> ExportedModel:
-    """Check the file is an ats-deploy export, then load it into onnxruntime."""
+    """Check the file is an ats-deploy export, then open it on the onnxruntime CPU backend."""
     graph = load(path)
     artifact = of_onnx(graph, str(path))
     inputs = {value.name: value for value in graph.graph.input}
     if "images" not in inputs:
         raise UserError(f"{path} has no 'images' input, so it was not exported by ats-deploy. {EXPORT_HINT}")
-    takes_keep = "keep" in inputs
-    return ExportedModel(path, artifact, _onnx_backend(path, threads, takes_keep), takes_keep)
-
-
-def _onnx_backend(path: Path, threads: int | None, takes_keep: bool) -> Backend:
-    from .exporters.validate import session
-
     try:
-        sess = session(str(path), threads)
+        runner = backends.get(ONNX_BACKEND).open(path, RunOptions(threads=threads))
     except Exception as exc:  # onnxruntime's own exception types: the graph cannot run here
         raise UserError(f"onnxruntime cannot load {path}: {exc}. Re-export it with `ats-deploy export`.") from None
-
-    def run(images: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        feeds = {"images": images, "keep": keep} if takes_keep else {"images": images}
-        logits, tokens = sess.run(["logits", "tokens"], feeds)
-        return logits, tokens
-
-    return run
+    return ExportedModel(path, artifact, runner, "keep" in inputs)
 
 
-def _open_engine(path: Path) -> ExportedModel:
-    """An engine's artifact is the one ``ats-deploy build`` copied into ``<engine>.json``."""
-    from .exporters.tensorrt.runner import TensorRTRunner
-
-    artifact, _ = read_engine(path)
-    runner = TensorRTRunner(path)
-
-    def run(images: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = runner.run(images, keep)
-        return out["logits"], out["tokens"]
-
-    return ExportedModel(path, artifact, run, artifact.dynamic)
+def _engine_runner(path: Path) -> Runner:
+    """An engine on the TensorRT backend, which runs it as it was built."""
+    return backends.get(ENGINE_BACKEND).open(path, RunOptions())
 
 
 class ExportedModel:
     """An exported ATS model and the metadata that says how to feed it. Make one with :func:`open`."""
 
-    def __init__(self, path: Path, artifact: Artifact, backend: Backend, takes_keep: bool) -> None:
+    def __init__(self, path: Path, artifact: Artifact, runner: Runner, takes_keep: bool) -> None:
         self.path = path
         self.artifact = artifact
-        self._backend = backend
+        self._runner = runner
         self._takes_keep = takes_keep  # False: a static export, keep baked in
 
     @property
@@ -229,7 +213,8 @@ class ExportedModel:
         if padding:
             pixels = np.concatenate([pixels, np.zeros((padding, *pixels.shape[1:]), dtype=np.float32)])
             keep = np.concatenate([keep, np.repeat(keep[-1:], padding, axis=0)])
-        return self._backend(pixels, keep)
+        logits, tokens = self._runner(_tensor(pixels), _tensor(keep))
+        return np.asarray(logits), np.asarray(tokens)
 
     def predict(self, images: Sequence[ImageLike] | ImageLike, keep: KeepLike = None, top: int = 5) -> Prediction:
         """Pre-process ``images`` as the metadata says, run them with ``keep`` and rank the classes."""
@@ -291,6 +276,45 @@ class ReferenceModel:
         from .flops import CostModel
 
         return CostModel.of(self.model).gflops(torch.as_tensor(tokens)).numpy()
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """What ``ats-deploy predict`` runs, the keep to run it with, and what loading it noted for the user."""
+
+    model: ExportedModel | ReferenceModel
+    keep: list[float] | None  # None: the checkpoint's default keep, already set on its reference
+    notes: list[str]
+
+
+def predictor(
+    path: str, keep: Sequence[float] | None = None, *, arch: str | None = None, stages: str | None = None,
+    trust_code: bool = False,
+) -> Predictor:
+    """An exported file runs as :func:`open` runs it, at ``keep`` settled by its metadata; a checkpoint runs as its
+    PyTorch reference, whose default keep is then ``keep`` (``arch``, ``stages`` and ``trust_code`` are for
+    checkpoints only: an exported file records its own model, so they are refused there).
+    """
+    if not is_exported_model(path):
+        from .checkpoints import load_model
+
+        model = load_model(path, arch=arch, stages=stages, keep=None if keep is None else list(keep),
+                           trust_code=trust_code)
+        return Predictor(ReferenceModel(model), None, list(model.load_notes))
+    given = [flag for flag, value in (("--arch", arch), ("--stages", stages), ("--trust-checkpoint", trust_code))
+             if value]
+    if given:
+        flags = " and ".join(given)
+        raise UserError(f"{flags} apply only to checkpoints; {path} records its own model: drop {flags}.")
+    exported = open(path)
+    return Predictor(exported, exported.keep_for(keep), [])
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """``array`` as the CPU tensor a runner takes, without copying it unless it is read-only (a broadcast row)."""
+    import torch
+
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def rank(logits: np.ndarray, tokens: np.ndarray, top: int) -> Prediction:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from .atomic import write_atomic
 from .errors import UserError
-from .images import data_config, load_image, preprocess, sample_images
+from .images import data_config, preprocess
 from .keep import per_stage
 from .model import ATSVisionTransformer
 
@@ -39,17 +39,6 @@ class TokenGrid:
     @property
     def shape(self) -> tuple[int, int]:
         return len(self.keeps), len(self.stages)
-
-
-def open_image(item: str) -> Image.Image:
-    """An image file, or ``skimage:NAME`` for a photo shipped with scikit-image."""
-    if not item.startswith("skimage:"):
-        return load_image(item)
-    name = item.split(":", 1)[1]
-    try:
-        return sample_images([name])[name]
-    except AttributeError:
-        raise UserError(f"scikit-image has no photo '{name}'; try skimage:chelsea or skimage:coffee.") from None
 
 
 def denormalise(image: torch.Tensor, config: dict) -> np.ndarray:
@@ -118,3 +107,12 @@ def save_png(fig: Figure, path: Path) -> Path:
     fig.savefig(buffer, format="png", dpi=100)
     write_atomic(Path(path), buffer.getvalue())
     return Path(path)
+
+
+def draw(model: ATSVisionTransformer, picture: Image.Image, title: str, keeps: Sequence[Sequence[float]] | None,
+         target: Path) -> tuple[Path, TokenGrid]:
+    """``ats-deploy visualize``: the token grid of ``picture`` at each of ``keeps`` (default: the model's keep),
+    drawn under ``title`` and written as a PNG to ``target``.
+    """
+    grid = token_grid(model, picture, keeps or [model.default_keep])
+    return save_png(figure(grid, title), target), grid

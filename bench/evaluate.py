@@ -5,7 +5,7 @@ static export only takes that size; batch invariance, spec section 3, makes the
 padding harmless) and the padded results are dropped. With labels a variant's
 score is its top-1 accuracy; without, its top-1 agreement with the PyTorch dense
 model. The comparison of each backend's exported ATS model with the reference is
-validation's (:func:`ats_deploy.exporters.validate.compare_batch`): kept patches
+validation's (:func:`ats_deploy.exporters.compare.compare_batch`): kept patches
 where the runtime can report them, flips only where a replay confirms them.
 """
 
@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ats_deploy.exporters.validate import Case, Judge, Sample, compare_batch, reference_samples
+from ats_deploy.backends.samples import Sample
+from ats_deploy.data import Batch
+from ats_deploy.exporters.compare import Case, Judge, compare_batch, reference_samples, top1_agreement
 from ats_deploy.model import ATSVisionTransformer
+from ats_deploy.precision import Precision
 
-from .data import Batch
 from .variants import PYTORCH_ATS, PYTORCH_DENSE, Variant
 
 TIMING_BATCHES = 4  # latency cycles through the first few batches, so it sees several images' token counts
@@ -128,18 +130,17 @@ def evaluate(
     return Evaluation(tallies, cases, timing_inputs, np.concatenate(labels) if labels else None)
 
 
-def reduced_agreement(evaluation: Evaluation, key: str, runtime: str, keep: list[float], precision: str) -> dict:
+def reduced_agreement(
+    evaluation: Evaluation, key: str, runtime: str, keep: list[float], precision: Precision
+) -> dict:
     """A reduced-precision ATS variant against the float32 PyTorch ATS model on the measured images.
 
-    ATS_SPEC.md section 5 compares int8 by agreement (top-1, kept tokens), not patch for patch, with the
-    one verdict that export, validate and loadtest --verify use (``precisions.agreement.top1_agreement``).
+    docs/ATS.md section 6 compares int8 by agreement (top-1, kept tokens), not patch for patch, with the
+    one verdict that export, validate and loadtest --verify use (:func:`ats_deploy.exporters.compare.top1_agreement`).
     """
-    from ats_deploy.exporters import precisions
-    from ats_deploy.exporters.precisions.agreement import top1_agreement
-
     reference, observed = evaluation.tallies[PYTORCH_ATS], evaluation.tallies[key]
     agree = int((observed.predictions() == reference.predictions()).sum())
-    verdict = top1_agreement(precisions.get(precision), [keep], agree, observed.images)
+    verdict = top1_agreement(precision, [keep], agree, observed.images)
     return {
         "between": f"exported ATS ({runtime}) vs PyTorch ATS (float32)",
         "images": observed.images,

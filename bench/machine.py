@@ -27,8 +27,9 @@ def cpu_model() -> str:
 
 def describe(threads: int | None, measured: Sequence[Backend]) -> dict[str, Any]:
     """The machine, every registered runtime's version (``None``: not installed), and the threads of the CPU
-    runtimes ``measured`` ran on (``threads`` from the profile, else what the runtime chooses)."""
-    cpu_threads = {b.runtime: threads or b.default_threads for b in measured if b.default_threads is not None}
+    runtimes ``measured`` ran on (``threads`` from the profile, else what the runtime chooses; the reference's
+    are PyTorch's own)."""
+    cpu_threads = {b.runtime: threads or b.default_threads for b in measured if b.device == "cpu" and b.exports}
     return {
         "platform": platform.platform(),
         "cpu": cpu_model(),

@@ -1,12 +1,11 @@
 """The bench's PNG plots: accuracy against latency and against GFLOPs, and kept tokens per stage.
 
 Figures are drawn on matplotlib's ``Figure`` directly (the Agg renderer, no pyplot
-state, no display needed) and written atomically.
+state, no display needed) and written by :func:`ats_deploy.plots.save`.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -14,21 +13,14 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ats_deploy.atomic import write_atomic
 from ats_deploy.ats import budget_int
+from ats_deploy.plots import save
 
 from .results import BenchResult, VariantResult
 from .variants import EXPORTED_ATS, PYTORCH_ATS
 
 MARKERS = {"pytorch_dense": "s", "pytorch_ats": "o", "exported_dense": "D", "exported_ats": "^"}
 LOG_SPREAD = 10  # a latency axis spanning more than this factor is drawn on a log scale
-
-
-def save(figure: Figure, path: Path) -> Path:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    write_atomic(path, buffer.getvalue())
-    return path
 
 
 def _accuracy_against(result: BenchResult, x_label: str, x_of: Callable[[VariantResult], float]) -> Figure:

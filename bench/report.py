@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ats_deploy.atomic import write_atomic
-from ats_deploy.exporters.validate import Case
+from ats_deploy.exporters.compare import Case
 
 from .plots import write_plots
 from .results import BenchResult, VariantResult

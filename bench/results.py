@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ats_deploy.exporters.validate import Case
+from ats_deploy.errors import ValidationFailed
+from ats_deploy.exporters.compare import Case
 from ats_deploy.keep import format_keep
 from ats_deploy.profiles import Profile
 
@@ -92,6 +93,18 @@ class BenchResult:
         if self.comparisons:
             return self.comparisons
         return {EXPORTED_ATS: self.comparison} if self.comparison is not None else {}
+
+    def check_agreed(self) -> None:
+        """Raise :class:`~ats_deploy.errors.ValidationFailed` when an exported ATS model disagreed with the reference
+        beyond float-tie flips: its figures are written, but do not describe a correct export.
+        """
+        if all(case.ok for case in self.cases.values()):
+            return
+        raise ValidationFailed(
+            "the exported model disagrees with the PyTorch reference beyond float-tie flips (mismatches above); "
+            "its figures are written but do not describe a correct export.",
+            "Check it with `ats-deploy validate MODEL` and re-export.",
+        )
 
     def runtime_of(self, key: str) -> str:
         return next(v.runtime for v in self.variants if v.key == key)

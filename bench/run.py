@@ -15,21 +15,26 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 
 from ats_deploy import backends
+from ats_deploy import precision as precision_registry
+from ats_deploy.atomic import check_folder, output_folder
 from ats_deploy.backends import Backend, Runner, RunOptions
 from ats_deploy.backends.pytorch_cpu import TorchRunner
+from ats_deploy.checkpoints import load_reference
 from ats_deploy.console import counted, step
+from ats_deploy.data import ImageFolder, SampleImages, Skipped, folder_batches, image_folder, sample_batches
 from ats_deploy.errors import UserError
-from ats_deploy.exporters import precisions as precision_registry
+from ats_deploy.exported import Exported, changed_source, open_model
+from ats_deploy.exporters import precisions, prepare
 from ats_deploy.exporters.onnx_export import ExportOptions, export
 from ats_deploy.exporters.precisions import int8
 from ats_deploy.flops import CostModel
@@ -39,38 +44,46 @@ from ats_deploy.model import ATSVisionTransformer, build
 from ats_deploy.profiles import Profile, load_profile
 
 from . import machine, report
-from .data import ImageFolder, SampleImages, Skipped, folder_batches, image_folder, sample_batches
 from .evaluate import Evaluation, evaluate, reduced_agreement
 from .results import BenchResult, VariantResult
-from .source import Exported, changed_source, check_engine, check_static, engine_for, find_model, open_model, reference
+from .source import check_engine, check_static, engine_for, find_model
 from .timing import Latency, cycling, interleaved
 from .variants import EXPORTED_ATS, EXPORTED_DENSE, PYTORCH_ATS, PYTORCH_DENSE, Variant, exported_key, kind_of
 
 DEFAULT_SAMPLE_IMAGES = 16
-# Largest |logit difference| the exported model may show before a token-identical image counts as a mismatch.
-ATOL = {"fp32": 1e-3, "fp16": 5e-2}
 
 
-@dataclass
-class Request:
-    """What the user asked for on the command line."""
+@dataclass(frozen=True, kw_only=True)
+class Inputs:
+    """What bench and tune measure with, given alike to both: the model and the checkpoint of its reference, the
+    images, and int8's calibration images. Tune hands them to bench's :class:`Request` as they are (:meth:`given`)."""
 
-    profile: str
     model: Path | None = None
     data: Path | None = None
     images: int | None = None
+    class_map: Path | None = None
+    calibration: Path | None = None  # int8: a folder of images to calibrate on; None: the first ones of --data
+    calibration_images: int = int8.DEFAULT_IMAGES
+    checkpoint: str | None = None
+    trust_checkpoint: bool = False
+
+    def given(self) -> dict[str, Any]:
+        """These fields by name, to build another command's request from."""
+        return {f.name: getattr(self, f.name) for f in fields(Inputs)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request(Inputs):
+    """What the user asked for on the command line."""
+
+    profile: str
     keep: list[float] | None = None
     backends: list[str] | None = None  # --backend, once or more; None: the profile's
     precisions: list[str] | None = None  # --precision, once or more; None: the profile's (an int8 export's: int8)
-    calibration: Path | None = None  # int8: a folder of images to calibrate on; None: the first ones of --data
-    calibration_images: int = int8.DEFAULT_IMAGES
     # Keep int8's calibration images out of the measured ones even where nothing runs int8 (tune measures each
     # precision in a plan of its own, all on the same images).
     reserve_calibration: bool = False
     out: Path | None = None
-    class_map: Path | None = None
-    checkpoint: str | None = None
-    trust_checkpoint: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,11 @@ class Target:
     @property
     def name(self) -> str:
         return self.backend.name
+
+    @property
+    def made_at_export(self) -> bool:
+        """Whether its precision's files are written at export (int8: calibrated), so bench makes them itself."""
+        return precision_registry.get(self.precision).stage == "export"
 
     @property
     def tag(self) -> str:
@@ -154,34 +172,6 @@ def resolve_backends(overrides: list[str] | None, profile: Profile) -> list[str]
     return names
 
 
-def check_folder(folder: Path, option: str) -> None:
-    """Fail before any work when ``folder`` cannot be created or written in, as ``check_output_path`` does for files.
-
-    The folder need not exist yet: its nearest existing ancestor must then be a folder we may write in.
-    """
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{option} {folder}: {existing} is a file, not a folder; choose another {option}.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {existing}: permission denied; choose another {option}.")
-
-
-def output_folder(out: Path | None, profile: str, option: str = "--out") -> Path:
-    """``out`` (given as ``option``), or a new ``./results/<timestamp>-<profile>/``."""
-    if out is not None:
-        if out.exists() and not out.is_dir():
-            raise UserError(f"{option} {out} is a file; give a folder for results.json, results.csv and the plots.")
-        return out
-    base = Path("results") / f"{time.strftime('%Y%m%d-%H%M%S')}-{profile}"
-    folder, count = base, 1
-    while folder.exists():
-        count += 1
-        folder = base.with_name(f"{base.name}-{count}")
-    return folder
-
-
 def _keep(request: Request, profile: Profile, stages: int) -> tuple[list[float], str]:
     if request.keep is not None:
         return per_stage(request.keep, stages), "--keep"
@@ -208,14 +198,14 @@ def resolve_precisions(request: Request, profile: Profile, exported: Exported) -
     """``--precision`` values (each once, in order), else the profile's; an int8 export runs int8 only."""
     own = exported.artifact.precision
     if not request.precisions:
-        return ["int8" if own == "int8" else profile.precision]
+        return [precision_registry.running(own, profile.precision)]
     names = list(dict.fromkeys(request.precisions))
     for name in names:
         precision_registry.get(name)
-    if own == "int8" and names != ["int8"]:
+    if precision_registry.get(own).stage == "export" and names != [own]:
         raise UserError(
-            f"{exported.path} is an int8 export: it cannot run {', '.join(n for n in names if n != 'int8')}.",
-            hint="Bench the fp32 export it was quantized from with --precision fp32 --precision int8: bench "
+            f"{exported.path} is an {own} export: it cannot run {', '.join(n for n in names if n != own)}.",
+            hint=f"Bench the fp32 export it was quantized from with --precision fp32 --precision {own}: bench "
             "quantizes it and the dense baseline the same way.",
         )
     return names
@@ -231,7 +221,8 @@ def _targets(
         for name in names if backend.exports else names[:1]:
             precision = _runs(backend, name, explicit, exported)
             tags = (backend.name,) * several_backends + (precision,) * several_precisions
-            quantize = precision == "int8" and exported.artifact.precision != "int8" and backend.exports
+            made_at_export = precision_registry.get(precision).stage == "export"
+            quantize = made_at_export and exported.artifact.precision != precision and backend.exports
             measured = _measured_file(exported, profile, backend)
             targets.append(Target(backend, measured, precision, tags, quantize))
     return targets
@@ -247,11 +238,12 @@ def _runs(backend: Backend, name: str, explicit: bool, exported: Exported) -> st
             f"--precision {name}: the {backend.label} backend does not run {name} (it runs "
             f"{', '.join(backend.precisions)}); {name} runs on: {owners}."
         )
-    if name == "int8" and backend.engines and exported.artifact.precision != "int8":
+    if precision_registry.get(name).stage == "export" and backend.engines and exported.artifact.precision != name:
         raise UserError(
-            f"--precision int8 on {backend.name} runs the engine built from an int8 export, and {exported.path} is "
-            f"{exported.artifact.precision}.",
-            hint="Export with --precision int8 --calibration DIR, build that file with `ats-deploy build`, bench it.",
+            f"--precision {name} on {backend.name} runs the engine built from an {name} export, and {exported.path} "
+            f"is {exported.artifact.precision}.",
+            hint=f"Export with --precision {name} --calibration DIR, build that file with `ats-deploy build`, "
+            "bench it.",
         )
     return name
 
@@ -314,7 +306,7 @@ def plan(request: Request, check_model: Callable[[Exported], None] | None = None
     keep, keep_origin = _keep(request, profile, len(exported.stages))
     check_static(exported, keep, keep_origin, profile)
     calibration, skip = None, 0
-    if request.reserve_calibration or any(t.precision == "int8" and t.backend.exports for t in targets):
+    if request.reserve_calibration or any(t.made_at_export and t.backend.exports for t in targets):
         calibration, skip = _calibration(request, exported.num_classes)
     data = _data(request, exported.num_classes, skip)
     result = Plan(request, profile, targets, folder, exported, keep, keep_origin, data, calibration=calibration)
@@ -359,24 +351,33 @@ def dense_export(plan: Plan, dense: ATSVisionTransformer, workdir: Path, status:
         return export(dense, workdir / "dense.onnx", options)
 
 
-def quantize_int8(
-    plan: Plan, model: ATSVisionTransformer, sources: dict[str, Path], workdir: Path, status: Console
+def quantize(
+    plan: Plan,
+    model: ATSVisionTransformer,
+    precision: str,
+    sources: dict[str, Path],
+    workdir: Path,
+    status: Console,
 ) -> dict[str, Path]:
-    """The int8 copy of each fp32 ONNX file of ``sources`` (name -> file), all calibrated on the same images."""
+    """The ``precision`` copy (one made at export: int8) of each fp32 ONNX file of ``sources`` (name -> file).
+
+    All are calibrated on the same images, by the precision's own module (:mod:`ats_deploy.exporters.precisions`).
+    """
     calibration = plan.calibration
-    assert calibration is not None  # plan() settles it for every int8 target
-    read = int8.read_images(calibration.files, data_config(model.vit), plan.request.calibration_images)
+    assert calibration is not None  # plan() settles it for every target whose precision is made at export
+    quantizer = precisions.module(precision_registry.get(precision))
+    read = quantizer.read_images(calibration.files, data_config(model.vit), plan.request.calibration_images)
     if read.skipped:
         name, why = read.skipped[0]
         status.print(f"skipped {len(read.skipped)} unreadable calibration file(s); the first: {name}: {why}",
                      highlight=False, markup=False)
     pixels = read.pixels
-    settings = int8.Calibration(calibration.folder, images=len(pixels))
+    settings = quantizer.Calibration(calibration.folder, images=len(pixels))
     quantized = {}
-    with step(status, f"quantizing {', '.join(sources)} to int8 on {calibration.source}"):
+    with step(status, f"quantizing {', '.join(sources)} to {precision} on {calibration.source}"):
         for name, source in sources.items():
-            quantized[name] = workdir / f"{name}.int8.onnx"
-            int8.quantize(source, quantized[name], pixels, settings)
+            quantized[name] = workdir / f"{name}.{precision}.onnx"
+            quantizer.quantize(source, quantized[name], pixels, settings)
     return quantized
 
 
@@ -386,10 +387,11 @@ def exported_runners(
     """Runners of the exported ATS model and of the dense baseline (``files``) on ``target``, prepared alike."""
     backend = target.backend
     ats_file, dense_onnx = files
-    options = RunOptions(precision=target.precision, threads=plan.profile.threads, workdir=workdir)
-    dense_file = backend.prepare(dense_onnx, plan.profile, target.measured, workdir, status)
+    options = RunOptions(precision=target.precision, threads=plan.profile.threads)
+    dense_file = prepare.baseline(backend, dense_onnx, plan.profile, target.measured, workdir, status)
     with step(status, f"opening the exported ATS and dense models on {target.label}"):
-        return backend.open(ats_file, options), backend.open(dense_file, options)
+        ats = prepare.open_runner(backend, ats_file, options, workdir)
+        return ats, prepare.open_runner(backend, dense_file, options, workdir)
 
 
 def build_variants(plan: Plan, model: ATSVisionTransformer, workdir: Path, status: Console) -> dict[str, Variant]:
@@ -409,14 +411,15 @@ def build_variants(plan: Plan, model: ATSVisionTransformer, workdir: Path, statu
     if not targets:
         return variants
     dense_onnx = dense_export(plan, dense, workdir, status)
-    quantized: dict[str, Path] = {}
-    if any(t.precision == "int8" for t in targets):
-        sources = {"dense": dense_onnx, **({"ats": plan.exported.path} if any(t.quantize for t in targets) else {})}
-        quantized = quantize_int8(plan, model, sources, workdir, status)
+    quantized: dict[str, dict[str, Path]] = {}  # precision -> name -> its file, for precisions made at export
+    for precision in dict.fromkeys(t.precision for t in targets if t.made_at_export):
+        ats = {"ats": plan.exported.path} if any(t.quantize and t.precision == precision for t in targets) else {}
+        quantized[precision] = quantize(plan, model, precision, {"dense": dense_onnx, **ats}, workdir, status)
     for target in targets:
         files = (target.measured, dense_onnx)
-        if target.precision == "int8":
-            files = (quantized["ats"] if target.quantize else target.measured, quantized["dense"])
+        if target.made_at_export:
+            made = quantized[target.precision]
+            files = (made["ats"] if target.quantize else target.measured, made["dense"])
         ats, baseline = exported_runners(plan, target, files, workdir, status)
         dense_key, ats_key = target.key(EXPORTED_DENSE), target.key(EXPORTED_ATS)
         variants[dense_key] = Variant(dense_key, baseline, target.label, none, dense_cost)
@@ -427,18 +430,19 @@ def build_variants(plan: Plan, model: ATSVisionTransformer, workdir: Path, statu
 def compared(plan: Plan, variants: dict[str, Variant]) -> dict[str, float]:
     """The exported ATS variants compared with the reference patch for patch, and each one's logit tolerance.
 
-    int8 is compared by agreement instead (ATS_SPEC.md section 5): :func:`agreements`.
+    A precision with no tolerance on its registry entry (int8) is compared by agreement instead (docs/ATS.md
+    section 6): :func:`agreements`.
     """
-    keys = {t.key(EXPORTED_ATS): ATOL[t.precision] for t in plan.targets if t.precision in ATOL}
-    return {key: atol for key, atol in keys.items() if key in variants}
+    tolerances = {t.key(EXPORTED_ATS): precision_registry.get(t.precision).tolerance for t in plan.targets}
+    return {key: atol for key, atol in tolerances.items() if atol is not None and key in variants}
 
 
 def agreements(plan: Plan, evaluation: Evaluation) -> dict[str, dict]:
-    """Each int8 ATS variant against the float32 PyTorch ATS reference on the measured images, by agreement."""
+    """Each ATS variant without a tolerance (int8) against the float32 PyTorch ATS reference, by agreement."""
     return {
-        t.key(EXPORTED_ATS): reduced_agreement(evaluation, t.key(EXPORTED_ATS), t.label, plan.keep, t.precision)
-        for t in plan.targets
-        if t.precision not in ATOL and t.key(EXPORTED_ATS) in evaluation.tallies
+        t.key(EXPORTED_ATS): reduced_agreement(evaluation, t.key(EXPORTED_ATS), t.label, plan.keep, entry)
+        for t, entry in ((t, precision_registry.get(t.precision)) for t in plan.targets)
+        if entry.tolerance is None and t.key(EXPORTED_ATS) in evaluation.tallies
     }
 
 
@@ -499,7 +503,7 @@ def _data_summary(plan: Plan, evaluation: Evaluation, skipped: Skipped) -> dict:
 
 
 def _described(target: Target) -> str:
-    return f"{target.measured}, quantized to int8 by bench" if target.quantize else str(target.measured)
+    return f"{target.measured}, quantized to {target.precision} by bench" if target.quantize else str(target.measured)
 
 
 def _measured_files(plan: Plan) -> dict[str, object]:
@@ -516,7 +520,8 @@ def bench(request: Request, status: Console) -> tuple[BenchResult, list[Path]]:
     check_folder(checked.folder, "--out")  # here, not in plan: tune plans too, and writes no results folder
     print_warnings(checked.warnings, status)
     with step(status, "loading the PyTorch reference"):
-        model = reference(checked.exported, request.checkpoint, request.trust_checkpoint)
+        exported = checked.exported
+        model = load_reference(exported.artifact, request.checkpoint, request.trust_checkpoint, str(exported.path))
         checked.warnings.extend(filter(None, [changed_source(checked.exported, request.checkpoint)]))
     skipped = Skipped()
     threads = checked.profile.threads or torch.get_num_threads()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ats_deploy.backends import Runner
-from ats_deploy.exporters.validate import Sample, samples
+from ats_deploy.backends.samples import Sample, samples
 from ats_deploy.flops import CostModel
 
 PYTORCH_DENSE = "pytorch_dense"

@@ -13,6 +13,11 @@ same seeded arrival schedule and image sequence:
 
     .venv/bin/python benchmarks/adaptive_serving.py deit_t.onnx --data ../shared/data/imagenet-sample-dev
 
+A short check of the adaptive servers alone (C given, no fixed keeps, no 0.5xC or ramp runs):
+
+    .venv/bin/python benchmarks/adaptive_serving.py deit_t.onnx --data ../shared/data/imagenet-sample-dev \
+        --capacity 62.8 --fixed "" --bursty-only
+
 Writes ``<out>/summary.json`` and each run's loadtest folder (results.json, slo_over_time.png).
 """
 
@@ -110,8 +115,6 @@ class FrontInTriton:
         self.model, self.profile, self.folder, self.slo_ms, self.floor = model, profile, folder, slo_ms, floor
 
     def __enter__(self) -> FrontInTriton:
-        from pytriton.triton import TRITONSERVER_DIST_DIR
-
         from ats_deploy.serving import adaptive, server
 
         repo = self.folder / "repo"
@@ -123,8 +126,8 @@ class FrontInTriton:
         server.write_repository(plan, self.folder / "python-inner")
         shutil.rmtree(repo / "deit_t_inner")
         shutil.move(str(self.folder / "python-inner" / "deit_t_inner"), repo / "deit_t_inner")
-        server._link_python_backend(self.folder / "backends" / "python")
-        command = [str(TRITONSERVER_DIST_DIR / "bin" / "tritonserver"), f"--model-repository={repo}",
+        tritonserver, environment = server.bundled_triton(self.folder / "backends")
+        command = [str(tritonserver), f"--model-repository={repo}",
                    f"--backend-directory={self.folder / 'backends'}", "--allow-gpu-metrics=false",
                    "--log-info=false", adaptive.front_shm_flag(),
                    *(f"--{k}-address=127.0.0.1" for k in PORTS),
@@ -132,7 +135,7 @@ class FrontInTriton:
         print("$", " ".join(command), flush=True)
         self.out = (self.folder / "triton.log").open("wb")
         self.process = subprocess.Popen(command, stdout=self.out, stderr=subprocess.STDOUT,
-                                        env=server._environment(), start_new_session=True)
+                                        env=environment, start_new_session=True)
         deadline = time.monotonic() + 240
         while not _front_ready(PORTS["metrics"]):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -204,9 +207,16 @@ def main() -> None:
     parser.add_argument("--step", type=float, default=10.0, help="seconds per burst step")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of the bursty trace")
     parser.add_argument("--min-keep", type=float, default=None, help="the adaptive servers' floor (default: serve's)")
-    parser.add_argument("--fixed", default="1.0,0.85,0.72,0.6,0.5", help="fixed keeps to compare")
+    parser.add_argument("--fixed", default="1.0,0.85,0.72,0.6,0.5", help="fixed keeps to compare (\"\": none)")
+    parser.add_argument("--capacity", type=float, default=None,
+                        help="C in requests/s, from an earlier run, instead of measuring it")
+    parser.add_argument("--bursty-only", action="store_true", help="skip the adaptive server's 0.5xC and ramp runs")
+    parser.add_argument("--port", type=int, default=PORTS["http"], help="the servers' HTTP port (gRPC and metrics: "
+                        "the next two)")
     parser.add_argument("--out", type=Path, default=Path("results/adaptive-serving"))
     args = parser.parse_args()
+    PORTS.update(http=args.port, grpc=args.port + 1, metrics=args.port + 2)
+    fixed = [k for k in args.fixed.split(",") if k]
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ats-adaptive-"))
     profile = work / "cpu-full.yaml"
@@ -216,28 +226,33 @@ def main() -> None:
     summary: dict = {"slo_ms": args.slo_ms, "min_keep": args.min_keep, "uptime_before": _uptime()}
     slo = ["--slo-ms", f"{args.slo_ms:g}"]
     floor = [] if args.min_keep is None else ["--min-keep", f"{args.min_keep:g}"]
+    runs: dict = {}
     try:
-        with Serve(model, profile, work / "fixed.log"):
-            capacity = loadtest(args.out / "capacity", args.data, "--concurrency", "1", "--duration", "15")
-            c = capacity["levels"][0]["requests_per_s"]
-            summary["capacity_rps"] = c
-            bursty = ["--rate", f"{0.5 * c:.1f},{1.3 * c:.1f}", "--step-seconds", f"{args.step:g}", "--duration",
-                      f"{args.duration:g}", *slo]
-            summary["bursty"] = {"rates": [0.5 * c, 1.3 * c], "step_s": args.step, "duration_s": args.duration}
-            runs = {}
-            for keep in args.fixed.split(","):
-                result = loadtest(args.out / f"fixed-{keep}", args.data, *bursty, "--keep", keep)
-                runs[f"fixed keep {keep}"] = figures(result)
+        c = args.capacity
+        if c is None or fixed:
+            with Serve(model, profile, work / "fixed.log"):
+                if c is None:
+                    capacity = loadtest(args.out / "capacity", args.data, "--concurrency", "1", "--duration", "15")
+                    c = capacity["levels"][0]["requests_per_s"]
+                for keep in fixed:
+                    result = loadtest(args.out / f"fixed-{keep}", args.data, *_bursty(c, args.step, args.duration, slo),
+                                      "--keep", keep)
+                    runs[f"fixed keep {keep}"] = figures(result)
+        summary["capacity_rps"] = c
+        summary["bursty"] = {"rates": [0.5 * c, 1.3 * c], "step_s": args.step, "duration_s": args.duration}
+        bursty = _bursty(c, args.step, args.duration, slo)
         with Serve(model, profile, work / "adaptive.log", *slo, *floor):
             result = loadtest(args.out / "adaptive", args.data, *bursty)
             runs["adaptive (serve --slo-ms)"] = figures(result)
             summary["adaptive_steps"] = result["schedule"]["steps"]
-            light = loadtest(args.out / "adaptive-half-c", args.data, "--rate", f"{0.5 * c:.1f}", "--duration", "20",
-                             *slo)
-            summary["half_c"] = figures(light)
-            ramp = [f"{f * c:.1f}" for f in (0.3, 0.6, 0.9, 1.2, 1.5, 1.2, 0.9, 0.6, 0.3)]
-            ramp_run = loadtest(args.out / "ramp", args.data, "--rate", ",".join(ramp), "--step-seconds", "5", *slo)
-            summary["ramp"], summary["ramp_steps"] = figures(ramp_run), ramp_run["schedule"]["steps"]
+            if not args.bursty_only:
+                light = loadtest(args.out / "adaptive-half-c", args.data, "--rate", f"{0.5 * c:.1f}", "--duration",
+                                 "20", *slo)
+                summary["half_c"] = figures(light)
+                ramp = [f"{f * c:.1f}" for f in (0.3, 0.6, 0.9, 1.2, 1.5, 1.2, 0.9, 0.6, 0.3)]
+                ramp_run = loadtest(args.out / "ramp", args.data, "--rate", ",".join(ramp), "--step-seconds", "5",
+                                    *slo)
+                summary["ramp"], summary["ramp_steps"] = figures(ramp_run), ramp_run["schedule"]["steps"]
         with FrontInTriton(model, profile, work / "front", args.slo_ms, floor):
             runs["adaptive (triton --slo-ms front, bundled Triton)"] = figures(
                 loadtest(args.out / "triton-front", args.data, *bursty))
@@ -251,6 +266,12 @@ def main() -> None:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         shutil.rmtree(work, ignore_errors=True)
     _print(summary)
+
+
+def _bursty(capacity: float, step: float, duration: float, slo: list[str]) -> list[str]:
+    """loadtest's options for the bursty trace: 0.5xC and 1.3xC alternating every ``step`` s."""
+    return ["--rate", f"{0.5 * capacity:.1f},{1.3 * capacity:.1f}", "--step-seconds", f"{step:g}", "--duration",
+            f"{duration:g}", *slo]
 
 
 def _uptime() -> str:

@@ -38,9 +38,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from ats_deploy.backends.onnxruntime.session import session
 from ats_deploy.bench.timing import interleaved, paired_ratio
 from ats_deploy.exporters.onnx_export import ExportOptions, export
-from ats_deploy.exporters.validate import session
 from ats_deploy.flops import CostModel
 from ats_deploy.images import data_config, preprocess, random_images, sample_images
 from ats_deploy.model import ATSVisionTransformer, build, class_only_block, dense_block

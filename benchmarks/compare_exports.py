@@ -20,7 +20,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from ats_deploy.exporters.validate import session
+from ats_deploy.backends.onnxruntime.session import session
 
 
 def feeds(sess, images: np.ndarray, keep: float) -> dict[str, np.ndarray]:

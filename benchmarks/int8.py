@@ -32,11 +32,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ats_deploy.bench.data import image_folder
+from ats_deploy.backends.onnxruntime.session import session
 from ats_deploy.checkpoints import load_model
+from ats_deploy.data import image_folder
 from ats_deploy.exporters.onnx_export import ExportOptions, export
 from ats_deploy.exporters.precisions import int8
-from ats_deploy.exporters.validate import session
 from ats_deploy.images import data_config
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "shared/weights/deit_tiny_patch16_224_wvfunc_bittrue_reconstructed.pth"

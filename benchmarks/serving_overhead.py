@@ -23,9 +23,10 @@ from rich.table import Table
 
 from ats_deploy import backends
 from ats_deploy.artifact import read
+from ats_deploy.exporters import prepare
 from ats_deploy.keep import Keep, keep_rows
 from ats_deploy.profiles import load_profile
-from ats_deploy.serving.loadtest import Mix
+from ats_deploy.serving.loadtest.plan import Mix
 
 WARMUP_S = 2.0
 
@@ -40,18 +41,18 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0)
     args = parser.parse_args()
 
-    from ats_deploy.bench.data import Skipped, folder_batches, image_folder
+    from ats_deploy.data import Skipped, folder_batches, image_folder
 
     artifact = read(args.model)
     profile = load_profile(args.profile)
     folder = image_folder(args.data, artifact.num_classes, limit=args.images)
     pixels = torch.cat([b.images for b in folder_batches(folder, artifact.data_config, 32, Skipped())])
-    keeps = [Keep(tuple(float(v) for v in item.split(":"))) for item in args.keep.split(",")]
-    mix = Mix(tuple(tuple(k.per_stage(len(artifact.stages))) for k in keeps), tuple(str(k) for k in keeps))
+    keeps = Keep.parse_mix(args.keep)
+    mix = Mix(tuple(tuple(k.per_stage(len(artifact.stages))) for k in keeps), tuple(k.mix_label for k in keeps))
     backend = backends.get(profile.backend)
     with tempfile.TemporaryDirectory() as workdir:
-        options = backends.RunOptions(backend.precision(profile.precision), profile.threads, Path(workdir))
-        runner = backend.open(args.model, options)
+        options = backends.RunOptions(backend.precision(profile.precision), profile.threads)
+        runner = prepare.open_runner(backend, args.model, options, Path(workdir))
         samples = _run(runner, pixels, mix, args.duration)
     title = f"{args.model} in process: {runner.label}, {profile.threads} threads, batch 1, keep {args.keep}"
     table = Table(title=title)

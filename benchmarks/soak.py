@@ -46,6 +46,7 @@ from rich.table import Table
 
 from ats_deploy import backends
 from ats_deploy.artifact import read
+from ats_deploy.exporters import prepare
 from ats_deploy.profiles import load_profile
 from ats_deploy.serving.repository import default_name
 
@@ -273,8 +274,8 @@ def references(model: Path, profile_name: str, pixels: np.ndarray, rows: list) -
     backend = backends.get(profile.backend)
     stages = len(read(model).stages)
     with tempfile.TemporaryDirectory() as workdir:
-        runner = backend.open(model, backends.RunOptions(backend.precision(profile.precision), profile.threads,
-                                                         Path(workdir)))
+        options = backends.RunOptions(backend.precision(profile.precision), profile.threads)
+        runner = prepare.open_runner(backend, model, options, Path(workdir))
         expected = {}
         for image in range(len(pixels)):
             for which, row in enumerate(rows):
@@ -286,7 +287,7 @@ def references(model: Path, profile_name: str, pixels: np.ndarray, rows: list) -
 
 def photos(model: Path, data: Path) -> np.ndarray:
     """The first :data:`IMAGES` images of ``data``, pre-processed as the export's metadata says."""
-    from ats_deploy.bench.data import Skipped, folder_batches, image_folder
+    from ats_deploy.data import Skipped, folder_batches, image_folder
 
     artifact = read(model)
     folder = image_folder(data, artifact.num_classes, limit=IMAGES)

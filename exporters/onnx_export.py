@@ -1,4 +1,4 @@
-"""PyTorch ATS model -> one ONNX file (ATS_SPEC.md section 4).
+"""PyTorch ATS model -> one ONNX file (docs/ATS.md section 4).
 
 Dynamic export: ``images [batch, 3, H, W]`` and ``keep [batch, S]`` are inputs, so one
 file serves every batch size and every budget, each image with its own row of budgets
@@ -32,25 +32,19 @@ from ats_deploy.ats import budget_int
 from ats_deploy.errors import UserError
 from ats_deploy.images import data_config
 from ats_deploy.keep import per_stage
+from ats_deploy.lowering import NAME, sampler_as_node
 from ats_deploy.model import ATSVisionTransformer
-
-from .custom_op import apply_ats_op
+from ats_deploy.sampler_op import DOMAIN, OP_VERSION
 
 if TYPE_CHECKING:
     from .precisions.int8 import Calibration
 
 EXPORTERS = ("torchscript", "dynamo")
+# How each ATS stage's sampling is written (sampler_op.py): standard ops, or one ats_deploy node (TorchScript only).
+ATS_OPS = ("subgraph", "custom")
 OPSET = 18
 INPUTS = ("images", "keep")
 OUTPUTS = ("logits", "tokens")
-# Each ATS stage's kept-token mask (bool [B, N, 1], the P prefix tokens first) carries
-# this name in the file, so that validation can compare which patches were kept.
-KEPT = "ats_kept_{}"
-
-
-def kept_name(stage: int) -> str:
-    """The name of ATS stage ``stage``'s kept-token mask in an exported graph."""
-    return KEPT.format(stage)
 
 
 @dataclass
@@ -152,13 +146,34 @@ def _trace(model: ATSVisionTransformer, options: ExportOptions, path: Path) -> N
         if options.exporter == "torchscript":
             if options.dynamic:
                 kwargs["dynamic_axes"] = {name: {0: "batch"} for name in (*INPUTS, *OUTPUTS)}
-            torch.onnx.export(module, args, str(path), dynamo=False, **kwargs)
+            if options.ats_op == "custom":
+                kwargs["custom_opsets"] = {DOMAIN: OP_VERSION}
+            with sampler_as_node() if options.ats_op == "custom" else contextlib.nullcontext():
+                torch.onnx.export(module, args, str(path), dynamo=False, **kwargs)
         else:
             if options.dynamic:
                 batch = torch.export.Dim("batch", min=1, max=4096)
                 kwargs["dynamic_shapes"] = ({0: batch}, {0: batch})
-            program = _quietly(lambda: torch.onnx.export(module, args, dynamo=True, verbose=False, **kwargs))
+            with torch.fx.traceback.preserve_node_meta():  # keeps the names the model gives (lowering.NAME)
+                program = _quietly(lambda: torch.onnx.export(module, args, dynamo=True, verbose=False, **kwargs))
+            _give_names(program)
             program.save(str(path))
+
+
+def _give_names(program: torch.onnx.ONNXProgram) -> None:
+    """Name the tensors the model named while torch.export traced it (:func:`ats_deploy.lowering.named_greater`).
+
+    The dynamo exporter names each tensor after the FX node that computes it (``gt_3``); the
+    model's names ride on those nodes as the annotation :data:`ats_deploy.lowering.NAME`.
+    """
+    names = {}
+    for node in program.exported_program.graph.nodes:
+        name = (node.meta.get("custom") or {}).get(NAME)
+        if name is not None:
+            names[node.name] = name
+    for node in program.model.graph:
+        for value in node.outputs:
+            value.name = names.get(value.name, value.name)
 
 
 def _quietly(run):
@@ -210,24 +225,6 @@ def declare_outputs(graph: onnx.ModelProto, model: ATSVisionTransformer, options
     return graph
 
 
-def name_kept_masks(graph: onnx.ModelProto, stages: int) -> onnx.ModelProto:
-    """Rename each stage's kept-token mask to :func:`kept_name` (a tensor name only; no node changes).
-
-    The mask is the output of the sampler's only ``Greater`` (``c_p > c_{p-1}``,
-    :func:`ats_deploy.ats.sample`); both exporters keep one per stage, in stage order.
-    """
-    nodes = [n for n in graph.graph.node if n.op_type == "Greater"]
-    if len(nodes) != stages:
-        raise RuntimeError(f"expected one Greater node per ATS stage ({stages}), found {len(nodes)}")
-    renames = {n.output[0]: kept_name(s) for s, n in enumerate(nodes)}
-    for node in graph.graph.node:
-        node.input[:] = [renames.get(name, name) for name in node.input]
-        node.output[:] = [renames.get(name, name) for name in node.output]
-    for info in graph.graph.value_info:
-        info.name = renames.get(info.name, info.name)
-    return graph
-
-
 def finalize(model: onnx.ModelProto, props: dict[str, str]) -> onnx.ModelProto:
     """Attach metadata and check the graph (checker + strict full shape inference)."""
     del model.metadata_props[:]
@@ -243,15 +240,20 @@ def export(model: ATSVisionTransformer, output: Path, options: ExportOptions) ->
     """Export ``model`` to ``output`` atomically; returns the path written."""
     if options.exporter not in EXPORTERS:
         raise UserError(f"unknown exporter '{options.exporter}'; choose one of {', '.join(EXPORTERS)}.")
+    if options.ats_op not in ATS_OPS:
+        raise UserError(f"unknown --ats-op '{options.ats_op}'; choose one of {', '.join(ATS_OPS)}.")
+    if options.ats_op == "custom" and options.exporter != "torchscript":
+        raise UserError(
+            f"--ats-op custom cannot be written by the {options.exporter} exporter.",
+            hint="Export with --exporter torchscript (the default): the node is written by its tracing.",
+        )
     if options.batch < 1:
         raise UserError(f"--batch must be at least 1, got {options.batch}.")
     output = check_output_path(output)
     with atomic_output(output) as tmp:
         _trace(model, options, tmp)
         graph = declare_outputs(clean(onnx.load(str(tmp))), model, options)
-        graph = name_kept_masks(graph, len(model.stages))
         graph = finalize(graph, metadata(model, options))
-        graph = apply_ats_op(graph, options.ats_op)
         onnx.save(graph, str(tmp))
         if options.calibration is not None:
             _quantize(model, tmp, options.calibration, read_metadata(graph))

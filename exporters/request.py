@@ -2,7 +2,7 @@
 
 Everything a user can get wrong (flag combinations, an unwritable output, a bad
 keep, an unknown profile) fails here, before the checkpoint is traced; the CLI
-only parses, calls :func:`plan` and :func:`~.onnx_export.export`, and prints.
+only parses, calls :func:`plan`, :func:`~.onnx_export.export` and :func:`validate_export`, and prints.
 """
 
 from __future__ import annotations
@@ -11,20 +11,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ats_deploy import precision as precisions
 from ats_deploy.atomic import output_path
 from ats_deploy.errors import UserError
 from ats_deploy.keep import Keep, format_keep, per_stage
 
-from .custom_op import ATS_OPS
-from .onnx_export import EXPORTERS, OPSET, ExportOptions, check_output_path
+from .onnx_export import ATS_OPS, EXPORTERS, OPSET, ExportOptions, check_output_path
 from .precisions.int8 import DEFAULT_IMAGES, Calibration
 
-# What an export writes: float32, or INT8 Q/DQ calibrated at export (fp16 is converted at build time).
-EXPORT_PRECISIONS = ("fp32", "int8")
+# What an export writes: float32, or a precision made at export (INT8 Q/DQ, calibrated); fp16 is converted at build.
+EXPORT_PRECISIONS = tuple(name for name in precisions.names() if precisions.get(name).stage != "build")
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from ats_deploy.model import ATSVisionTransformer
     from ats_deploy.profiles import Profile
+
+    from .compare import Report
 
 
 @dataclass
@@ -73,7 +77,7 @@ def check_flags(request: ExportRequest) -> None:
     if request.ats_op not in ATS_OPS:
         raise UserError(f"unknown --ats-op '{request.ats_op}'; choose one of: {', '.join(ATS_OPS)}.")
     if request.ats_op == "custom" and request.exporter != "torchscript":
-        raise UserError("--ats-op custom needs --exporter torchscript (it replaces the sampler subgraphs by name).")
+        raise UserError("--ats-op custom needs --exporter torchscript (its tracing writes the sampler node).")
     if request.batch is not None and request.batch < 1:
         raise UserError(f"--batch must be at least 1, got {request.batch}.")
     if request.batch is not None and request.dynamic:
@@ -95,25 +99,28 @@ def check_precision(request: ExportRequest) -> None:
             f"export writes --precision {' or '.join(EXPORT_PRECISIONS)}, not '{request.precision}'.",
             hint="fp16 is converted from the fp32 export by `ats-deploy build` (profile precision: fp16).",
         )
-    if request.precision == "fp32":
+    name = request.precision
+    if precisions.get(name).stage is None:
         if request.calibration is not None:
-            raise UserError("--calibration is for --precision int8; an fp32 export needs no calibration images.")
+            calibrated = " or ".join(n for n in EXPORT_PRECISIONS if precisions.get(n).stage == "export")
+            raise UserError(f"--calibration is for --precision {calibrated}; an {name} export needs no calibration "
+                            "images.")
         return
     if not request.dynamic:
-        raise UserError("--precision int8 quantizes the --dynamic export only; add --dynamic (not --static).")
+        raise UserError(f"--precision {name} quantizes the --dynamic export only; add --dynamic (not --static).")
     if request.ats_op == "custom":
         raise UserError(
-            "--precision int8 needs --ats-op subgraph: the custom sampler node would hide the sampling path "
+            f"--precision {name} needs --ats-op subgraph: the custom sampler node would hide the sampling path "
             "that must stay float32."
         )
     if request.calibration is None:
-        raise UserError("--precision int8 needs --calibration DIR: a folder of real images (ImageFolder or flat).")
+        raise UserError(f"--precision {name} needs --calibration DIR: a folder of real images (ImageFolder or flat).")
     calibration_of(request).check()
 
 
 def calibration_of(request: ExportRequest) -> Calibration | None:
     """The INT8 calibration the request asks for; ``None`` for fp32."""
-    if request.precision != "int8" or request.calibration is None:
+    if precisions.get(request.precision).stage != "export" or request.calibration is None:
         return None
     return Calibration(Path(request.calibration), images=request.calibration_images)
 
@@ -127,7 +134,7 @@ def default_name(checkpoint: str, arch: str, options: ExportOptions) -> Path:
     stem = f"{arch}_ats" if checkpoint.startswith("random:") else Path(checkpoint).stem
     kind = "" if options.dynamic else f".static-b{options.batch}-k{format_keep(options.keep or [])}"
     op = ".custom-op" if options.ats_op == "custom" else ""
-    precision = "" if options.precision == "fp32" else f".{options.precision}"
+    precision = "" if precisions.get(options.precision).stage is None else f".{options.precision}"
     return Path(f"{stem}{kind}{op}{precision}.onnx")
 
 
@@ -171,3 +178,36 @@ def plan(request: ExportRequest) -> ExportPlan:
     output = check_output_path(output_path(request.output, default_name(request.checkpoint, model.arch, options)))
     notes = [*model.load_notes, *(Keep.parse(keep).notes(model.n0, model.prefix_tokens) if keep else [])]
     return ExportPlan(model, output, options, notes)
+
+
+def validate_export(request: ExportRequest, planned: ExportPlan, path: Path, atol: float, console: Console) -> Report:
+    """Validate ``path`` right after :func:`plan`'s export wrote it, on the inputs its precision is judged on.
+
+    int8 (calibrated) is judged by agreement on held-out images at the reduced keeps and batches; fp32 patch for
+    patch on ``--validation-data`` (else the scikit-image photos) at the profile's keep, else the default keeps
+    (docs/ATS.md). The file stays on disk either way: an interrupt says that it is written but not validated.
+    """
+    from ats_deploy.errors import Interrupted
+
+    from . import validate as checks
+
+    model, data, profile = planned.model, request.validation_data, request.profile
+    stages = len(model.stages)
+    if planned.options.calibration is not None:
+        names, images = checks.held_out_inputs(model, planned.options.calibration, data, console)
+        keeps = [[k] * stages for k in checks.REDUCED_KEEPS]
+        batches = tuple(b for b in checks.REDUCED_BATCHES if b <= len(images)) or (1,)  # every case sees images
+    else:
+        if data is not None:
+            names, images = checks.folder_inputs(model, data, checks.HELD_OUT_IMAGES, console)
+        else:
+            names, images = checks.default_inputs(model)
+        keeps = [profile.keep_for(stages)] if profile is not None else [[k] * stages for k in checks.DEFAULT_KEEPS]
+        batches = checks.DEFAULT_BATCHES
+    try:
+        return checks.validate(str(path), model, names, images, keeps, batches, atol=atol, console=console)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted during validation: {path} is written in full but NOT validated.",
+            f"Validate it with `ats-deploy validate {path}` before you use it, or export again.",
+        ) from None

@@ -1,7 +1,7 @@
 """Device profiles: one YAML file per deployment target (the API and the built-in YAML files).
 
 A profile says how to build and measure a model for one target: the ATS budget
-``keep`` (``ATS_SPEC.md`` section 2), the backend and precision, the batch size
+``keep`` (``docs/ATS.md`` section 2), the backend and precision, the batch size
 and the batch range an engine is built for, and how long to benchmark.
 
 Profiles are looked up by name in three places, first match wins: an existing
@@ -28,12 +28,12 @@ from typing import Any
 import yaml
 
 from .. import backends
+from .. import precision as precisions
 from ..atomic import write_atomic
 from ..errors import UserError
-from ..exporters import precisions
 from ..keep import Keep
 
-PRECISIONS = precisions.names()  # the registry of ats_deploy.exporters.precisions
+PRECISIONS = precisions.names()  # the registry of ats_deploy.precision
 LOCAL_DIR = "profiles"
 SUFFIX = ".yaml"
 
@@ -313,8 +313,9 @@ def _check_target(profile: Profile, check: _Checker) -> None:
     if profile.gpu_fallback and profile.dla_core is None:
         raise check.fail("gpu_fallback", "only applies when dla_core is set")
     if profile.dla_core is not None:
-        if profile.precision != "fp16":
-            raise check.fail("precision", "must be fp16 with dla_core: the DLA runs fp16 or int8 only")
+        if precisions.get(profile.precision).tensorrt_flag is None:  # the DLA builds weakly typed, by the flag
+            flagged = " or ".join(name for name in PRECISIONS if precisions.get(name).tensorrt_flag)
+            raise check.fail("precision", f"must be {flagged} with dla_core: the DLA runs fp16 or int8 only")
         if not profile.static:
             raise check.fail("static", "must be true with dla_core: DLA engines have static shapes")
     if profile.precision not in backend.precisions:

@@ -22,9 +22,10 @@ def random_deit_tiny() -> VisionTransformer:
         return timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
 
 
-SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
-SHARED_WEIGHTS /= "deit_tiny_patch16_224_wvfunc_bittrue_reconstructed.pth"
-SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-dev"
+REPO = Path(__file__).resolve().parents[1]  # the tests sit in subfolders of tests/: they find files from here
+SHARED = REPO.parent / "shared"
+SHARED_WEIGHTS = SHARED / "weights" / "deit_tiny_patch16_224_wvfunc_bittrue_reconstructed.pth"
+SHARED_IMAGES = SHARED / "data" / "imagenet-sample-dev"
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""A plain, per-image, float64 reading of ATS_SPEC.md sections 1-2 (P prefix tokens): the tests' yardstick.
+"""A plain, per-image, float64 reading of docs/ATS.md sections 1-2 (P prefix tokens): the tests' yardstick.
 
 Deliberately unbatched and unoptimised: NumPy ``searchsorted`` and ``unique``,
 one image at a time, so that it reads like the spec. Attention and the MLP run in

@@ -1,26 +1,27 @@
 """The registry of backends: every runtime bench, tune and validation can run an exported model on.
 
-A backend is one module here declaring its name, label, precisions, runtime version, why it
-cannot run on this machine (``None`` when it can: a missing dependency keeps the backend
-listed, with its reason) and how to open a runner for an exported file and a profile
-(:mod:`.base`). Adding a runtime is a module, its line in :data:`_REGISTERED`, a built-in
-profile and its tests; profiles, bench and tune read everything else from here.
+A backend is one module (or a package, with its runner and runtime code) here declaring its
+name, label, precisions, device, runtime version, why it cannot run on this machine (``None``
+when it can: a missing dependency keeps the backend listed, with its reason) and how to open a
+runner for an exported file and a profile (:mod:`.base`). Adding a runtime is a module, its line
+in :data:`_REGISTERED`, a built-in profile and its tests; profiles, bench and tune read
+everything else from here.
 """
 
 from __future__ import annotations
 
 from ats_deploy.errors import BackendUnavailable, UserError
 
-from . import onnxruntime_eps, openvino_cpu, pytorch_cpu, tensorrt_engine
+from . import onnxruntime, openvino_cpu, pytorch_cpu, tensorrt
 from .base import Backend, Outputs, Runner, RunOptions
 
 __all__ = ["Backend", "Outputs", "RunOptions", "Runner", "all_backends", "get", "names", "require"]
 
 _REGISTERED: tuple[Backend, ...] = (
-    tensorrt_engine.BACKEND,
-    onnxruntime_eps.CPU,
-    onnxruntime_eps.CUDA,
-    onnxruntime_eps.TENSORRT_EP,
+    tensorrt.BACKEND,
+    onnxruntime.CPU,
+    onnxruntime.CUDA,
+    onnxruntime.TENSORRT_EP,
     pytorch_cpu.BACKEND,
     openvino_cpu.BACKEND,
 )

@@ -4,8 +4,11 @@ A runner takes torch tensors (``images [B, 3, H, W]``, ``keep [B, S]``, or ``[S]
 row serving every image: :func:`ats_deploy.keep.keep_rows`) and returns numpy
 ``(logits, tokens)``; a model without a ``keep`` input (a static or a dense export) is
 simply not fed one. A runner may also offer ``samples(images, keep)``: validation's
-per-image :class:`~ats_deploy.exporters.validate.Sample` with the patches every stage
+per-image :class:`~ats_deploy.backends.samples.Sample` with the patches every stage
 kept, where the runtime can report them.
+
+A backend opens the file it is given: the engine or the converted copy a profile's precision
+needs is made beforehand by the exporters (:mod:`ats_deploy.exporters.prepare`).
 
 Module-level imports stay light (no torch, onnx or runtime): the profile loader and the
 CLI's ``--help`` read the registry, and a missing runtime must only make its backend
@@ -21,9 +24,6 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import numpy as np
     import torch
-    from rich.console import Console
-
-    from ats_deploy.profiles import Profile
 
 Outputs = tuple["np.ndarray", "np.ndarray"]
 
@@ -38,11 +38,11 @@ class Runner(Protocol):
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How to open a runner: a profile's precision and threads, and a scratch folder for converted files."""
+    """How to open a runner: a profile's precision (for a backend's own settings, :attr:`Backend.native`) and
+    threads."""
 
     precision: str = "fp32"
     threads: int | None = None
-    workdir: Path | None = None
 
 
 class Backend:
@@ -55,6 +55,10 @@ class Backend:
     label: str  # what tables and plots call the runtime
     runtime: str  # the package whose version results record
     precisions: tuple[str, ...] = ("fp32",)  # the first is what it runs when a profile asks for another
+    device: str  # where it runs, "cpu" or "gpu": whether threads apply, Triton's instance kind
+    # Converted precisions (fp16) it runs from the float32 file by a setting of its own (a provider flag);
+    # for the others it opens the converted copy :mod:`ats_deploy.exporters.prepare` writes.
+    native: tuple[str, ...] = ()
     # What `threads: null` means on this backend; None where threads do not apply (a GPU).
     default_threads: str | None = None
     engines: bool = False  # runs the engine `ats-deploy build` wrote for the ONNX file, not the file itself
@@ -74,12 +78,8 @@ class Backend:
         return asked if asked in self.precisions else self.precisions[0]
 
     def open(self, path: Path, options: RunOptions) -> Runner:
-        """A runner of the exported file (or engine) ``path``."""
+        """A runner of the exported file (or engine) ``path``, as given."""
         raise NotImplementedError(f"backend {self.name} runs no exported file")
-
-    def prepare(self, onnx_path: Path, profile: Profile, like: Path, workdir: Path, status: Console) -> Path:
-        """The file it runs for an ONNX file bench exported itself (the dense baseline), made like the file ``like``."""
-        return onnx_path
 
 
 def installed_version(module: str) -> str | None:

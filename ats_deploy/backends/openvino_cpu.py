@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from ats_deploy.exporters.validate import Sample
+    from .samples import Sample
 
 DEVICE = "CPU"
 
@@ -34,6 +34,7 @@ class OpenVINO(Backend):
     runtime = "openvino"
     # int8: the Q/DQ export as it is; OpenVINO runs its quantized products as i8 FullyConnected (bench/RESULTS.md).
     precisions = ("fp32", "int8")
+    device = "cpu"
     default_threads = "default (OpenVINO's choice for this CPU)"
 
     def unavailable(self) -> str | None:
@@ -70,9 +71,9 @@ class OpenVINORunner:
     label = OpenVINO.label
 
     def __init__(self, path: Path, threads: int | None) -> None:
-        from ats_deploy.exporters import custom_op
+        from ats_deploy.sampler_op import uses_custom_op
 
-        if custom_op.uses_custom_op(path):
+        if uses_custom_op(path):
             raise UserError(
                 f"{path} uses the ATS custom op, which OpenVINO does not know.",
                 hint="Export with --ats-op subgraph (the default: standard ONNX ops) for OpenVINO.",
@@ -102,7 +103,7 @@ class OpenVINORunner:
         """
         import onnx
 
-        from ats_deploy.exporters.validate import taps
+        from .samples import taps
 
         names = [name for tensors in taps(onnx.load(str(self.path), load_external_data=False)) for name, _ in tensors]
         model = self._read()
@@ -114,7 +115,7 @@ class OpenVINORunner:
 
     def samples(self, images: torch.Tensor, keep: torch.Tensor) -> list[Sample]:
         """Validation's per-image outputs, with the patches every stage kept."""
-        from ats_deploy.exporters.validate import Sample, kept_positions, samples
+        from .samples import Sample, kept_positions, samples
 
         request, names = self.tapped
         out = request.infer(self._feeds(images.numpy(), keep_rows(keep, len(images))))

@@ -20,6 +20,7 @@ class PyTorch(Backend):
     name = "pytorch"
     label = "PyTorch CPU"
     runtime = "torch"
+    device = "cpu"
     exports = False
 
     def version(self) -> str | None:

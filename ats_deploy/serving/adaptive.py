@@ -10,7 +10,6 @@ accurate measured setting at its cost), else one keep for all stages in steps of
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from .. import tune_log
 from ..errors import UserError
 from ..keep import Keep, format_keep
 from . import front_model, policy
@@ -38,7 +38,6 @@ FRONT_FILES = {"model.py": front_model, "slo_policy.py": policy}  # what the fro
 READY_TIMEOUT_S = 180.0  # how long `serve` waits for the front model's start-up measurement
 ALONE_ROUNDS = 5  # timed single-image runs behind the check that the SLO is not below the floor's own latency
 PYTHON_SHM_BYTES = 64 * 1024 * 1024  # each Python-backend process's shared memory for tensors (front_shm_flag)
-TUNE_LOG_SUFFIX = ".log.jsonl"  # tune writes its log beside the tuned profile: cpu-tuned.yaml -> cpu-tuned.log.jsonl
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ def _tune_log(options: SloOptions, profile: Profile) -> Path | None:
             raise UserError(f"--tune-log {options.tune_log} not found.", hint="Give the .log.jsonl tune wrote.")
         return options.tune_log
     if profile.path is not None:
-        beside = Path(profile.path).with_suffix(TUNE_LOG_SUFFIX)
+        beside = Path(profile.path).with_suffix(tune_log.SUFFIX)
         if beside.is_file():
             return beside
     return None
@@ -135,13 +134,10 @@ def _tune_log(options: SloOptions, profile: Profile) -> Path | None:
 
 def _ladder_from_log(log: Path, source: Source, top: list[float], stages: int, options: SloOptions) -> list[Rung]:
     """The profile's keep, then the log's Pareto front down to the floor (``--max-drop``, ``--min-keep``, default)."""
-    from ..bench.tune.measure import Dense, Measurement
     from ..checkpoints import sha256_file
 
     try:
-        records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
-        header, dense = records[0], next(Dense.from_record(r) for r in records if r.get("kind") == "dense")
-        measured = [Measurement.from_record(r) for r in records if r.get("kind") == "setting"]
+        header, dense, measured = tune_log.read_log(log)
     except (OSError, ValueError, KeyError, TypeError, IndexError, StopIteration, UserError) as exc:
         raise UserError(f"cannot read {log} as a tune log ({type(exc).__name__}).",
                         hint="Give the .log.jsonl `ats-deploy tune` wrote, or leave out --tune-log.") from None

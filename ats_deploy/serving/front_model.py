@@ -5,12 +5,15 @@ and :mod:`.policy` (as ``slo_policy.py``) into a model folder beside the ATS mod
 runs in both; it needs numpy and Triton's Python backend only, no ats-deploy install.
 
 Why a front model: Triton's dynamic batcher hides its queue and arrival times from the model it
-feeds, and the policy needs both. The front's ``execute`` only timestamps each request, refuses it at
+feeds, and the policy needs both. The front's ``execute`` only timestamps each request (with when it
+reached the server where ``serve``'s HTTP guard stamped it, :data:`RECEIVED`; else now), refuses it at
 once when even the floor could not answer it within the SLO (``UNAVAILABLE``), and queues it; it
 returns without answering (the response sender answers later, one response per request). One
 scheduler thread asks the policy for the next batch's keep, calls the model (BLS) with every
 request's keep row (its own where it sent one, else the policy's) and answers each request with
-``logits``, ``tokens`` and ``served_keep``, the keep row it ran. At start-up the thread measures the
+``logits``, ``tokens`` and ``served_keep``, the keep row it ran; the time from the policy's decision to
+the model call and from the model's end to the batch's last answer is the policy's overhead outside
+the model (its deadlines leave room for it). At start-up the thread measures the
 model's batch latency at each rung (a few seconds) unless the config carries a latency table;
 until then requests are refused with ``UNAVAILABLE`` (the ``ats_slo_ready`` metric turns 1 when done, -1
 when the model never answered).
@@ -37,7 +40,8 @@ except ImportError:  # in a Triton model folder: policy.py lies beside this file
     import slo_policy as slo  # type: ignore[no-redef]
 
 PARAMETER = "ats_deploy_slo"  # the model config parameter that carries the front's settings, as JSON
-CALIBRATION_ROUNDS = 3  # timed batches per rung and batch size at start-up (the fastest is kept), after a warm-up
+RECEIVED = "ats_received_ns"  # request parameter: time.monotonic_ns() when serve's HTTP guard received the request
+CALIBRATION_ROUNDS = 3  # timed batches per rung and batch size at start-up (the median is kept), after a warm-up
 START_TIMEOUT_S = 120.0  # how long start-up waits for the model to load before giving up
 
 
@@ -89,6 +93,23 @@ def request_problem(images: np.ndarray | None, keep: np.ndarray | None) -> str |
     return None
 
 
+def arrival(parameters: str, now: float, slo_s: float) -> float:
+    """When a request reached the server, from its parameters (``request.parameters()``, a JSON string): the
+    guard's :data:`RECEIVED` stamp, else ``now``, when the front model got it.
+
+    CLOCK_MONOTONIC is one clock for the whole machine, so the guard's stamp and this process's ``now`` compare.
+    A stamp is kept within ``[now - slo_s, now]``: a gRPC client, which reaches Triton without the guard, could
+    send one, and the most a forged one does then is make its own request expire.
+    """
+    try:
+        stamped = json.loads(parameters or "{}").get(RECEIVED)
+    except (ValueError, AttributeError):
+        return now
+    if type(stamped) is not int:
+        return now
+    return min(max(stamped / 1e9, now - slo_s), now)
+
+
 class TritonPythonModel:
     """Triton's Python-backend interface: ``initialize`` once, ``execute`` per group of requests, ``finalize``."""
 
@@ -131,24 +152,35 @@ class TritonPythonModel:
                 self._refuse(sender, problem, self.pb.TritonError.INVALID_ARG, "invalid")
                 continue
             assert images is not None
+            arrived = arrival(request.parameters(), now, self.settings.slo_ms / 1e3)
             with self.lock:
                 self.meter.add(now)
-                refusal = self._admission(now)
+                place = self._place(arrived)
+                refusal = self._admission(now, arrived, place)
                 if refusal is None:
-                    self.waiting.append(_Waiting(now, sender, images, keep))
+                    self.waiting.insert(place, _Waiting(arrived, sender, images, keep))
                     self.metrics.queue.set(len(self.waiting))
                     self.lock.notify()
             if refusal is not None:
                 self._refuse(sender, refusal, self.pb.TritonError.UNAVAILABLE, "refused")
         return None
 
-    def _admission(self, now: float) -> str | None:
-        """Why a request arriving now is refused at once, or None to queue it (called with the lock held)."""
+    def _place(self, arrived: float) -> int:
+        """Where a request that arrived at ``arrived`` goes in the queue: the policy wants the oldest first, and
+        requests stamped by the guard can reach the front out of order (called with the lock held)."""
+        place = len(self.waiting)
+        while place and self.waiting[place - 1].arrival > arrived:
+            place -= 1
+        return place
+
+    def _admission(self, now: float, arrived: float, ahead: int) -> str | None:
+        """Why a request that arrived at ``arrived`` is refused now, or None to queue it behind ``ahead`` others
+        (called with the lock held)."""
         if self.problem:
             return self.problem
         if self.policy is None:
             return "the server is measuring this device's latency at start-up (a few seconds); retry shortly"
-        if not self.policy.admit(now, len(self.waiting), self.busy_until):
+        if not self.policy.admit(now, ahead, self.busy_until, arrived):
             floor = self.ladder[-1].label
             return (f"over capacity: even at the lowest keep ({floor}) this request could not be answered within "
                     f"the {self.settings.slo_ms:g} ms SLO; retry later or add replicas")
@@ -212,7 +244,9 @@ class TritonPythonModel:
             self._refuse(item.sender, f"dropped: it waited past its {self.settings.slo_ms:g} ms SLO in the queue",
                          self.pb.TritonError.UNAVAILABLE, "dropped")
         if batch:
-            self._answer(batch, decision.rung)
+            self._answer(batch, decision.rung, now)
+            with self.lock:  # free now: a batch that ended before its predicted end must not turn arrivals away
+                self.busy_until = min(self.busy_until, time.monotonic())
         return True
 
     def _take(self, requests: int) -> list[_Waiting]:
@@ -227,8 +261,12 @@ class TritonPythonModel:
             images += size
         return batch
 
-    def _answer(self, batch: list[_Waiting], rung: int) -> None:
-        """Run the batch on the model, each request with its keep rows, and answer every request."""
+    def _answer(self, batch: list[_Waiting], rung: int, decided: float) -> None:
+        """Run the batch on the model, each request with its keep rows, and answer every request.
+
+        ``decided``: when the policy chose the batch; the time to the model call, and from the model's end to the
+        last answer sent, is what the batch spent outside the model (``observe_overhead``).
+        """
         rows = [item.keep if item.keep is not None else np.tile(self.rows[rung], (len(item.images), 1))
                 for item in batch]
         start = time.monotonic()
@@ -251,8 +289,10 @@ class TritonPythonModel:
                        self.pb.Tensor("served_keep", keep.astype(np.float32))]
             item.sender.send(self.pb.InferenceResponse(output_tensors=outputs),
                              flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            self.metrics.count("met" if done - item.arrival <= self.settings.slo_ms / 1e3 else "missed")
+            self.metrics.count("met" if time.monotonic() - item.arrival <= self.settings.slo_ms / 1e3 else "missed")
             offset = end
+        self.policy.observe_overhead(start - decided + time.monotonic() - done)
+        self.metrics.overhead.set(self.policy.overhead_s)
 
     def _infer(self, images: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One call to the model (BLS); RuntimeError with the model's message when it fails."""
@@ -273,16 +313,18 @@ class TritonPythonModel:
             (self.settings.max_batch, *self.settings.input_shape)).astype(np.float32)
         self._wait_for_model(pixels[:1], self.rows[0][None])
         sizes = self.settings.calibration_batches
-        best = np.full((len(self.rows), len(sizes)), np.inf)
+        timed = np.zeros((CALIBRATION_ROUNDS, len(self.rows), len(sizes)))
         for round_ in range(CALIBRATION_ROUNDS + 1):  # rounds interleaved: a slow spell of the machine hits one
             for r, row in enumerate(self.rows):
                 for b, size in enumerate(sizes):
                     start = time.monotonic()
                     self._infer(pixels[:size], np.tile(row, (size, 1)))
                     if round_:  # the first round warms up
-                        best[r, b] = min(best[r, b], time.monotonic() - start)
-        best = np.maximum.accumulate(best, axis=1)  # a larger batch never takes less time
-        points = [dict(zip(sizes, times.tolist(), strict=True)) for times in best]
+                        timed[round_ - 1, r, b] = time.monotonic() - start
+        # The median, not the fastest: the fastest of a few runs under-predicts a typical batch, and at the floor,
+        # where every batch runs near its deadline, that bias turns into late answers.
+        typical = np.maximum.accumulate(np.median(timed, axis=0), axis=1)  # a larger batch never takes less time
+        points = [dict(zip(sizes, times.tolist(), strict=True)) for times in typical]
         table = slo.LatencyModel(points)
         measured = "; ".join(f"{rung.label}: " + ", ".join(f"{b}: {1e3 * t:.1f}" for b, t in p.items())
                              for rung, p in zip(self.ladder, points, strict=True))
@@ -327,11 +369,14 @@ class _Metrics:
             pb.MetricFamily("ats_slo_queue", "Requests waiting in the front model", gauge),
             pb.MetricFamily("ats_slo_ready", "1 once the front model measured the latencies and serves, -1: failed "
                             "(its log says why)", gauge),
+            pb.MetricFamily("ats_slo_overhead_seconds", "Running estimate of a request's time outside the model "
+                            "(batch preparation, answers sent), taken off the SLO when planning", gauge),
             pb.MetricFamily("ats_slo_requests", "Requests by outcome: met or missed the SLO, refused, dropped, "
                             "invalid, error", counter),
         ]
-        self.keep, self.rung, self.queue, self.ready = (f.Metric(labels=labels) for f in self.families[:4])
-        self.outcomes = {o: self.families[4].Metric(labels={**labels, "outcome": o}) for o in self.OUTCOMES}
+        self.keep, self.rung, self.queue, self.ready, self.overhead = (f.Metric(labels=labels)
+                                                                      for f in self.families[:5])
+        self.outcomes = {o: self.families[5].Metric(labels={**labels, "outcome": o}) for o in self.OUTCOMES}
 
     def count(self, outcome: str) -> None:
         self.outcomes[outcome].increment(1)

@@ -13,6 +13,11 @@ on the public one, passes each request through once it has checked what it canno
   tensor of more than :data:`MAX_BODY` bytes, or a shape that is not a list of non-negative integers,
   gets 400 naming the input.
 
+Each inference request it passes on carries when the guard received it, as the request parameter
+:data:`~.front_model.RECEIVED` (``time.monotonic_ns()``; a value the client sent is overwritten): the
+front model of ``--slo-ms`` counts a request's deadline from there, not from when Triton handed it
+over, so the hop to Triton and Triton's own queue count against the SLO (docs/ATS.md section 8).
+
 It also knows what Triton cannot: while ``serve`` restarts a model instance that died (see
 :mod:`.server`), readiness answers 503 and inference requests 503 at once, so a load balancer drains
 the server instead of sending it requests that would fail. gRPC goes to Triton directly: its messages
@@ -26,15 +31,21 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from .front_model import RECEIVED
 
 MAX_BODY = 64 * 2**20  # bytes: what later Triton releases accept by default (--http-max-input-size)
 HEAD_LIMIT = 64 * 1024  # bytes of request line and headers
 BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2, "UINT32": 4,
          "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8, "BYTES": 1}
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+_DECODE = json.JSONDecoder().raw_decode
 _INFLATE = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "expect", "proxy-connection", "te",
         "upgrade"}
@@ -51,15 +62,39 @@ class Refused(Exception):
         self.message = message
 
 
-def check_tensors(header: bytes) -> None:
-    """Refuse an inference request whose JSON declares a shape Triton would allocate too much for.
+def checked(header: bytes, received_ns: int) -> list[bytes | memoryview]:
+    """An inference request's JSON (the whole body of a JSON request, the JSON part of a binary one), refused where
+    Triton could not parse it safely (:func:`check_tensors`), with the request parameter :data:`RECEIVED` set to
+    ``received_ns`` whatever the client sent there: the new JSON, in pieces to send one after another.
 
-    ``header`` is the whole body of a JSON request, or the JSON part of a binary one.
+    The JSON is parsed once and only its ``parameters`` member is written anew (or added after the opening
+    brace): a JSON body of pixels (3 MB for one 224x224 image) is neither serialized again, which would cost
+    more than parsing it, nor copied.
     """
     try:
-        request = json.loads(header)
+        text = header.decode()
+        request, spans = _members(text)
     except (ValueError, RecursionError):
         raise Refused(400, "the request's JSON cannot be parsed") from None
+    check_tensors(request)
+    if not isinstance(request, dict):
+        return [header]  # Triton refuses it: nothing to stamp
+    parameters = request.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise Refused(400, f"the request's 'parameters' must be a JSON object, got {parameters!r}")
+    value = json.dumps({**parameters, RECEIVED: received_ns}, separators=(",", ":"))
+    if "parameters" in spans:
+        begin, end = spans["parameters"]
+    else:
+        begin = end = text.index("{") + 1
+        value = f'"parameters":{value}{"," if request else ""}'
+    if not text.isascii():  # the offsets count characters: make them count bytes
+        begin, end = len(text[:begin].encode()), len(text[:end].encode())
+    return [memoryview(header)[:begin], value.encode(), memoryview(header)[end:]]
+
+
+def check_tensors(request: object) -> None:
+    """Refuse an inference request (its parsed JSON) that declares a shape Triton would allocate too much for."""
     inputs = request.get("inputs") if isinstance(request, dict) else None
     for tensor in inputs if isinstance(inputs, list) else []:
         if not isinstance(tensor, dict):
@@ -71,6 +106,41 @@ def check_tensors(header: bytes) -> None:
         if size > MAX_BODY:
             raise Refused(400, f"input '{name}' declares shape {shape}, {size} bytes: a request may hold at most "
                           f"{MAX_BODY} bytes")
+
+
+def _members(text: str) -> tuple[object, dict[str, tuple[int, int]]]:
+    """The JSON ``text`` parsed and, where it is an object, where each member's value lies in it.
+
+    ValueError where it is not JSON; :class:`Refused` where an object repeats a key: which of two
+    ``parameters`` Triton reads is not ours to guess.
+    """
+    at = _SPACE.match(text).end()
+    if not text.startswith("{", at):
+        return json.loads(text), {}
+    members: dict[str, object] = {}
+    spans: dict[str, tuple[int, int]] = {}
+    at = _SPACE.match(text, at + 1).end()
+    closed = text.startswith("}", at)
+    if closed:  # {}
+        at = _SPACE.match(text, at + 1).end()
+    while not closed:
+        key, at = _DECODE(text, at)
+        at = _SPACE.match(text, at).end()
+        if not isinstance(key, str) or not text.startswith(":", at):
+            raise ValueError("expected a key and ':'")
+        if key in members:
+            raise Refused(400, f"the request's JSON repeats the key {key!r}: send each key once")
+        begin = _SPACE.match(text, at + 1).end()
+        members[key], end = _DECODE(text, begin)
+        spans[key] = (begin, end)
+        at = _SPACE.match(text, end).end()
+        closed = text.startswith("}", at)
+        if not closed and not text.startswith(",", at):
+            raise ValueError("expected ',' or '}'")
+        at = _SPACE.match(text, at + 1).end()
+    if at != len(text):
+        raise ValueError("extra data after the JSON object")
+    return members, spans
 
 
 def inflate(body: bytes, encoding: str) -> bytes:
@@ -149,14 +219,14 @@ class Guard:
             while True:
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
+                    received_ns = time.monotonic_ns()
                 except asyncio.IncompleteReadError:
                     return  # the client closed the connection
                 except asyncio.LimitOverrunError:
                     return await _answer(writer, Refused(431, f"request headers over {HEAD_LIMIT} bytes"), close=True)
                 try:
                     request = _Request.parse(head)
-                    body = await self._body(request, reader, writer)
-                    await self._check(request, body)
+                    body = await self._check(request, await self._body(request, reader, writer), received_ns)
                 except Refused as refused:
                     await _answer(writer, refused, close=not request_ok(refused))
                     if not request_ok(refused):
@@ -198,7 +268,8 @@ class Guard:
             request.headers = [(k, v) for k, v in request.headers if k.lower() != "content-encoding"]
         return body
 
-    async def _check(self, request: _Request, body: bytes) -> None:
+    async def _check(self, request: _Request, body: bytes, received_ns: int) -> list[bytes | memoryview]:
+        """The body to pass on, in pieces: an inference request's JSON checked and stamped with ``received_ns``."""
         path = request.target.split("?", 1)[0]
         if path.startswith(self._gated) and not self.ready.is_set():
             raise Refused(503, "the model is not ready: its instance is restarting")
@@ -208,9 +279,16 @@ class Guard:
                 raise Refused(400, "Inference-Header-Content-Length does not fit the body")
             header = body if length is None else body[: int(length)]
             if len(header) > HEAD_LIMIT:  # a JSON tensor of real size: parse it off the loop, the others go on
-                await _off_loop(check_tensors, header)
+                pieces = await _off_loop(checked, header, received_ns)
             else:
-                check_tensors(header)
+                pieces = checked(header, received_ns)
+            if length is not None:  # binary tensors follow the JSON, passed on as they came (no copy)
+                size = str(sum(len(piece) for piece in pieces))
+                request.headers = [(k, size if k.lower() == "inference-header-content-length" else v)
+                                   for k, v in request.headers]
+                return [*pieces, memoryview(body)[int(length):]]
+            return pieces
+        return [body]
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         try:
@@ -218,14 +296,16 @@ class Guard:
         except OSError:
             return None
 
-    async def _forward(self, request: _Request, body: bytes, upstream: tuple, writer: asyncio.StreamWriter) -> bool:
+    async def _forward(self, request: _Request, body: list[bytes | memoryview], upstream: tuple,
+                       writer: asyncio.StreamWriter) -> bool:
         """Send the request to Triton and its answer back; whether the connection must close afterwards."""
         up_reader, up_writer = upstream
         lines = [f"{request.method} {request.target} HTTP/1.1"]
         lines += [f"{key}: {value}" for key, value in request.headers if key.lower() not in _HOP]
-        lines.append(f"Content-Length: {len(body)}")
+        lines.append(f"Content-Length: {sum(len(piece) for piece in body)}")
         up_writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        up_writer.write(body)  # not joined to the head: no copy of a 600 KB body
+        for piece in body:  # not joined to the head or each other: no copy of a 600 KB body
+            up_writer.write(piece)
         await up_writer.drain()
         head = await up_reader.readuntil(b"\r\n\r\n")
         response = _Request.parse(b"GET / HTTP/1.1\r\n" + head.split(b"\r\n", 1)[1])  # its headers, parsed alike

@@ -11,6 +11,14 @@ It is pure: numpy and the standard library, no Triton, no clock of its own (ever
 (the front model, :mod:`.front_model`) without an ats-deploy install. docs/ATS.md describes the
 policy for users; the README's "Load-adaptive budgets" section, the commands.
 
+A request's deadline is its arrival plus the SLO *less the time it spends outside the model*: the
+batch still has to be prepared and the answers sent, so a plan that ends the model run at exactly
+arrival + SLO answers late (seen: p99 105-109 ms at an SLO of 100 ms, bench/RESULTS.md). That
+overhead is a running estimate of what the caller observes (:meth:`SlackFit.observe_overhead`:
+the front model reports, per batch, the time from its decision to the model call plus the time
+from the model's end to the last answer sent), not a fixed share: it changes with the load on the
+machine and the size of the answers. Every decision below uses that deadline.
+
 Decisions, per batch (:meth:`SlackFit.decide`):
 
 1. requests whose deadline cannot be met even alone at the floor are dropped (answered at once with
@@ -18,13 +26,13 @@ Decisions, per batch (:meth:`SlackFit.decide`):
 2. the batch is every waiting request, up to the largest batch the model takes (fewer where the
    oldest would miss its deadline in a batch that large);
 3. the rung *needed* is the most accurate one at which (a) every waiting request, batch after batch,
-   finishes before its deadline (the slack), and (b) the server keeps up with the arrival rate with
-   a steady-state latency within the SLO;
+   finishes before its deadline less a ``margin`` for the latency model's error (the slack), and (b)
+   the server keeps up with the arrival rate with a steady-state latency within that budget;
 4. the level drops to the needed rung at once; it rises one rung per ``raise_after_s`` spent at the
    current level (several after a quiet spell), and only when the rung above fits with
    ``raise_margin`` to spare (hysteresis: under a constant load the level settles and stays).
 
-Admission (:meth:`SlackFit.admit`): a request that could not finish within the SLO even if every
+Admission (:meth:`SlackFit.admit`): a request that could not meet its deadline even if every
 request ahead of it ran at the floor is refused on arrival, instead of timing out later.
 """
 
@@ -41,6 +49,8 @@ DEFAULT_FLOOR = 0.5  # the lowest keep without --min-keep/--max-drop: about half
 CORRECTION_WEIGHT = 0.25  # how fast observed batch times correct the latency model (exponential average)
 CORRECTION_LIMITS = (0.1, 10.0)  # the correction factor stays within these
 OBSERVATION_LIMITS = (0.5, 2.0)  # one batch's observed / predicted is clipped to these: one stall never rules
+OVERHEAD_WEIGHT = 0.25  # how fast observed overheads outside the model move the running estimate
+OVERHEAD_LIMIT = 0.25  # one observed overhead counts at most this share of the SLO: one stall never rules
 
 
 @dataclass(frozen=True)
@@ -127,14 +137,9 @@ class Settings:
 
     slo_s: float
     max_batch: int
-    margin: float = 0.2  # the share of the SLO kept for what the model does not see (transfers, the answer)
+    margin: float = 0.2  # the share of the deadline kept, when choosing the rung, for the latency model's error
     raise_after_s: float = 0.5  # time at a level before rising one rung
     raise_margin: float = 0.25  # the rung above must fit with its times and the arrival rate this much higher
-
-    @property
-    def budget_s(self) -> float:
-        """The time a request may spend waiting and running, the margin taken off the SLO."""
-        return self.slo_s * (1 - self.margin)
 
 
 @dataclass(frozen=True)
@@ -156,15 +161,42 @@ class SlackFit:
         self.latency = latency
         self.settings = settings
         self.level = 0
+        self.overhead_s = 0.0  # running estimate of a request's time outside the model (observe_overhead)
+        self._overhead_seen = False
         self._changed = -math.inf
 
     @property
     def floor(self) -> int:
         return len(self.ladder) - 1
 
-    def admit(self, now: float, waiting: int, busy_until: float) -> bool:
-        """Whether a request arriving ``now`` behind ``waiting`` others can finish within the SLO at the floor.
+    @property
+    def deadline_s(self) -> float:
+        """The time from a request's arrival by which its model run must end: the SLO less the overhead after it."""
+        return self.settings.slo_s - self.overhead_s
 
+    @property
+    def budget_s(self) -> float:
+        """The deadline less the margin: what the rung is chosen to fit, so that the model's error still fits."""
+        return self.deadline_s * (1 - self.settings.margin)
+
+    def observe_overhead(self, seconds: float) -> None:
+        """Fold in one batch's observed time outside the model: from the decision to its last answer sent, less the
+        model run.
+
+        The first observation is taken as it is (nothing to average it with yet: the first batches would otherwise
+        plan with too little room), later ones enter an exponential average; each is clipped to ``OVERHEAD_LIMIT``
+        of the SLO, so that one stall of the machine cannot make the policy drop everything for a while.
+        """
+        seen = min(max(seconds, 0.0), OVERHEAD_LIMIT * self.settings.slo_s)
+        weight = OVERHEAD_WEIGHT if self._overhead_seen else 1.0
+        self.overhead_s = (1 - weight) * self.overhead_s + weight * seen
+        self._overhead_seen = True
+
+    def admit(self, now: float, waiting: int, busy_until: float, arrival: float | None = None) -> bool:
+        """Whether a request arriving ``now`` behind ``waiting`` others can meet its deadline at the floor.
+
+        ``arrival``: when it reached the server, where that is earlier than ``now`` (the front model sees a
+        request only after the hop to Triton and Triton's queue); its deadline counts from there.
         ``busy_until``: when the batch running now is predicted to end (``now`` or earlier when idle). An idle
         server admits every request, even where the model says the floor alone misses the SLO: its answer is
         the measurement that corrects the model if it is wrong.
@@ -173,7 +205,7 @@ class SlackFit:
             return True
         start = max(now, busy_until)
         done = start + self._drain(self.floor, waiting + 1)
-        return done <= now + self.settings.slo_s
+        return done <= (now if arrival is None else arrival) + self.deadline_s
 
     def decide(self, now: float, arrivals: Sequence[float], rate: float) -> Decision:
         """The rung of the next batch for requests that arrived at ``arrivals`` (oldest first), ``rate`` per s."""
@@ -193,9 +225,9 @@ class SlackFit:
         return Decision(self.level, self._batch(now, waiting), expired)
 
     def _batch(self, now: float, waiting: Sequence[float]) -> int:
-        """Every waiting request up to the largest batch, fewer where the oldest would otherwise miss its SLO."""
+        """Every waiting request up to the largest batch, fewer where the oldest would otherwise miss its deadline."""
         size = min(len(waiting), self.settings.max_batch)
-        while size > 1 and now + self.latency.seconds(self.level, size) > waiting[0] + self.settings.slo_s:
+        while size > 1 and now + self.latency.seconds(self.level, size) > waiting[0] + self.deadline_s:
             size -= 1
         return size
 
@@ -206,11 +238,11 @@ class SlackFit:
         once its deadline has passed: served, it costs nobody else, and its time corrects a model that is wrong.
         """
         alone = self.latency.seconds(self.floor, 1)
-        hopeless = alone > self.settings.slo_s
+        hopeless = alone > self.deadline_s
         count = 0
         for arrival in arrivals:
             lone = count == len(arrivals) - 1
-            if arrival + self.settings.slo_s >= now + (0.0 if lone and hopeless else alone):
+            if arrival + self.deadline_s >= now + (0.0 if lone and hopeless else alone):
                 break
             count += 1
         return count
@@ -226,35 +258,44 @@ class SlackFit:
         return self._meets_deadlines(rung, now, waiting, spare) and self._keeps_up(rung, rate, spare)
 
     def _meets_deadlines(self, rung: int, now: float, waiting: Sequence[float], spare: float) -> bool:
-        """Whether every waiting request, served batch after batch at ``rung``, ends within its budget."""
+        """Whether every waiting request, served batch after batch at ``rung``, ends within its budget.
+
+        Between two model runs the overhead passes too: the answers of one are sent and the next is prepared.
+        """
         clock, largest = now, self.settings.max_batch
         for start in range(0, len(waiting), largest):
             size = min(largest, len(waiting) - start)
             clock += self.latency.seconds(rung, size) * spare
-            if clock > waiting[start] + self.settings.budget_s:
+            if clock > waiting[start] + self.budget_s:
                 return False
+            clock += self.overhead_s
         return True
 
     def _keeps_up(self, rung: int, rate: float, spare: float) -> bool:
         """Whether arrivals at ``rate`` settle into batches at ``rung`` that answer within the budget.
 
-        With greedy batching a batch holds the requests that arrived while the one before ran: the
-        steady batch ``b`` is the smallest with ``b >= rate * time(b)``, and a request waits at most one
-        batch and runs in the next, so it is answered within twice the batch time.
+        With greedy batching a batch holds the requests that arrived during the one before, whose cycle
+        is its model run plus the overhead around it: the steady batch ``b`` is the smallest with
+        ``b >= rate * cycle(b)``, and a request waits at most one cycle, so its model run ends within
+        a cycle and a model run.
         """
         for size in range(1, self.settings.max_batch + 1):
             seconds = self.latency.seconds(rung, size) * spare
-            if size >= rate * seconds:
-                return 2 * seconds <= self.settings.budget_s
+            cycle = seconds + self.overhead_s
+            if size >= rate * cycle:
+                return cycle + seconds <= self.budget_s
         return False
 
     def _drain(self, rung: int, requests: int) -> float:
-        """The time to serve ``requests`` at ``rung`` in batches as large as the model takes."""
+        """The time until the model run of the last of ``requests`` at ``rung`` ends, in batches as large as the
+        model takes, the overhead passing between two runs."""
         largest, total = self.settings.max_batch, 0.0
         while requests > 0:
             size = min(largest, requests)
             total += self.latency.seconds(rung, size)
             requests -= size
+            if requests:
+                total += self.overhead_s
         return total
 
 

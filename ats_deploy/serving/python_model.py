@@ -5,7 +5,7 @@ Triton's Python backend imports :class:`TritonPythonModel` (through the ``model.
 ``execute`` gets the requests the dynamic batcher put together. Every request's ``keep`` is
 checked on its own and a bad one gets its own error (``InferenceResponse(error=...)``), so it
 never fails the requests it was batched with; the good ones run as one batch, each with its
-own keep row (ATS_SPEC section 4). PyTriton's inference callables cannot do this: a callable
+own keep row (docs/ATS.md section 4). PyTriton's inference callables cannot do this: a callable
 answers a whole batch or raises, and the raise fails every request in it.
 
 Triton 2.51 (PyTriton 0.7.0) counts a request answered with an error response as a success in
@@ -42,7 +42,7 @@ class Settings:
     precision: str
     threads: int | None
     keep: list[float]
-    workdir: str  # where a backend may write converted files
+    workdir: str  # where the converted copy a precision needs is written (ats_deploy.exporters.prepare)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -56,9 +56,10 @@ class Settings:
 def open_runner(settings: Settings) -> Runner:
     """The settings' exported file opened on their backend, as bench opens it."""
     from ats_deploy import backends
+    from ats_deploy.exporters import prepare
 
-    options = backends.RunOptions(settings.precision, settings.threads, Path(settings.workdir))
-    return backends.get(settings.backend).open(Path(settings.model), options)
+    options = backends.RunOptions(settings.precision, settings.threads)
+    return prepare.open_runner(backends.get(settings.backend), Path(settings.model), options, Path(settings.workdir))
 
 
 def keep_problem(keep: np.ndarray, images: int) -> str | None:

@@ -1,14 +1,17 @@
 """A Triton Inference Server model repository for an exported ATS model.
 
 ``<repository>/<name>/config.pbtxt`` beside ``1/model.onnx`` (Triton's onnxruntime backend)
-or ``1/model.plan`` (its TensorRT backend). The config is built as Triton's own
+or ``1/model.plan`` (its TensorRT backend); ``ats-deploy serve`` runs either file in Triton's Python backend
+(:mod:`.python_model`). Each of the three is a :class:`TritonBackend`, whose entry says what its config does
+differently; the rest (the ATS interface, batching) is built once. The config is built as Triton's own
 ``ModelConfig`` protobuf (the schema tritonclient ships) and written in protobuf's text
 format, so a field name or value the schema lacks fails here rather than when the server
 starts. Batching and instances come from the device profile (its ``serving`` section).
 
-``keep`` is a required input: Triton only leaves out an input marked ``optional`` for
-backends that handle its absence, and onnxruntime refuses to run a graph without a value
-for each of its inputs; the exported graph has no default for ``keep``.
+``keep`` is a required input of the native backends: Triton only leaves out an input marked
+``optional`` for backends that handle its absence, and onnxruntime refuses to run a graph without
+a value for each of its inputs; the exported graph has no default for ``keep``. The Python
+backend's model does handle it: a request without keep gets the profile's.
 """
 
 from __future__ import annotations
@@ -37,13 +40,31 @@ _REBUILD = "`ats-deploy build MODEL.onnx --profile NAME`"
 
 
 @dataclass(frozen=True)
+class TritonBackend:
+    """One Triton backend and what its model config says differently (one config type per backend, as Triton Model
+    Navigator has); :func:`build_config` writes what they share."""
+
+    name: str  # the config's ``platform`` (a native backend) or ``backend`` (a custom one, ``python``)
+    native: bool  # Triton's own backend for the file, named by ``platform``; else ``backend`` names it
+    keep_optional: bool  # a request may leave keep out: the model runs its default (a native runtime needs a value)
+    instances_on_cpu: bool  # Triton places the instances on the CPU whatever the profile (the model picks its device)
+    threads_parameter: str | None = None  # where the profile's CPU threads go, for a backend that takes them
+
+
+ONNXRUNTIME = TritonBackend("onnxruntime_onnx", native=True, keep_optional=False, instances_on_cpu=False,
+                            threads_parameter="intra_op_thread_count")
+TENSORRT = TritonBackend("tensorrt_plan", native=True, keep_optional=False, instances_on_cpu=False)
+PYTHON = TritonBackend("python", native=False, keep_optional=True, instances_on_cpu=True)
+
+
+@dataclass(frozen=True)
 class Source:
     """The exported file to serve, what its metadata says, and how Triton runs it."""
 
     path: Path
     artifact: artifacts.Artifact
-    platform: str  # Triton's backend for the file: onnxruntime_onnx or tensorrt_plan
-    filename: str  # the name that platform loads from the version folder
+    backend: TritonBackend  # Triton's own backend for the file: onnxruntime or TensorRT
+    filename: str  # the name that backend loads from the version folder
     engine_batch: tuple[int, int, int] | None = None  # an engine's optimization profile: min, opt, max batch
     tensorrt_version: str | None = None  # an engine's: only a server with this TensorRT can load it
 
@@ -91,10 +112,10 @@ def open_source(path: Path, allow_failed: bool = False) -> Source:
     suffix = path.suffix.lower()
     if suffix in artifacts.ENGINE_SUFFIXES:
         artifact, info = artifacts.read_engine(path)
-        source = Source(path, artifact, "tensorrt_plan", "model.plan", _engine_batch(info, path),
+        source = Source(path, artifact, TENSORRT, "model.plan", _engine_batch(info, path),
                         info.get("tensorrt_version"))
     elif suffix == ".onnx":
-        source = Source(path, artifacts.read(path), "onnxruntime_onnx", "model.onnx")
+        source = Source(path, artifacts.read(path), ONNXRUNTIME, "model.onnx")
     else:
         raise UserError(f"{path} is neither an ONNX file (.onnx) nor a TensorRT engine (.plan, .engine).",
                         hint=f"Serve the file {_EXPORT} wrote, or an engine from {_REBUILD}.")
@@ -145,7 +166,7 @@ def on_gpu(source: Source, profile: Profile) -> bool:
             f"{backend.label}.",
             hint="Use the profile the engine was built with (server-gpu, desktop-gpu, jetson), or serve the ONNX file.",
         )
-    return source.is_engine or backend.default_threads is None  # threads apply on CPUs only
+    return source.is_engine or backend.device == "gpu"
 
 
 def _batching(source: Source, profile: Profile) -> Serving:
@@ -170,16 +191,18 @@ def _batching(source: Source, profile: Profile) -> Serving:
     return serving
 
 
-def build_config(source: Source, profile: Profile, name: str) -> mc.ModelConfig:
-    """Triton's model config for ``source`` served with ``profile`` (ATS_SPEC section 4, batch dimension implicit).
+def build_config(source: Source, profile: Profile, name: str, backend: TritonBackend | None = None) -> mc.ModelConfig:
+    """Triton's model config for ``source`` served with ``profile`` (docs/ATS.md section 4, batch dimension implicit)
+    by ``backend``: the file's own (``source.backend``) unless another is given (:data:`PYTHON` for ``serve``).
 
     A static export's batch is fixed, so Triton could not send it smaller batches: it gets
     ``max_batch_size: 0`` (no server-side batching) and full shapes, and every request carries that many images.
     """
+    backend = backend or source.backend
     artifact = source.artifact
     stages = len(artifact.stages)
-    gpu = on_gpu(source, profile)
-    config = mc.ModelConfig(name=name, platform=source.platform)
+    gpu = on_gpu(source, profile) and not backend.instances_on_cpu
+    config = mc.ModelConfig(name=name, **{"platform" if backend.native else "backend": backend.name})
     if artifact.dynamic:
         serving = _batching(source, profile)
         config.max_batch_size = serving.max_batch_size
@@ -191,15 +214,15 @@ def build_config(source: Source, profile: Profile, name: str) -> mc.ModelConfig:
         batch = [artifact.batch]
     config.input.add(name="images", data_type=mc.TYPE_FP32, dims=[*batch, *artifact.input_size])
     if artifact.dynamic:
-        config.input.add(name="keep", data_type=mc.TYPE_FP32, dims=[stages])
+        config.input.add(name="keep", data_type=mc.TYPE_FP32, dims=[stages], optional=backend.keep_optional)
     config.output.add(name="logits", data_type=mc.TYPE_FP32, dims=[*batch, artifact.num_classes])
     config.output.add(name="tokens", data_type=mc.TYPE_INT64, dims=[*batch, stages])
     kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(count=profile.serving_settings().instances, kind=kind)
     for key, value in artifact.to_metadata().items():  # readable back with Artifact.from_metadata
         config.parameters[key].string_value = value
-    if not gpu and profile.threads is not None and source.platform == "onnxruntime_onnx":
-        config.parameters["intra_op_thread_count"].string_value = str(profile.threads)
+    if not gpu and profile.threads is not None and backend.threads_parameter:
+        config.parameters[backend.threads_parameter].string_value = str(profile.threads)
     return config
 
 

@@ -2,9 +2,10 @@
 
 PyTriton brings Triton's server binary (2.51 in PyTriton 0.7.0) and its Python backend; the model
 is a Python-backend model (:mod:`.python_model`) in a model repository written to a temporary
-folder, its config the one ``ats-deploy triton`` writes (:mod:`.repository`: the ATS interface,
-the profile's dynamic batcher, queue bound and instances, the export's metadata) with ``keep``
-optional. Readiness and Prometheus metrics are Triton's own, on the chosen ports.
+folder, its config built by the same writer as ``ats-deploy triton``'s (:mod:`.repository`: the ATS
+interface, the profile's dynamic batcher, queue bound and instances, the export's metadata) for the
+Python backend (:data:`.repository.PYTHON`: ``keep`` optional, instances on the CPU for Triton).
+Readiness and Prometheus metrics are Triton's own, on the chosen ports.
 
 ``serve`` starts ``tritonserver`` itself rather than through PyTriton's ``Triton`` class, because
 a server left running needs what that class does not give:
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from .. import backends
+from .. import precision as precisions
 from ..errors import UserError
 from ..keep import format_keep
 from . import repository, watchdog
@@ -118,7 +120,7 @@ class Plan:
     @property
     def precision(self) -> str:
         """The precision served: an INT8 file's own (its metadata), else what the backend runs for the profile."""
-        return "int8" if self.source.artifact.precision == "int8" else self.settings.precision
+        return precisions.running(self.source.artifact.precision, self.settings.precision)
 
 
 def check_ports(ports: Ports, host: str = LOOPBACK) -> None:
@@ -171,8 +173,7 @@ def plan(model: Path, profile_name: str, ports: Ports, host: str = LOOPBACK, all
             hint=f"Build the engine first: `ats-deploy build {source.path} --profile {profile.name}`, then serve it.",
         )
     name = repository.default_name(source.path)
-    config = repository.build_config(source, profile, name)
-    _as_python_model(config)
+    config = repository.build_config(source, profile, name, repository.PYTHON)
     front = None
     if slo is not None:  # the front model takes the name clients call; the ATS model moves beside it
         from .adaptive import behind_front, plan_front
@@ -195,22 +196,6 @@ def plan(model: Path, profile_name: str, ports: Ports, host: str = LOOPBACK, all
 
         check_latency(front, floor_alone_s(settings, front), "on this machine")
     return Plan(name, source, profile, backend, settings, config, ports, address, front)
-
-
-def _as_python_model(config: model_config_pb2.ModelConfig) -> None:
-    """Turn ``ats-deploy triton``'s config into the Python backend's, with ``keep`` optional.
-
-    A request without keep gets the profile's; instances are the backend's processes, each on the CPU
-    for Triton (the runtime inside picks its device).
-    """
-    from tritonclient.grpc import model_config_pb2 as mc
-
-    config.ClearField("platform")
-    config.backend = "python"
-    for tensor in config.input:
-        tensor.optional = tensor.name == "keep"
-    for group in config.instance_group:
-        group.kind = mc.ModelInstanceGroup.KIND_CPU
 
 
 def write_repository(plan: Plan, folder: Path) -> Path:
@@ -284,6 +269,19 @@ class _Run:
 
         return [str(TRITONSERVER_DIST_DIR / "bin" / "tritonserver"), *(f"--{k}={v}" for k, v in flags.items()),
                 front_shm_flag()]
+
+
+def bundled_triton(backends: Path) -> tuple[Path, dict[str, str]]:
+    """The tritonserver PyTriton bundles, ready to run a model repository by hand: its executable and environment.
+
+    Links Triton's Python backend under ``backends`` (pass ``--backend-directory=<backends>``), as ``serve`` does
+    for its own run; for tests and benchmarks that serve what ``ats-deploy triton`` wrote (its ``--slo-ms`` front
+    model, say) in the Triton the wheel ships.
+    """
+    from pytriton.triton import TRITONSERVER_DIST_DIR
+
+    _link_python_backend(backends / "python")
+    return TRITONSERVER_DIST_DIR / "bin" / "tritonserver", _environment()
 
 
 def _link_python_backend(folder: Path) -> None:

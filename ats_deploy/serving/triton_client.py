@@ -1,4 +1,4 @@
-"""A Triton client for the ATS interface (ATS_SPEC.md section 4) over HTTP or gRPC.
+"""A Triton client for the ATS interface (docs/ATS.md section 4) over HTTP or gRPC.
 
 The protocol comes from the URL: ``grpc://host:port`` speaks gRPC, ``host:port`` or
 ``http://host:port`` HTTP. :func:`connect` asks the server what it serves (input size,

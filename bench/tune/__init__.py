@@ -15,7 +15,7 @@ The search (:mod:`.search`) measures at most ``len(COARSE) + 2 * ROUNDS * S`` se
 stages:
 
 1. one keep for every stage, from :data:`.search.COARSE`: 1.0 (the paper's K = n0) down to 0.3 in steps of 0.1,
-   fractions of the model's tokens (ATS_SPEC section 2); lower budgets are left to the refinement, which starts
+   fractions of the model's tokens (docs/ATS.md section 2); lower budgets are left to the refinement, which starts
    next to the best of these;
 2. a coordinate search from the best of those: each stage in turn tries its value +- :data:`.search.STEP` with
    the other stages fixed and keeps a change that ranks better (:meth:`.search.Objective.rank`: meeting the
@@ -29,9 +29,9 @@ run's and those the log already held, which an earlier run with another objectiv
 search path); the closest one when none meets the constraint.
 
 Two keep values that give the same integer budgets are one setting, measured once. Every finished measurement
-is appended to a JSON-lines log (:mod:`.log`) as it completes; a rerun under the same conditions (model file,
-reference, backend, profile timing settings, images) replays the search from it and measures only what is
-missing. What is reported and written (table, tuned profile, Pareto plot) is :mod:`.report`'s.
+is appended to a JSON-lines log (:mod:`ats_deploy.tune_log`) as it completes; a rerun under the same conditions
+(model file, reference, backend, profile timing settings, images) replays the search from it and measures only
+what is missing. What is reported and written (table, tuned profile, Pareto plot) is :mod:`.report`'s.
 
 Precision is a dimension too (``--precision fp32 --precision int8``): each precision is searched in turn, with
 its own log and its own dense model timed alongside, on the same images (int8's calibration images, from
@@ -51,26 +51,23 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from ats_deploy import precision as precisions
+from ats_deploy.atomic import check_folder
 from ats_deploy.errors import UserError
+from ats_deploy.exported import Exported
 from ats_deploy.exporters.onnx_export import check_output_path
-from ats_deploy.exporters.precisions import int8
+from ats_deploy.plots import save
 from ats_deploy.profiles import LOCAL_DIR, load_profile
+from ats_deploy.tune_log import SUFFIX, KeepValues, Log, Measurement, budgets, header
 
 from .. import machine, run
-from ..plots import save
-from ..source import Exported
-from .log import LOG_VERSION, Log, conditions, header
-from .measure import Dense, Device, KeepValues, Measurement, budgets
+from .measure import Device, conditions
 from .report import BudgetNotMet, Outcome, paired_difference, pareto_figure, render, told_apart, write_profile
 from .search import Objective, check_objective, choose, coordinate_search, pareto_front
 
 __all__ = [
-    "LOG_VERSION",
     "BudgetNotMet",
-    "Dense",
     "Device",
-    "Log",
-    "Measurement",
     "Objective",
     "Outcome",
     "Request",
@@ -82,26 +79,19 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Request:
-    """What the user asked for on the command line."""
+@dataclass(frozen=True, kw_only=True)
+class Request(run.Inputs):
+    """What the user asked for on the command line: bench's inputs (the model, images, calibration), and what to
+    choose for."""
 
     profile: str | None
-    data: Path | None
     max_drop: float | None = None
     latency_ms: float | None = None
-    model: Path | None = None
     output: Path | None = None
     log: Path | None = None
     fresh: bool = False
-    images: int | None = None
     backend: str | None = None
-    class_map: Path | None = None
-    checkpoint: str | None = None
-    trust_checkpoint: bool = False
     precisions: tuple[str, ...] = ()  # --precision, once or more: tune chooses among them; (): the profile's
-    calibration: Path | None = None  # int8: images to calibrate on; None: the first ones of --data
-    calibration_images: int = int8.DEFAULT_IMAGES
 
 
 def require_dynamic(exported: Exported) -> None:
@@ -186,18 +176,11 @@ def tune(request: Request, status: Console) -> Outcome:
 def _bench_request(request: Request, precision: str | None, several: bool) -> run.Request:
     """Bench's request for one precision; with several, each keeps int8's calibration images out of its measures."""
     return run.Request(
+        **request.given(),
         profile=request.profile,
-        model=request.model,
-        data=request.data,
-        images=request.images,
         backends=[request.backend] if request.backend else None,
         precisions=[precision] if precision else None,
-        calibration=request.calibration,
-        calibration_images=request.calibration_images,
-        reserve_calibration=several and "int8" in request.precisions,
-        class_map=request.class_map,
-        checkpoint=request.checkpoint,
-        trust_checkpoint=request.trust_checkpoint,
+        reserve_calibration=several and any(precisions.get(name).stage == "export" for name in request.precisions),
     )
 
 
@@ -212,11 +195,11 @@ def _search(
 ) -> Outcome:
     """The search of one precision (``None``: the only one), with its own log; ``common``: the objective to share."""
     output = request.output or Path(LOCAL_DIR) / f"{plan.profile.name}-tuned.yaml"
-    log_path = request.log or output.with_suffix(".log.jsonl")
+    log_path = request.log or output.with_suffix(SUFFIX)
     if precision is not None:
-        log_path = log_path.with_name(f"{log_path.name.split('.')[0]}.{precision}.log.jsonl")
-    run.check_folder(output.parent, "-o")  # the default ./profiles/ too, before the log's first line
-    run.check_folder(log_path.parent, "--log")
+        log_path = log_path.with_name(f"{log_path.name.split('.')[0]}.{precision}{SUFFIX}")
+    check_folder(output.parent, "-o")  # the default ./profiles/ too, before the log's first line
+    check_folder(log_path.parent, "--log")
     run.print_warnings(plan.warnings, status)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     n0, prefix = plan.exported.artifact.n0, plan.exported.artifact.prefix_tokens

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import tempfile
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -21,107 +22,40 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from ats_deploy.checkpoints import load_reference, sha256_file
+from ats_deploy.data import Batch, ImageFolder, Skipped, folder_batches
+from ats_deploy.exported import changed_source
 from ats_deploy.images import data_config
-from ats_deploy.keep import Keep, format_keep
+from ats_deploy.keep import format_keep
 from ats_deploy.model import ATSVisionTransformer
+from ats_deploy.tune_log import Dense, KeepValues, Measurement
 
 from .. import run
-from ..data import Batch, ImageFolder, Skipped, folder_batches
 from ..evaluate import Evaluation, evaluate
-from ..source import changed_source, reference
 from ..timing import Latency, cycling, interleaved, paired_ratio
 from ..variants import EXPORTED_ATS, EXPORTED_DENSE, PYTORCH_ATS, PYTORCH_DENSE, Variant
 from .search import evaluations_bound
 
-KeepValues = tuple[float, ...]  # one keep value per ATS stage
 
-
-def budgets(keep: KeepValues, n0: int, prefix: int) -> tuple[int, ...]:
-    """The integer budget K of every stage: what identifies a setting (ATS_SPEC section 2).
-
-    ``prefix`` is the model's ``P``: the budget's floors (``P + 7``, ``P + 1``) depend on it.
-    """
-    return tuple(Keep(keep).budgets(len(keep), n0, prefix))
-
-
-def _bits(correct: np.ndarray) -> str:
-    return "".join("1" if c else "0" for c in correct)
-
-
-def _unbits(text: str) -> np.ndarray:
-    return np.array([c == "1" for c in text], dtype=bool)
-
-
-@dataclass(frozen=True)
-class Dense:
-    """The dense export on the images: which it gets right, and its cost."""
-
-    correct: np.ndarray  # [images] bool
-    gflops: float
-    skipped: list[tuple[str, str]]  # unreadable files: name, reason
-
-    @property
-    def accuracy(self) -> float:
-        return float(self.correct.mean())
-
-    def to_record(self) -> dict[str, Any]:
-        return {"kind": "dense", "correct": _bits(self.correct), "gflops": self.gflops, "skipped": self.skipped}
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Dense:
-        skipped = [(name, reason) for name, reason in record["skipped"]]
-        return cls(_unbits(record["correct"]), float(record["gflops"]), skipped)
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """One keep setting: per-image correctness, mean GFLOPs, and p50 latencies from the same interleaved rounds."""
-
-    keep: KeepValues
-    correct: np.ndarray  # [images] bool
-    gflops: float
-    p50_ms: float
-    dense_p50_ms: float  # the dense export, timed in the same rounds
-    tokens: list[float]  # mean kept tokens per ATS stage
-    # The dense export's time over this setting's, round by round (timing.paired_ratio), so that drift cancels.
-    speedup: float
-    # Validation's comparison of the export with the PyTorch reference at this keep: what failed ([]: it agrees).
-    # None where nothing was compared: the PyTorch backend, or a log line written before tune compared.
-    failures: list[str] | None = None
-
-    @property
-    def accuracy(self) -> float:
-        return float(self.correct.mean())
-
-    def to_record(self, n0: int, prefix: int) -> dict[str, Any]:
-        return {
-            "kind": "setting",
-            "keep": list(self.keep),
-            "budgets": list(budgets(self.keep, n0, prefix)),
-            "correct": _bits(self.correct),
-            "gflops": self.gflops,
-            "p50_ms": self.p50_ms,
-            "dense_p50_ms": self.dense_p50_ms,
-            "tokens": self.tokens,
-            "speedup": self.speedup,
-            "failures": self.failures,
-        }
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Measurement:
-        """A log line; the fields added since tune's first logs fall back, so older logs still resume."""
-        failures = record.get("failures")
-        return cls(
-            keep=Keep(tuple(float(v) for v in record["keep"])).values,  # a damaged value fails as a bad record
-            correct=_unbits(record["correct"]),
-            gflops=float(record["gflops"]),
-            p50_ms=float(record["p50_ms"]),
-            dense_p50_ms=float(record["dense_p50_ms"]),
-            tokens=[float(v) for v in record["tokens"]],
-            # logs written before the paired speedup: the ratio of the two medians
-            speedup=float(record.get("speedup", record["dense_p50_ms"] / record["p50_ms"])),
-            failures=None if failures is None else [str(f) for f in failures],
-        )
+def conditions(plan: run.Plan, checkpoint: str | None) -> dict[str, Any]:
+    """What the measurements depend on; a log is only resumed under the same."""
+    data = plan.data
+    assert isinstance(data, ImageFolder)
+    listing = "\n".join(f"{path.relative_to(data.root)}\t{label}" for path, label in data.files)
+    profile = plan.profile
+    return {
+        "model_sha256": sha256_file(plan.measured),
+        "reference": checkpoint or plan.exported.artifact.source_checkpoint,
+        "backend": plan.backend,
+        "precision": plan.precision,
+        "batch": profile.batch,
+        "warmup": profile.warmup,
+        "iterations": profile.iterations,
+        "threads": profile.threads,
+        "data": str(data.root.resolve()),
+        "images": len(data.files),
+        "files_sha256": hashlib.sha256(listing.encode("utf-8")).hexdigest(),
+    }
 
 
 @dataclass
@@ -172,7 +106,8 @@ class Device:
     def rig(self) -> _Rig:
         plan = self.plan
         with self.status.status("loading the PyTorch reference"):
-            model = reference(plan.exported, self.checkpoint, self.trust_checkpoint)
+            exported = plan.exported
+            model = load_reference(exported.artifact, self.checkpoint, self.trust_checkpoint, str(exported.path))
             plan.warnings.extend(filter(None, [changed_source(plan.exported, self.checkpoint)]))
         workdir = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="ats-tune-")))
         variants = run.build_variants(plan, model, workdir, self.status)

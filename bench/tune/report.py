@@ -15,9 +15,9 @@ from rich.table import Table
 from ats_deploy.errors import UserError
 from ats_deploy.keep import format_keep
 from ats_deploy.profiles import dump_profile
+from ats_deploy.tune_log import Dense, Measurement
 
 from .. import run
-from .measure import Dense, Measurement
 from .search import COARSE, STEP, Objective, pareto_front
 
 OTHER_PRECISION_COLOURS = ("tab:orange", "tab:green", "tab:purple")  # the precisions tune did not choose

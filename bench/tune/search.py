@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from ats_deploy.errors import UserError
 
 if TYPE_CHECKING:
-    from .measure import KeepValues, Measurement
+    from ats_deploy.tune_log import KeepValues, Measurement
 
 COARSE = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 STEP = 0.05  # half the coarse step: the refinement looks between the coarse values

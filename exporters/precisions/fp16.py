@@ -1,9 +1,9 @@
 """float32 ONNX -> float16 ONNX that keeps the ATS budget, quantiles, cdf and sampling in float32.
 
-The registry's fp16 conversion (:mod:`ats_deploy.exporters.precisions`): TensorRT builds its fp16
+The registry's fp16 conversion (:mod:`ats_deploy.precision`, made at build): TensorRT builds its fp16
 engines as strongly typed networks from this copy, and onnxruntime's CUDA provider runs it.
 NVIDIA's own converter is ModelOpt AutoCast; this one knows which parts of an ATS stage
-``ATS_SPEC.md`` section 2 requires in float32.
+docs/ATS.md requires in float32 (:mod:`.float32`, the rule int8 keeps too).
 """
 
 from __future__ import annotations
@@ -16,16 +16,11 @@ import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
 from ats_deploy.errors import UserError
+from ats_deploy.sampler_op import kept_masks, kept_name
+
+from .float32 import cdf_inputs, sampling_path
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
-# Prefix sums over a few hundred tokens lose too much in fp16 for the sampling's cdf.
-FP32_OPS = frozenset({"CumSum"})
-# Ops that normalise what such a sum adds up (S = s / max(sum(s), tiny), spec section 1
-# step 3): an fp16 sum(s) is off by up to 2**-11, which shifts the whole cdf. Emulating
-# fp16 tensors on a random-weight DeiT-Tiny export, fp32 here gave 5x fewer quantile
-# flips than in fp16. (onnxruntime's CPU provider hides this: its results for this chain
-# in fp16 are as exact as fp32, as if it ran them in fp32 behind casts of its own.)
-_NORMALISING_OPS = frozenset({"Div", "Clip", "Max", "ReduceSum"})
 _CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 _DTYPE_ATTRIBUTES = ("to", "dtype")  # Cast.to; EyeLike/Random*/Bernoulli.dtype
 
@@ -112,18 +107,19 @@ class _Fp16Plan:
         opset: int,
         types: dict[str, int],
         fp32_inputs: set[str],
-        fp32_ops: frozenset[str],
+        pinned: set[int],
     ) -> None:
         self.types = types
         self.schemas = [_schema(node, opset) for node in graph.node]
         self.fp16_nodes: set[int] = set()
         self.actual: dict[str, int] = {name: FLOAT for name, t in types.items() if t == FLOAT}
-        pinned = self._pinned(graph, fp32_ops)
         tainted = set(fp32_inputs)
         for index, node in enumerate(graph.node):
             floats = [name for name in node.input if self.is_float(name)]
-            if self.schemas[index] is None or index in pinned or tainted.intersection(floats):
+            if self.schemas[index] is None or tainted.intersection(floats):
                 tainted.update(name for name in node.output if self.is_float(name))
+                continue
+            if index in pinned:  # on a sampling path: float32; its fp16 readers after the mask read a cast
                 continue
             self.fp16_nodes.add(index)
             for position, name in enumerate(node.output):
@@ -132,21 +128,6 @@ class _Fp16Plan:
 
     def is_float(self, name: str) -> bool:
         return bool(name) and self.types.get(name) == FLOAT
-
-    def _pinned(self, graph: onnx.GraphProto, fp32_ops: frozenset[str]) -> set[int]:
-        """Nodes of ``fp32_ops`` and, walking back from them, the ops normalising their inputs."""
-        producer = {name: index for index, node in enumerate(graph.node) for name in node.output}
-        pinned = {index for index, node in enumerate(graph.node) if node.op_type in fp32_ops}
-        todo = list(pinned)
-        while todo:
-            for name in graph.node[todo.pop()].input:
-                index = producer.get(name)
-                if index in pinned or index is None or not self.is_float(name):
-                    continue
-                if graph.node[index].op_type in _NORMALISING_OPS:
-                    pinned.add(index)
-                    todo.append(index)
-        return pinned
 
     def allows_fp16(self, index: int, position: int, outputs: bool = False) -> bool:
         """Whether node ``index``'s formal parameter at ``position`` accepts float16 (its type constraint)."""
@@ -262,11 +243,7 @@ def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
     graph.initializer.extend(kept)
 
 
-def to_fp16(
-    model: onnx.ModelProto,
-    fp32_inputs: Iterable[str] = ("keep",),
-    fp32_ops: Iterable[str] = FP32_OPS,
-) -> onnx.ModelProto:
+def to_fp16(model: onnx.ModelProto, fp32_inputs: Iterable[str] = ("keep",)) -> onnx.ModelProto:
     """A float16 copy of ``model`` whose graph inputs and outputs stay float32.
 
     Float32 weights and constants become float16 (saturating, see
@@ -274,9 +251,10 @@ def to_fp16(
     allows it, except:
 
     * everything computed from ``fp32_inputs`` through float tensors: the ATS budget
-      ``K`` and the quantiles come from ``keep`` and must be float32 (spec section 2);
-    * ``fp32_ops`` (CumSum: the sampling cdf), the Div/Clip/Max/ReduceSum chain that
-      normalises their input, and everything computed from them;
+      ``K`` and the quantiles come from ``keep`` and must be float32 (docs/ATS.md, section 2);
+    * each stage's sampling path from the cdf on (:func:`.float32.sampling_path` bounded by
+      :func:`.float32.cdf_inputs`): the cdf, a prefix sum over a few hundred tokens that loses too
+      much in fp16, its comparison with the quantiles and the sampling up to the kept-token mask;
     * ops outside the standard ONNX domain, whose fp16 support is unknown.
 
     Casts are inserted where a tensor changes type; graph inputs are cast once.
@@ -290,10 +268,23 @@ def to_fp16(
     graph_inputs = {i.name for i in result.graph.input}
     opset = next((o.version for o in result.opset_import if o.domain in ("", "ai.onnx")), 1)
     fp32 = set(fp32_inputs) & graph_inputs
-    plan = _Fp16Plan(result.graph, opset, _elem_types(result), fp32, frozenset(fp32_ops))
+    pinned = _sampling_path(result)
+    plan = _Fp16Plan(result.graph, opset, _elem_types(result), fp32, pinned)
     _Fp16Rewriter(result.graph, plan).rewrite()
     onnx.checker.check_model(result, full_check=True)
     return result
+
+
+def _sampling_path(model: onnx.ModelProto) -> set[int]:
+    """The nodes that stay float32 from each cdf on; a cdf without a named kept-token mask is refused."""
+    cdfs = cdf_inputs(model)
+    if cdfs and not kept_masks(model):
+        raise UserError(
+            "cannot convert to fp16: the graph computes a cdf (CumSum) but names no kept-token mask "
+            f"({kept_name(0)}, ...), so the float32 sampling path cannot be found.",
+            hint="Convert an ONNX file written by `ats-deploy export`.",
+        )
+    return sampling_path(model, cdfs)
 
 
 def convert(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -3,7 +3,7 @@
 TensorRT 10 builds INT8 engines from Q/DQ placed in the file (explicit quantization) and
 onnxruntime runs the same file on the CPU, so the calibration happens once, here, on real
 images. Only the matrix work is quantized: the Conv of the patch embedding and every
-MatMul/Gemm with a weight (qkv, proj, MLP, head). ``ATS_SPEC.md`` section 5 keeps the
+MatMul/Gemm with a weight (qkv, proj, MLP, head). ``docs/ATS.md`` section 6 keeps the
 budget, quantiles, cdf and sampling in float32, and the scores they rank come from the
 class-token attention row and ``||V||``: so every node from an ATS stage's last weighted
 matrix product to its kept-token mask (and everything computed from ``keep``) stays
@@ -24,12 +24,13 @@ import onnx
 
 from ats_deploy.errors import UserError
 
+from .float32 import sampling_path
+
 DEFAULT_IMAGES = 100
 DEFAULT_KEEPS = (1.0, 0.5)  # activations at full and half budget: what K does to the token statistics
 CALIBRATION_BATCH = 8
 MATRIX_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
-KEPT_PREFIX = "ats_kept_"  # the kept-token masks, named by exporters/onnx_export.py (``kept_name``)
 
 
 def quantized(model: onnx.ModelProto | str | Path) -> bool:
@@ -61,7 +62,7 @@ class Calibration:
 
 def _folder_files(calibration: Calibration, num_classes: int) -> list[Path]:
     """The image files of the calibration folder (ImageFolder or flat), classes interleaved; checked to exist."""
-    from ats_deploy.bench.data import image_folder
+    from ats_deploy.data import image_folder
 
     folder = Path(calibration.folder)
     if not folder.exists():
@@ -95,7 +96,7 @@ class CalibrationImages:
     """The readable images calibration runs on, what was skipped on the way, and the files after them."""
 
     pixels: np.ndarray  # [N, 3, H, W] float32, preprocessed
-    skipped: list[tuple[str, str]]  # (file, why) of each unreadable file met, skipped as bench's reader skips
+    skipped: list[tuple[str, str]]  # (file, why) of each unreadable file met, skipped as ats_deploy.data skips
     rest: list[Path]  # the folder's files after the last one read: images calibration never saw
 
     def describe(self) -> str:
@@ -118,9 +119,9 @@ class ReadImages:
 def read_images(files: Sequence[Path], config: dict, want: int | None = None) -> ReadImages:
     """The first ``want`` readable ``files`` (all of them without it), preprocessed.
 
-    Read by bench's image-folder reader: an unreadable file is skipped and listed, not fatal.
+    Read by the image-folder reader (:mod:`ats_deploy.data`): an unreadable file is skipped and listed, not fatal.
     """
-    from ats_deploy.bench.data import ImageFolder, Skipped, folder_batches
+    from ats_deploy.data import ImageFolder, Skipped, folder_batches
 
     files = [Path(path) for path in files]
     root = Path(os.path.commonpath([path.parent for path in files])) if files else Path()
@@ -165,23 +166,6 @@ class _Reader:
         return next(self._feeds, None)
 
 
-def _producers(graph: onnx.GraphProto) -> dict[str, int]:
-    return {name: index for index, node in enumerate(graph.node) for name in node.output if name}
-
-
-def _ancestors(graph: onnx.GraphProto, tensors: Sequence[str], producers: dict[str, int]) -> set[int]:
-    """Indices of the nodes that compute any of ``tensors``, directly or through others."""
-    found: set[int] = set()
-    todo = [producers[name] for name in tensors if name in producers]
-    while todo:
-        index = todo.pop()
-        if index in found:
-            continue
-        found.add(index)
-        todo.extend(producers[name] for name in graph.node[index].input if name in producers)
-    return found
-
-
 def _weights(graph: onnx.GraphProto) -> set[str]:
     """Initializers and what a DequantizeLinear makes of one: the tensors a weighted product multiplies by."""
     initializers = {init.name for init in graph.initializer}
@@ -194,23 +178,17 @@ def _is_weighted(node: onnx.NodeProto, weights: set[str]) -> bool:
 
 
 def sampling_nodes(model: onnx.ModelProto) -> set[str]:
-    """Names of the nodes of every ATS stage's sampling path, which stay float32 (ATS_SPEC.md section 5).
+    """Names of the nodes of every ATS stage's sampling path, which stay float32 (docs/ATS.md).
 
-    For each kept-token mask: the nodes it is computed from, less the weighted matrix products
-    (the stage's qkv and everything before it). That is the class-token attention row, ``||V||``,
-    the scores, the budget from ``keep``, the quantiles, cdf and sampling. The compaction after
-    the mask holds no matrix product, so no Q/DQ can reach it.
+    The one rule of :func:`.float32.sampling_path`, bounded by the weighted matrix products (the stage's
+    qkv and everything before it): the class-token attention row, ``||V||``, the scores, the budget from
+    ``keep``, the quantiles, cdf and sampling. The compaction after the mask holds no matrix product, so no
+    Q/DQ can reach it.
     """
     graph = model.graph
-    producers = _producers(graph)
     weights = _weights(graph)
-    masks = sorted({name for node in graph.node for name in node.output if name.startswith(KEPT_PREFIX)})
-    path: set[int] = set()
-    for mask in masks:
-        upstream = _ancestors(graph, [mask], producers)
-        weighted = [graph.node[i].output[0] for i in upstream if _is_weighted(graph.node[i], weights)]
-        path |= upstream - _ancestors(graph, weighted, producers)
-    return {graph.node[index].name for index in path}
+    weighted = [node.output[0] for node in graph.node if _is_weighted(node, weights)]
+    return {graph.node[index].name for index in sampling_path(model, weighted)}
 
 
 def matrix_nodes(model: onnx.ModelProto, attention: bool = False) -> list[str]:
@@ -294,7 +272,7 @@ def bias_apart(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def placement_problems(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
-    """(node, op, why) for each Q/DQ TensorRT 10 would refuse or ATS_SPEC.md section 5 forbids; [] for fp32.
+    """(node, op, why) for each Q/DQ TensorRT 10 would refuse or docs/ATS.md section 6 forbids; [] for fp32.
 
     TensorRT's quantization is symmetric: float32 scales above 0, int8 zero points of 0; a
     per-channel scale belongs on weights only, along an axis whose length it matches.
@@ -304,7 +282,7 @@ def placement_problems(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
     problems = []
     for node in (n for n in graph.node if n.op_type in QDQ_OPS):
         problems += [(node.name, node.op_type, why) for why in _qdq_problems(node, initializers)]
-    problems += [(name, "", "Q/DQ on an ATS sampling path, which stays float32 (ATS_SPEC.md section 5)")
+    problems += [(name, "", "Q/DQ on an ATS sampling path, which stays float32 (docs/ATS.md section 6)")
                  for name in sorted(sampling_nodes(model) & {n.name for n in graph.node if n.op_type in QDQ_OPS})]
     return problems
 

@@ -3,6 +3,7 @@
 Follows the TensorRT 10/11 Python build flow (docs "Migrating Python Code from TensorRT 10.x
 to 11.x"): Builder -> network -> OnnxParser -> builder config -> ``build_serialized_network``.
 Which precision, and whether the network is strongly typed, is :mod:`.plan`'s decision.
+:func:`build_for_profile` is ``ats-deploy build`` from the ONNX file to the engine.
 """
 
 from __future__ import annotations
@@ -16,21 +17,22 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from ats_deploy.artifact import SIDECAR_KEY, sidecar_metadata
+from ats_deploy import precision as precisions
+from ats_deploy.artifact import SIDECAR_KEY, engine_info_path, sidecar_metadata
 from ats_deploy.atomic import atomic_output, write_atomic
+from ats_deploy.backends.tensorrt.plugin import register_plugin
+from ats_deploy.backends.tensorrt.runner import import_tensorrt
 from ats_deploy.errors import UserError
-from ats_deploy.exporters import precisions
-from ats_deploy.exporters.custom_op import uses_custom_op
-from ats_deploy.exporters.trt_plugin import register_plugin
+from ats_deploy.exporters.precisions import convert
+from ats_deploy.sampler_op import uses_custom_op
 
-from . import import_tensorrt
 from .plan import (
     WEAK_TYPING_REMOVED,
     EngineSpec,
     converted_onnx_path,
-    engine_info_path,
     needs_conversion,
     needs_shapes,
+    spec_from,
     uses_strong_typing,
     weak_typing_flag,
 )
@@ -38,6 +40,8 @@ from .trtexec import trtexec_command
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from ats_deploy.profiles import Profile
 
 MIB = 1 << 20
 
@@ -58,12 +62,14 @@ def write_converted_onnx(spec: EngineSpec, console: Console | None = None, keep:
     in onnxruntime at ``keep`` (default: the keep the export recorded); the figures are printed, and a
     conversion that changes the top-1 of too many images is refused and not written.
     """
+    from ..validate import measure_conversion
+
     precision = precisions.get(spec.precision)
     target = converted_onnx_path(spec)
-    converted = precision.convert(onnx.load(str(spec.onnx)))
+    converted = convert(precision, onnx.load(str(spec.onnx)))
     with atomic_output(target) as temporary:
         temporary.write_bytes(converted.SerializeToString())
-        agreement = precision.agreement(spec.onnx, temporary, spec.batch[0], keep)
+        agreement = measure_conversion(precision, spec.onnx, temporary, spec.batch[0], keep)
         _say(
             console,
             f"{agreement.describe()} A GPU rounds {precision.name} differently: check the engine on the device "
@@ -221,3 +227,35 @@ def build_engine(spec: EngineSpec, console: Console | None = None, converted: Pa
     _say(console, f"wrote {spec.engine}")
     return spec.engine
 
+
+def build_for_profile(
+    model: Path, profile: Profile, output: Path | None, console: Console, *, workspace_mb: int, allow_failed: bool
+) -> Path:
+    """``ats-deploy build``: plan the engine of ``model`` for ``profile``, convert its ONNX when the precision is
+    converted at build time, print the equivalent trtexec command (TensorRT 10), build; returns the engine path.
+
+    An int8 export is built as it is (explicit quantization from its Q/DQ pairs) whatever the profile's precision,
+    and a custom-op model has no trtexec command (its plugin is Python): ``console`` says either before the build.
+    """
+    from rich.markup import escape
+    from rich.text import Text
+
+    from ats_deploy.exporters.onnx_export import check_output_path
+
+    spec = spec_from(model, profile, output, workspace_mb=workspace_mb, allow_failed=allow_failed)
+    check_output_path(spec.engine)
+    if spec.precision != profile.precision:
+        console.print(f"{escape(str(model))} holds int8 Q/DQ pairs: building an int8 engine from them (strongly "
+                      f"typed, float32 elsewhere) rather than profile '{profile.name}''s {profile.precision}; bench it "
+                      "under a profile that says `precision: int8`.")
+    converted = None
+    if uses_custom_op(model):
+        console.print("this model holds ats-deploy's AdaptiveTokenSampler nodes: their TensorRT plugin is "
+                      "Python (TensorRT >= 10.6), which `ats-deploy build` registers and plain trtexec cannot load.")
+    else:
+        if needs_conversion(spec, 10):
+            keep = profile.keep_for(spec.keep_len) if spec.keep_len else None
+            converted = write_converted_onnx(spec, console, keep)
+        console.print("[bold]equivalent trtexec command[/] (TensorRT 10):")
+        console.print(Text(trtexec_command(spec)), soft_wrap=True, highlight=False)
+    return build_engine(spec, console, converted)

@@ -7,7 +7,7 @@ https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/tensorrt-10x-
   network is strongly typed and precision comes from the ONNX tensor types.
 * TensorRT 10.x offers both. Weak typing (the float32 ONNX plus ``BuilderFlag.FP16``)
   lets TensorRT pick fp16 for any layer, including the ATS budget and the sampling
-  cdf that ``ATS_SPEC.md`` section 2 requires in float32; it is also deprecated
+  cdf that ``docs/ATS.md`` section 2 requires in float32; it is also deprecated
   since 10.12. Strong typing (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``,
   ``trtexec --stronglyTyped``) is "required on 10.x, harmless on 11.x".
 
@@ -37,9 +37,9 @@ from pathlib import Path
 
 import onnx
 
+from ats_deploy import precision as precisions
 from ats_deploy.artifact import maybe_of_onnx, refuse_failed
 from ats_deploy.errors import UserError
-from ats_deploy.exporters import precisions
 from ats_deploy.exporters.precisions import int8
 from ats_deploy.profiles import Profile
 
@@ -72,7 +72,7 @@ class EngineSpec:
 
 @dataclass(frozen=True)
 class _Interface:
-    """The parts of the ONNX interface (``ATS_SPEC.md`` section 4) a build depends on."""
+    """The parts of the ONNX interface (``docs/ATS.md`` section 4) a build depends on."""
 
     batch: int | None  # None: dynamic
     image_shape: tuple[int, int, int]
@@ -101,7 +101,7 @@ def _interface(model: onnx.ModelProto, path: Path) -> _Interface:
     if "images" not in inputs:
         raise UserError(
             f"{path} has no input named 'images' (its inputs: {', '.join(inputs) or 'none'}); "
-            "build engines from files written by `ats-deploy export` (ATS_SPEC.md section 4)."
+            "build engines from files written by `ats-deploy export` (docs/ATS.md section 4)."
         )
     images = _dims(inputs["images"])
     if len(images) != 4 or None in images[1:]:
@@ -113,7 +113,7 @@ def _interface(model: onnx.ModelProto, path: Path) -> _Interface:
         if len(keep) != 2 or keep[1] is None:
             raise UserError(
                 f"{path}: 'keep' must be [batch, S], one row per image with S (the ATS stages) fixed, as "
-                "`ats-deploy export` writes it since interface version 2 (ATS_SPEC.md section 4).",
+                "`ats-deploy export` writes it since interface version 2 (docs/ATS.md section 4).",
                 hint="Export the model again with `ats-deploy export CHECKPOINT --dynamic`.",
             )
         keep_len = keep[1]
@@ -145,7 +145,7 @@ def _dynamic_batch(profile: Profile, path: Path) -> tuple[int, int, int]:
 def _precision(model: onnx.ModelProto, profile: Profile, path: Path) -> str:
     """The precision the engine is built in: the file's own when it holds Q/DQ, else the profile's."""
     if int8.quantized(model):
-        return "int8"
+        return precisions.explicit().name
     if precisions.get(profile.precision).explicit:
         raise UserError(
             f"profile '{profile.name}' asks for {profile.precision}, and {path} holds no QuantizeLinear/"
@@ -210,24 +210,19 @@ def converted_onnx_path(spec: EngineSpec) -> Path:
     return spec.engine.with_name(f"{spec.engine.stem}.{spec.precision}.onnx")
 
 
-def engine_info_path(engine: Path) -> Path:
-    """The JSON written beside an engine: ONNX metadata, TensorRT version, GPU, build settings."""
-    return engine.with_name(f"{engine.name}.json")
-
-
 def uses_strong_typing(spec: EngineSpec, tensorrt_major: int) -> bool:
     """Whether the network is strongly typed: a Q/DQ file, or a converted precision's ONNX (module docstring)."""
     precision = precisions.get(spec.precision)
     if precision.explicit:
         return True
-    if not precision.converted:
+    if precision.stage != "build":
         return False
     return spec.dla_core is None or tensorrt_major >= WEAK_TYPING_REMOVED
 
 
 def needs_conversion(spec: EngineSpec, tensorrt_major: int) -> bool:
     """Whether the build reads a converted copy of the ONNX file (:func:`converted_onnx_path`) rather than the file."""
-    return uses_strong_typing(spec, tensorrt_major) and precisions.get(spec.precision).converted
+    return uses_strong_typing(spec, tensorrt_major) and precisions.get(spec.precision).stage == "build"
 
 
 def source_onnx(spec: EngineSpec, tensorrt_major: int) -> Path:

@@ -21,7 +21,7 @@ DEFAULT_TRTEXEC_MAJOR = 10  # what JetPack 6 ships
 
 def _shapes_flag(spec: EngineSpec, batch: int) -> str:
     channels, height, width = spec.image_shape
-    # `keep [batch, S]` shares the images' batch (ATS_SPEC section 4): both get the same range.
+    # `keep [batch, S]` shares the images' batch (docs/ATS.md section 4): both get the same range.
     images = f"images:{batch}x{channels}x{height}x{width}"
     return images if spec.keep_len is None else f"{images},keep:{batch}x{spec.keep_len}"
 
