@@ -90,6 +90,8 @@ def _open_onnx(path: Path, threads: int | None) -> ExportedModel:
         raise UserError(f"{path} has no 'images' input, so it was not exported by ats-deploy. {EXPORT_HINT}")
     try:
         runner = backends.get(ONNX_BACKEND).open(path, RunOptions(threads=threads))
+    except UserError:  # ours already names the fix (a missing onnxruntime-extensions for a custom-op file)
+        raise
     except Exception as exc:  # onnxruntime's own exception types: the graph cannot run here
         raise UserError(f"onnxruntime cannot load {path}: {exc}. Re-export it with `ats-deploy export`.") from None
     return ExportedModel(path, artifact, runner, "keep" in inputs)

@@ -52,12 +52,7 @@ OP_TYPE = "AdaptiveTokenSampler"
 OP_VERSION = 5
 DYNAMIC = -1  # the ``length`` attribute of a stage whose kept count is known only at run time
 
-# (name, dtype, rank) of the node's inputs and outputs, in its order (``length``, the size tensor, comes last).
-INPUTS = (
-    ("scores", np.dtype(np.float32), 3),
-    ("clamp", np.dtype(np.float32), 3),
-    ("u", np.dtype(np.float32), 3),
-)
+# (name, dtype, rank) of the node's outputs, in its order; ``length``, the size tensor, comes after them (int32 []).
 OUTPUTS = (
     ("index", np.dtype(np.int64), 3),
     ("mask", np.dtype(np.float32), 3),

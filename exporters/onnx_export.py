@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import onnx
 import torch
 
-from ats_deploy import __version__
+from ats_deploy import __version__, sampler_op
 from ats_deploy.artifact import Artifact, read_metadata
 from ats_deploy.atomic import atomic_output
 from ats_deploy.ats import budget_int
@@ -34,7 +34,7 @@ from ats_deploy.images import data_config
 from ats_deploy.keep import per_stage
 from ats_deploy.lowering import NAME, sampler_as_node
 from ats_deploy.model import ATSVisionTransformer
-from ats_deploy.sampler_op import DOMAIN, OP_VERSION
+from ats_deploy.sampler_op import DOMAIN, DYNAMIC, OP_TYPE, OP_VERSION
 
 if TYPE_CHECKING:
     from .precisions.int8 import Calibration
@@ -225,6 +225,31 @@ def declare_outputs(graph: onnx.ModelProto, model: ATSVisionTransformer, options
     return graph
 
 
+def declare_sampler_outputs(model: onnx.ModelProto, options: ExportOptions) -> onnx.ModelProto:
+    """Declare each sampler node's output shapes (docs/ATS.md section 4), as ``declare_outputs`` does the graph's.
+
+    The tracer cannot infer through a node it does not know, and a static export's consumers of ``index`` and
+    ``mask`` need static shapes (TensorRT's parser, the DLA): ``[batch, m, 1]`` and ``[batch, 1]``, with ``m``
+    the node's static length or, where it is only known at run time, the dimension ``ats_tokens_<stage>``.
+    """
+    batch: str | int = "batch" if options.dynamic else options.batch
+    nodes = [node for node in model.graph.node if node.domain == DOMAIN and node.op_type == OP_TYPE]
+    declared: dict[str, onnx.ValueInfoProto] = {}
+    for stage, node in enumerate(nodes):
+        length = next(attribute.i for attribute in node.attribute if attribute.name == "length")
+        kept = f"ats_tokens_{stage}" if length == DYNAMIC else length
+        shapes = {"index": [batch, kept, 1], "mask": [batch, kept, 1], "n_kept": [batch, 1]}
+        for (name, dtype, _), output in zip(sampler_op.OUTPUTS, node.output, strict=False):
+            element = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+            declared[output] = onnx.helper.make_tensor_value_info(output, element, shapes[name])
+        size = node.output[len(sampler_op.OUTPUTS)]
+        declared[size] = onnx.helper.make_tensor_value_info(size, onnx.TensorProto.INT32, [])
+    kept_infos = [info for info in model.graph.value_info if info.name not in declared]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend([*kept_infos, *declared.values()])
+    return model
+
+
 def finalize(model: onnx.ModelProto, props: dict[str, str]) -> onnx.ModelProto:
     """Attach metadata and check the graph (checker + strict full shape inference)."""
     del model.metadata_props[:]
@@ -252,7 +277,7 @@ def export(model: ATSVisionTransformer, output: Path, options: ExportOptions) ->
     output = check_output_path(output)
     with atomic_output(output) as tmp:
         _trace(model, options, tmp)
-        graph = declare_outputs(clean(onnx.load(str(tmp))), model, options)
+        graph = declare_outputs(clean(declare_sampler_outputs(onnx.load(str(tmp)), options)), model, options)
         graph = finalize(graph, metadata(model, options))
         onnx.save(graph, str(tmp))
         if options.calibration is not None:

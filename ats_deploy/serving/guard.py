@@ -45,12 +45,28 @@ HEAD_LIMIT = 64 * 1024  # bytes of request line and headers
 BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2, "UINT32": 4,
          "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8, "BYTES": 1}
 _SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
-_DECODE = json.JSONDecoder().raw_decode
+READ_TIMEOUT = 30.0  # seconds a client may take to send a request's head, or its body (then 408), once it began
+IDLE_TIMEOUT = 300.0  # seconds a connection may wait between requests before the guard closes it (keep-alive)
+_DIGITS = re.compile(r"[0-9]+")  # a length header (str.isdigit() also takes characters int() refuses)
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object, refused where it repeats a key: Python keeps the last of two keys and Triton reads the first,
+    so a huge ``shape`` followed by a small one would pass :func:`check_tensors` and crash Triton."""
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        seen: set[str] = set()
+        key = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise Refused(400, f"the request's JSON repeats the key {key!r}: send each key once")
+    return members
+
+
+_DECODE = json.JSONDecoder(object_pairs_hook=_unique).raw_decode
 _INFLATE = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "expect", "proxy-connection", "te",
         "upgrade"}
-_REASONS = {400: "Bad Request", 411: "Length Required", 413: "Content Too Large", 415: "Unsupported Media Type",
-            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 411: "Length Required", 413: "Content Too Large",
+            415: "Unsupported Media Type", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
 class Refused(Exception):
@@ -111,12 +127,14 @@ def check_tensors(request: object) -> None:
 def _members(text: str) -> tuple[object, dict[str, tuple[int, int]]]:
     """The JSON ``text`` parsed and, where it is an object, where each member's value lies in it.
 
-    ValueError where it is not JSON; :class:`Refused` where an object repeats a key: which of two
-    ``parameters`` Triton reads is not ours to guess.
+    ValueError where it is not JSON; :class:`Refused` where an object, at any depth, repeats a key (:func:`_unique`).
     """
     at = _SPACE.match(text).end()
     if not text.startswith("{", at):
-        return json.loads(text), {}
+        value, end = _DECODE(text, at)
+        if _SPACE.match(text, end).end() != len(text):
+            raise ValueError("extra data after the JSON value")
+        return value, {}
     members: dict[str, object] = {}
     spans: dict[str, tuple[int, int]] = {}
     at = _SPACE.match(text, at + 1).end()
@@ -218,18 +236,25 @@ class Guard:
         try:
             while True:
                 try:
-                    head = await reader.readuntil(b"\r\n\r\n")
+                    first = await asyncio.wait_for(reader.readexactly(1), IDLE_TIMEOUT)
+                    head = first + await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
                     received_ns = time.monotonic_ns()
-                except asyncio.IncompleteReadError:
-                    return  # the client closed the connection
+                except (asyncio.IncompleteReadError, asyncio.TimeoutError):
+                    return  # the client closed the connection, left it idle, or stalled in its headers
                 except asyncio.LimitOverrunError:
                     return await _answer(writer, Refused(431, f"request headers over {HEAD_LIMIT} bytes"), close=True)
+                request = None
                 try:
                     request = _Request.parse(head)
-                    body = await self._check(request, await self._body(request, reader, writer), received_ns)
+                    body = await asyncio.wait_for(self._body(request, reader, writer), READ_TIMEOUT)
+                    body = await self._check(request, body, received_ns)
+                except asyncio.TimeoutError:
+                    return await _answer(writer, Refused(408, f"the request body took over {READ_TIMEOUT:g} s"),
+                                         close=True)
                 except Refused as refused:
-                    await _answer(writer, refused, close=not request_ok(refused))
-                    if not request_ok(refused):
+                    close = not request_ok(refused) or (request is not None and not request.keep_alive)
+                    await _answer(writer, refused, close=close)
+                    if close:
                         return
                     continue
                 if upstream is not None and upstream[0].at_eof():  # Triton closed the idle connection meanwhile
@@ -253,8 +278,8 @@ class Guard:
         """The request body, inflated; refused when too large before reading it where the length says so."""
         length = request.header("content-length")
         chunked = "chunked" in (request.header("transfer-encoding") or "").lower()
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            raise Refused(413, f"the request body is over {MAX_BODY} bytes" if length.isdigit()
+        if length is not None and (not _DIGITS.fullmatch(length) or int(length) > MAX_BODY):
+            raise Refused(413, f"the request body is over {MAX_BODY} bytes" if _DIGITS.fullmatch(length)
                           else "malformed Content-Length")
         if (request.header("expect") or "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -275,7 +300,7 @@ class Guard:
             raise Refused(503, "the model is not ready: its instance is restarting")
         if request.method == "POST" and path.endswith("/infer"):
             length = request.header("inference-header-content-length")
-            if length is not None and not (length.isdigit() and int(length) <= len(body)):
+            if length is not None and not (_DIGITS.fullmatch(length) and int(length) <= len(body)):
                 raise Refused(400, "Inference-Header-Content-Length does not fit the body")
             header = body if length is None else body[: int(length)]
             if len(header) > HEAD_LIMIT:  # a JSON tensor of real size: parse it off the loop, the others go on
@@ -332,7 +357,7 @@ async def _off_loop(work: Callable, *args: object) -> object:
 
 def request_ok(refused: Refused) -> bool:
     """Whether the connection can carry another request after ``refused`` (the body was read in full)."""
-    return refused.status not in (411, 413, 431) and "malformed" not in refused.message
+    return refused.status not in (408, 411, 413, 431) and "malformed" not in refused.message
 
 
 async def _chunks(reader: asyncio.StreamReader) -> bytes:
@@ -343,7 +368,9 @@ async def _chunks(reader: asyncio.StreamReader) -> bytes:
         try:
             size = int(size_line.split(b";")[0], 16)
         except ValueError:
-            raise Refused(400, "malformed chunked body") from None
+            size = -1
+        if size < 0:
+            raise Refused(400, "malformed chunked body")
         if len(body) + size > MAX_BODY:
             raise Refused(413, f"the request body is over {MAX_BODY} bytes")
         body += await reader.readexactly(size + 2)

@@ -3,7 +3,7 @@
 A precision's entry names its module here (``Precision.module``): a ``stage="build"`` precision's module
 has ``convert(model) -> model`` (:mod:`.fp16`), run when an engine or a backend's file is built; a
 ``stage="export"`` one's module quantizes at export (:mod:`.int8`). What stays float32 in either is one
-rule, :func:`.float32.sampling_nodes` (docs/ATS.md). The entry itself is core data, so profiles and
+rule, :func:`.float32.sampling_path` (docs/ATS.md). The entry itself is core data, so profiles and
 backends read it without importing the exporters.
 """
 

@@ -6,8 +6,9 @@
 * :mod:`.build`: the engine build with TensorRT's Python API, and the converted ONNX it reads.
 
 Running an engine is the TensorRT backend's (:mod:`ats_deploy.backends.tensorrt`: the runner,
-the plugin registration). The conversion to a reduced precision and its CPU agreement check
-are not TensorRT's: they are :mod:`ats_deploy.exporters.precisions`. Everything that needs
+the plugin registration). The conversion to a reduced precision is not TensorRT's
+(:mod:`ats_deploy.exporters.precisions`), nor is its CPU agreement check
+(:func:`ats_deploy.exporters.validate.measure_conversion`). Everything that needs
 TensorRT imports it through :func:`ats_deploy.backends.tensorrt.runner.import_tensorrt` when called,
 so every module here imports on machines without a GPU.
 """

@@ -245,9 +245,9 @@ def build_for_profile(
     spec = spec_from(model, profile, output, workspace_mb=workspace_mb, allow_failed=allow_failed)
     check_output_path(spec.engine)
     if spec.precision != profile.precision:
-        console.print(f"{escape(str(model))} holds int8 Q/DQ pairs: building an int8 engine from them (strongly "
-                      f"typed, float32 elsewhere) rather than profile '{profile.name}''s {profile.precision}; bench it "
-                      "under a profile that says `precision: int8`.")
+        console.print(f"{escape(str(model))} holds {spec.precision} Q/DQ pairs: building an {spec.precision} engine "
+                      f"from them (strongly typed, float32 elsewhere) rather than profile '{profile.name}''s "
+                      f"{profile.precision}; bench it under a profile that says `precision: {spec.precision}`.")
     converted = None
     if uses_custom_op(model):
         console.print("this model holds ats-deploy's AdaptiveTokenSampler nodes: their TensorRT plugin is "

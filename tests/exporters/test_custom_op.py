@@ -111,19 +111,25 @@ def test_static_nodes_carry_the_baked_length(exports, model):
     assert _lengths(exports["custom"]) == [sampler_op.DYNAMIC] * len(model.stages)
 
 
+def _dims(tensor: onnx.TypeProto.Tensor) -> list[int | str]:
+    return [dim.dim_param or dim.dim_value for dim in tensor.shape.dim]
+
+
 @pytest.mark.parametrize("name", ["custom", "static"])
 def test_custom_export_passes_the_checker_and_shape_inference(exports, name):
     rewritten = onnx.load(exports[name])
     onnx.checker.check_model(rewritten, full_check=True)
     inferred = onnx.shape_inference.infer_shapes(rewritten, strict_mode=True)
     types = {v.name: v.type.tensor_type for v in inferred.graph.value_info}
-    for node in sampler_nodes(rewritten):
-        declared = [(types[name].elem_type, len(types[name].shape.dim)) for name in node.output]
-        assert declared == [
-            (TensorProto.INT64, 3),
-            (TensorProto.FLOAT, 3),
-            (TensorProto.FLOAT, 2),
-            (TensorProto.INT32, 0),
+    batch = STATIC_BATCH if name == "static" else "batch"
+    for stage, (node, length) in enumerate(zip(sampler_nodes(rewritten), _lengths(exports[name]), strict=True)):
+        declared = [(types[output].elem_type, _dims(types[output])) for output in node.output]
+        kept = f"ats_tokens_{stage}" if length == sampler_op.DYNAMIC else length
+        assert declared == [  # a static export's consumers need static shapes (TensorRT's parser, the DLA)
+            (TensorProto.INT64, [batch, kept, 1]),
+            (TensorProto.FLOAT, [batch, kept, 1]),
+            (TensorProto.FLOAT, [batch, 1]),
+            (TensorProto.INT32, []),
         ]
     logits = {o.name: o.type.tensor_type for o in inferred.graph.output}["logits"]
     assert logits.elem_type == TensorProto.FLOAT and len(logits.shape.dim) == 2

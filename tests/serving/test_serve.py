@@ -718,6 +718,12 @@ def test_the_guard_refuses_what_triton_cannot_parse_safely():
             checked(unparsable, 0)
     with pytest.raises(Refused, match="repeats the key 'parameters'"):  # which one would Triton read?
         checked(b'{"parameters": {}, "inputs": [], "parameters": {"ats_received_ns": 1}}', 0)
+    # Python keeps the last of two keys, Triton reads the first: a huge shape first would pass a check of the last
+    with pytest.raises(Refused, match="repeats the key 'shape'"):
+        checked(b'{"inputs": [{"name": "images", "datatype": "FP32", "shape": [1000000000, 3, 224, 224], '
+                b'"shape": [1, 3, 224, 224], "data": [0]}]}', 0)
+    with pytest.raises(Refused, match="repeats the key 'a'"):
+        checked(b'[{"a": 1, "a": 2}]', 0)
     assert inflate(gzip.compress(b"abc"), "gzip") == b"abc"
     with pytest.raises(Refused) as caught:
         inflate(gzip.compress(b"\0" * (MAX_BODY + 1)), "gzip")
@@ -793,6 +799,45 @@ def test_the_guard_stamps_when_it_received_a_request_over_what_the_client_sent(s
         else:
             assert np.array_equal(np.asarray(request["inputs"][0]["data"], np.float32).reshape(pixels.shape), pixels)
         assert request["parameters"].get("binary_data_output") is (True if outputs is None else None)  # kept as sent
+
+
+def _raw(port: int, data: bytes) -> bytes:
+    """What the guard answers to the bytes ``data`` sent as they are (b"" when it closes without an answer)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status"),
+    [
+        (b"Content-Length: \xb2", b"", b"413"),  # a digit that int() refuses
+        (b"Content-Length: 2\r\nInference-Header-Content-Length: \xb2", b"{}", b"400"),
+        (b"Transfer-Encoding: chunked", b"-5\r\nabc", b"400"),
+    ],
+    ids=["content-length", "inference-header-length", "negative-chunk"],
+)
+def test_the_guard_answers_malformed_lengths_and_keeps_serving(stamping_guard, headers, body, status):
+    port, passed = stamping_guard
+    head = b"POST /v2/models/deit/infer HTTP/1.1\r\nConnection: close\r\n"
+    assert _raw(port, head + headers + b"\r\n\r\n" + body).startswith(b"HTTP/1.1 " + status)
+    good = b'{"inputs": []}'
+    answer = _raw(port, head + b"Content-Length: " + str(len(good)).encode() + b"\r\n\r\n" + good)
+    assert answer.startswith(b"HTTP/1.1 200") and len(passed) == 1
+
+
+def test_a_client_that_stalls_in_its_body_gets_408(stamping_guard, monkeypatch):
+    from ats_deploy.serving import guard
+
+    monkeypatch.setattr(guard, "READ_TIMEOUT", 0.5)
+    port, passed = stamping_guard
+    answer = _raw(port, b"POST /v2/models/deit/infer HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{}")
+    assert answer.startswith(b"HTTP/1.1 408") and b"Connection: close" in answer and not passed
 
 
 def test_the_guard_rewrites_only_the_parameters_of_a_json_request():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from ats_deploy.artifact import SIDECAR_KEY, Artifact, engine_info_path, read
 from ats_deploy.errors import UserError
 from ats_deploy.profiles import dump_profile, load_profile, parse_profile
 from ats_deploy.serving.repository import default_name, read_config, write
+from ats_deploy.serving.server import bundled_triton
 
 GPU = mc.ModelInstanceGroup.KIND_GPU
 CPU = mc.ModelInstanceGroup.KIND_CPU
@@ -266,23 +266,15 @@ def test_a_written_profile_keeps_its_serving_section(here):
 # --------------------------------------------------------------------------- Triton itself
 
 
-def bundled_tritonserver() -> Path:
-    """The tritonserver binary pytriton ships (its backends folder holds the python backend only)."""
-    import pytriton
-
-    binary = Path(pytriton.__file__).parent / "tritonserver" / "bin" / "tritonserver"
-    if not binary.is_file():
-        pytest.skip(f"no tritonserver binary at {binary} (pytriton ships one on Linux x86-64 and arm64)")
-    return binary
-
-
 def test_tritonserver_accepts_the_configs(tiny_ats_onnx, tmp_path):
     """Triton validates a config when it polls the repository, before it looks for the backend.
 
     pytriton's server has no onnxruntime or TensorRT backend, so a model it accepts fails
     next, on "unable to find backend library"; a config it refuses fails before, naming the field.
     """
-    server = bundled_tritonserver()
+    server, environment = bundled_triton(tmp_path / "backends")
+    if not server.is_file():
+        pytest.skip(f"no tritonserver binary at {server} (pytriton ships one on Linux x86-64 and arm64)")
     repo = tmp_path / "repo"
     write(tiny_ats_onnx, load_profile("cpu"), repo, "cpu")
     write(fake_engine(tmp_path, tiny_ats_onnx, [1, 32, 64]), load_profile("server-gpu"), repo, "engine")
@@ -292,12 +284,8 @@ def test_tritonserver_accepts_the_configs(tiny_ats_onnx, tmp_path):
     (bad / "config.pbtxt").write_text((repo / "cpu/config.pbtxt").read_text().replace('"cpu"', '"bad"')
                                       .replace("preferred_batch_size: 8", "preferred_batch_size: 16"))
     options = ["--allow-http=false", "--allow-grpc=false", "--allow-metrics=false", "--disable-auto-complete-config"]
-    backends = server.parents[1] / "backends"
-    from pytriton.utils.distribution import get_libs_path
-
-    libraries = os.pathsep.join(filter(None, [os.environ.get("LD_LIBRARY_PATH"), str(get_libs_path())]))
-    run = subprocess.run([server, f"--model-repository={repo}", f"--backend-directory={backends}", *options],
-                         capture_output=True, text=True, timeout=60, env={**os.environ, "LD_LIBRARY_PATH": libraries})
+    run = subprocess.run([server, f"--model-repository={repo}", f"--backend-directory={tmp_path / 'backends'}",
+                          *options], capture_output=True, text=True, timeout=60, env=environment)
     log = run.stdout + run.stderr
     assert "preferred size must be <= max batch size for bad" in log
     for name, backend in (("cpu", "onnxruntime"), ("static", "onnxruntime"), ("engine", "tensorrt")):

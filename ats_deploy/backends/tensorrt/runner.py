@@ -1,7 +1,7 @@
 """Run a saved TensorRT engine: numpy in, numpy out, device memory from torch on one CUDA stream.
 
-:class:`TensorRTRunner` is the engine itself (``runtime.open``, the tests); :class:`EngineRunner` is the
-backend's runner around it, torch tensors in like every runner.
+:class:`TensorRTRunner` is the engine itself (numpy in and out, as the tests drive it); :class:`EngineRunner` is the
+backend's runner around it (``runtime.open``, bench), torch tensors in like every runner.
 """
 
 from __future__ import annotations
