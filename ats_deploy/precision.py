@@ -53,6 +53,11 @@ class Precision:
     explicit: bool = False
 
     @property
+    def made_at_export(self) -> bool:
+        """Whether export writes the precision into the file (int8's Q/DQ pairs): it then runs as it was written."""
+        return self.stage == "export"
+
+    @property
     def exact(self) -> bool:
         """Whether a file of this precision must match the float32 reference patch for patch (fp32 only)."""
         return self.min_top1_agreement >= 1.0
@@ -129,4 +134,4 @@ def running(written: str, asked: str) -> str:
     A precision made at export (``stage="export"``: int8's Q/DQ pairs) is the file's own whatever is asked; a
     float32 file runs in ``asked``, converted at build where that precision converts.
     """
-    return written if get(written).stage == "export" else asked
+    return written if get(written).made_at_export else asked

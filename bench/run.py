@@ -103,7 +103,7 @@ class Target:
     @property
     def made_at_export(self) -> bool:
         """Whether its precision's files are written at export (int8: calibrated), so bench makes them itself."""
-        return precision_registry.get(self.precision).stage == "export"
+        return precision_registry.get(self.precision).made_at_export
 
     @property
     def tag(self) -> str:
@@ -202,7 +202,7 @@ def resolve_precisions(request: Request, profile: Profile, exported: Exported) -
     names = list(dict.fromkeys(request.precisions))
     for name in names:
         precision_registry.get(name)
-    if precision_registry.get(own).stage == "export" and names != [own]:
+    if precision_registry.get(own).made_at_export and names != [own]:
         raise UserError(
             f"{exported.path} is an {own} export: it cannot run {', '.join(n for n in names if n != own)}.",
             hint=f"Bench the fp32 export it was quantized from with --precision fp32 --precision {own}: bench "
@@ -221,7 +221,7 @@ def _targets(
         for name in names if backend.exports else names[:1]:
             precision = _runs(backend, name, explicit, exported)
             tags = (backend.name,) * several_backends + (precision,) * several_precisions
-            made_at_export = precision_registry.get(precision).stage == "export"
+            made_at_export = precision_registry.get(precision).made_at_export
             quantize = made_at_export and exported.artifact.precision != precision and backend.exports
             measured = _measured_file(exported, profile, backend)
             targets.append(Target(backend, measured, precision, tags, quantize))
@@ -238,7 +238,7 @@ def _runs(backend: Backend, name: str, explicit: bool, exported: Exported) -> st
             f"--precision {name}: the {backend.label} backend does not run {name} (it runs "
             f"{', '.join(backend.precisions)}); {name} runs on: {owners}."
         )
-    if precision_registry.get(name).stage == "export" and backend.engines and exported.artifact.precision != name:
+    if precision_registry.get(name).made_at_export and backend.engines and exported.artifact.precision != name:
         raise UserError(
             f"--precision {name} on {backend.name} runs the engine built from an {name} export, and {exported.path} "
             f"is {exported.artifact.precision}.",

@@ -431,13 +431,9 @@ class Judge:
         self, case: Case, name: str, observed: Sample, expected: Sample, replay: Callable[[Sequence[Tie]], Sample]
     ) -> None:
         """Add one image to ``case``: a match, a named flip, or a failure that says what differs."""
-        diff = _logit_diff(observed, expected)
-        case.images += 1
-        case.max_logit_diff = max(case.max_logit_diff, diff)
-        case.top1_matches += int(observed.logits.argmax() == expected.logits.argmax())
+        diff = _count(case, observed, expected)
         case.positions = case.positions and observed.kept is not None
         stages = len(expected.tokens)
-        case.stage_total += stages
         same = [
             observed.tokens[s] == expected.tokens[s]
             and (observed.kept is None or np.array_equal(observed.kept[s], expected.kept[s]))
@@ -531,15 +527,22 @@ def compare_batch(
         judge.compare(case, name, observed[b], expected[b], replay)
 
 
+def _count(case: Case, observed: Sample, expected: Sample) -> float:
+    """Count one image into ``case`` (images, top-1 matches, stages, largest logit difference); its difference."""
+    diff = _logit_diff(observed, expected)
+    case.images += 1
+    case.max_logit_diff = max(case.max_logit_diff, diff)
+    case.top1_matches += int(observed.logits.argmax() == expected.logits.argmax())
+    case.stage_total += len(expected.tokens)
+    return diff
+
+
 def count_agreement(case: Case, observed: Sample, expected: Sample) -> None:
     """Add one image of a reduced-precision case: its top-1 and per-stage token counts against the reference.
 
     No image fails on its own: the case's verdict is :attr:`Case.agreement` over all of them.
     """
-    case.images += 1
-    case.max_logit_diff = max(case.max_logit_diff, _logit_diff(observed, expected))
-    case.top1_matches += int(observed.logits.argmax() == expected.logits.argmax())
+    _count(case, observed, expected)
     case.positions = False
-    case.stage_total += len(expected.tokens)
     case.stage_matches += int((np.asarray(observed.tokens) == np.asarray(expected.tokens)).sum())
 

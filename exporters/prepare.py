@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ats_deploy import precision as precisions
+from ats_deploy.atomic import atomic_output
 
 from .precisions import convert
 
@@ -26,23 +27,24 @@ if TYPE_CHECKING:
     from ats_deploy.profiles import Profile
 
 
-def runnable(backend: Backend, path: Path, precision: str, workdir: Path | None = None) -> Path:
+def runnable(backend: Backend, path: Path, precision: str, workdir: Path) -> Path:
     """The file ``backend`` runs for the exported file ``path`` in ``precision``.
 
     An ONNX file in a converted precision the backend does not run natively becomes its converted copy
-    ``<stem>.<precision>.onnx`` in ``workdir`` (beside ``path`` when ``None``); anything else runs as it is.
+    ``<stem>.<precision>.onnx`` in ``workdir``, written atomically; anything else runs as it is.
     """
     entry = precisions.get(precision)
     if entry.stage != "build" or precision in backend.native or backend.engines:  # an engine holds its precision
         return path
     import onnx
 
-    converted = (workdir or path.parent) / f"{path.stem}.{entry.name}.onnx"
-    onnx.save(convert(entry, onnx.load(str(path))), str(converted))
+    converted = workdir / f"{path.stem}.{entry.name}.onnx"
+    with atomic_output(converted) as temporary:
+        onnx.save(convert(entry, onnx.load(str(path))), str(temporary))
     return converted
 
 
-def open_runner(backend: Backend, path: Path, options: RunOptions, workdir: Path | None = None) -> Runner:
+def open_runner(backend: Backend, path: Path, options: RunOptions, workdir: Path) -> Runner:
     """``backend``'s runner of the exported file ``path`` at ``options``' precision (:func:`runnable`)."""
     return backend.open(runnable(backend, path, options.precision, workdir), options)
 

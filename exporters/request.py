@@ -102,7 +102,7 @@ def check_precision(request: ExportRequest) -> None:
     name = request.precision
     if precisions.get(name).stage is None:
         if request.calibration is not None:
-            calibrated = " or ".join(n for n in EXPORT_PRECISIONS if precisions.get(n).stage == "export")
+            calibrated = " or ".join(n for n in EXPORT_PRECISIONS if precisions.get(n).made_at_export)
             raise UserError(f"--calibration is for --precision {calibrated}; an {name} export needs no calibration "
                             "images.")
         return
@@ -120,7 +120,7 @@ def check_precision(request: ExportRequest) -> None:
 
 def calibration_of(request: ExportRequest) -> Calibration | None:
     """The INT8 calibration the request asks for; ``None`` for fp32."""
-    if precisions.get(request.precision).stage != "export" or request.calibration is None:
+    if not precisions.get(request.precision).made_at_export or request.calibration is None:
         return None
     return Calibration(Path(request.calibration), images=request.calibration_images)
 

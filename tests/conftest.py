@@ -37,6 +37,17 @@ def imagenet_sample() -> Path:
 
 
 @pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> Path:
+    """Exactly the scikit-image photos as a flat folder of JPEGs (int8 calibration, held-out validation); read only."""
+    from ats_deploy.images import sample_images
+
+    folder = tmp_path_factory.mktemp("photos")
+    for name, image in sample_images().items():
+        image.save(folder / f"{name}.jpg")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def photos() -> tuple[list[str], list]:
     """The real photos shipped inside scikit-image, as PIL images."""
     from ats_deploy.images import sample_images

@@ -180,7 +180,7 @@ def _bench_request(request: Request, precision: str | None, several: bool) -> ru
         profile=request.profile,
         backends=[request.backend] if request.backend else None,
         precisions=[precision] if precision else None,
-        reserve_calibration=several and any(precisions.get(name).stage == "export" for name in request.precisions),
+        reserve_calibration=several and any(precisions.get(name).made_at_export for name in request.precisions),
     )
 
 

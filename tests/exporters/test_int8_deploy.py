@@ -20,7 +20,7 @@ from ats_deploy.errors import UserError
 from ats_deploy.exporters.precisions import int8
 from ats_deploy.exporters.tensorrt.plan import needs_conversion, source_onnx, spec_from, uses_strong_typing
 from ats_deploy.exporters.tensorrt.trtexec import trtexec_command
-from ats_deploy.images import data_config, sample_images
+from ats_deploy.images import data_config
 from ats_deploy.profiles import parse_profile
 
 GPU = {
@@ -33,15 +33,6 @@ NO_INT8_BACKENDS = [b.name for b in backends.all_backends() if "int8" not in b.p
 
 
 @pytest.fixture(scope="module")
-def calibration_folder(tmp_path_factory) -> Path:
-    """The scikit-image photos as a flat folder: 4 calibrate, the validation falls back to the photos themselves."""
-    folder = tmp_path_factory.mktemp("calibration")
-    for name, image in sample_images().items():
-        image.save(folder / f"{name}.jpg")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def reference():
     from ats_deploy.checkpoints import load_model
 
@@ -49,9 +40,9 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def quantized(tiny_ats_onnx, calibration_folder, reference, tmp_path_factory) -> Path:
+def quantized(tiny_ats_onnx, photo_folder, reference, tmp_path_factory) -> Path:
     """The tiny random-weight export quantized as `export --precision int8` does, on 4 photos."""
-    calibration = int8.Calibration(calibration_folder, images=4)
+    calibration = int8.Calibration(photo_folder, images=4)
     pixels = int8.read_calibration(calibration, reference.num_classes, data_config(reference.vit)).pixels
     output = tmp_path_factory.mktemp("int8") / "tiny.int8.onnx"
     int8.quantize(tiny_ats_onnx, output, pixels, calibration)

@@ -36,15 +36,6 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def photo_folder(tmp_path_factory) -> Path:
-    """Exactly the scikit-image photos: an int8 export calibrated on all of them has none left to validate on."""
-    folder = tmp_path_factory.mktemp("photos")
-    for name, image in sample_images().items():
-        image.save(folder / f"{name}.jpg")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def int8_export(tmp_path_factory, photo_folder) -> Path:
     """`export --precision int8` of the tiny random DeiT, calibrated on the photos, not validated."""
     folder = tmp_path_factory.mktemp("int8-export")

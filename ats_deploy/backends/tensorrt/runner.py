@@ -93,9 +93,10 @@ class TensorRTRunner:
         torch = self._torch = _import_cuda_torch()
         self._logger = trt.Logger(trt.Logger.WARNING)  # must outlive the runtime
         self._runtime = trt.Runtime(self._logger)
-        if self._built_for().get(SIDECAR_KEY, {}).get("ats_op") == "custom":
+        built_for = self._built_for()
+        if built_for.get(SIDECAR_KEY, {}).get("ats_op") == "custom":
             register_plugin()
-        dla_core = self._built_for().get("dla_core")
+        dla_core = built_for.get("dla_core")
         if dla_core is not None:
             self._runtime.DLA_core = dla_core
         self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
